@@ -1,0 +1,61 @@
+"""The one place that talks to torch.cuda: everything else asks here for the device."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_backend() -> str:
+    return "nccl" if cuda_available() else "gloo"
+
+
+def get_device(local_rank: int | None = None) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK when CUDA is present, else cpu."""
+    if not cuda_available():
+        return torch.device("cpu")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def set_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Memory use in MiB: allocated/reserved on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return {
+            "allocated_mib": torch.cuda.memory_allocated(device) / 2**20,
+            "max_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "reserved_mib": torch.cuda.memory_reserved(device) / 2**20,
+        }
+    import resource
+
+    # ru_maxrss is in KiB on Linux
+    return {"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if cuda_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if cuda_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,233 @@
+"""The rank grid and its process groups.
+
+Megatron's default order (tp fastest, then dp, then pp):
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank,   i.e.  grid = arange(world).view(pp, dp, tp)
+
+For 8 ranks with tp=2, pp=2: TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2] [1,3] [4,6] [5,7];
+PP groups [0,4] [1,5] [2,6] [3,7]. A `ParallelState` is built once and handed to whoever needs a group;
+no layer reads a global.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import ConfigError
+from megatron_lite.device import default_backend
+
+
+def rank_grid(world_size: int, tp: int, pp: int) -> torch.Tensor:
+    """`grid[pp_rank, dp_rank, tp_rank] = rank`; raises if the sizes don't fit `world_size`."""
+    for name, v in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp)):
+        if v < 1:
+            raise ConfigError(f"--{name} must be positive, got {v}")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size ({world_size}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp}) x --pipeline-model-parallel-size "
+            f"({pp}) = {tp * pp}"
+        )
+    return torch.arange(world_size).view(pp, world_size // (tp * pp), tp)
+
+
+def group_ranks(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
+    """Every group of each kind, as lists of ranks (pure function; no process group needed)."""
+    g = rank_grid(world_size, tp, pp)
+    pp_size, dp_size, tp_size = g.shape
+    pp_groups = [g[:, d, t].tolist() for d in range(dp_size) for t in range(tp_size)]
+    return {
+        "tp": [g[p, d, :].tolist() for p in range(pp_size) for d in range(dp_size)],
+        "dp": [g[p, :, t].tolist() for p in range(pp_size) for t in range(tp_size)],
+        "pp": pp_groups,
+        # model parallel = one full model replica (tp x pp): clipping norms and found-inf reduce here
+        "mp": [g[:, d, :].flatten().tolist() for d in range(dp_size)],
+        # first and last stage share the tied word embedding
+        "embedding": [sorted({r[0], r[-1]}) for r in pp_groups],
+    }
+
+
+@dataclass
+class ParallelState:
+    """This rank's place in the tp x pp x dp grid, with the groups it belongs to."""
+
+    world_size: int
+    rank: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: dist.ProcessGroup | None = field(repr=False)
+    pp_group: dist.ProcessGroup | None = field(repr=False)
+    dp_group: dist.ProcessGroup | None = field(repr=False)
+    mp_group: dist.ProcessGroup | None = field(repr=False)
+    embedding_group: dist.ProcessGroup | None = field(repr=False)
+    tp_ranks: list[int]
+    pp_ranks: list[int]
+    dp_ranks: list[int]
+    embedding_ranks: list[int]
+    vpp_size: int | None = None  # virtual pipeline chunks per rank (interleaved schedule)
+    backend: str = "gloo"
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def prev_rank(self) -> int:
+        """Global rank of the previous pipeline stage (wraps around, as Megatron's)."""
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
+
+    @property
+    def next_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
+
+    @property
+    def is_embedding_rank(self) -> bool:
+        return self.rank in self.embedding_ranks
+
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, vpp_size: int | None = None) -> ParallelState:
+        """Create every group (collectively: all ranks call this, in the same order)."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        groups = group_ranks(world, tp, pp)
+        mine: dict[str, tuple[list[int], dist.ProcessGroup | None]] = {}
+        for kind in ("tp", "dp", "pp", "mp", "embedding"):
+            seen = set()
+            for ranks in groups[kind]:
+                key = tuple(ranks)
+                if key in seen:  # pp == 1: every embedding group is a single rank, listed once
+                    continue
+                seen.add(key)
+                pg = dist.new_group(ranks)  # every rank creates every group, same order
+                if rank in ranks:
+                    mine[kind] = (ranks, pg)
+        mine.setdefault("embedding", ([], None))  # middle stages hold no embedding
+        grid = rank_grid(world, tp, pp)
+        pp_rank, dp_rank, tp_rank = (int(i) for i in (grid == rank).nonzero()[0])
+        return cls(
+            world_size=world,
+            rank=rank,
+            tp_size=tp,
+            pp_size=pp,
+            dp_size=world // (tp * pp),
+            tp_rank=tp_rank,
+            pp_rank=pp_rank,
+            dp_rank=dp_rank,
+            tp_group=mine["tp"][1],
+            pp_group=mine["pp"][1],
+            dp_group=mine["dp"][1],
+            mp_group=mine["mp"][1],
+            embedding_group=mine["embedding"][1],
+            tp_ranks=mine["tp"][0],
+            pp_ranks=mine["pp"][0],
+            dp_ranks=mine["dp"][0],
+            embedding_ranks=mine["embedding"][0],
+            vpp_size=vpp_size,
+            backend=dist.get_backend(),
+        )
+
+    @classmethod
+    def single(cls) -> ParallelState:
+        """A one-rank state with no process groups (single-process runs and unit tests)."""
+        return cls(
+            world_size=1,
+            rank=0,
+            tp_size=1,
+            pp_size=1,
+            dp_size=1,
+            tp_rank=0,
+            pp_rank=0,
+            dp_rank=0,
+            tp_group=None,
+            pp_group=None,
+            dp_group=None,
+            mp_group=None,
+            embedding_group=None,
+            tp_ranks=[0],
+            pp_ranks=[0],
+            dp_ranks=[0],
+            embedding_ranks=[0],
+        )
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'node[01-04,07],gpu2' -> 'node01'."""
+    depth = 0
+    for i, c in enumerate(nodelist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            nodelist = nodelist[:i]
+            break
+    if "[" in nodelist:
+        prefix, rest = nodelist.split("[", 1)
+        return prefix + rest.rstrip("]").split(",")[0].split("-")[0]
+    return nodelist
+
+
+def launch_env() -> dict[str, str | int]:
+    """rank, world size, local rank and rendezvous address from torchrun's or SLURM's environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or a hand-made launch)
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+            "master_port": env.get("MASTER_PORT", "29500"),
+        }
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun without torchrun
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "master_addr": env.get("MASTER_ADDR")
+            or first_slurm_host(
+                env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+            ),
+            "master_port": env.get("MASTER_PORT", "29500"),
+        }
+    return {
+        "rank": 0,
+        "world_size": 1,
+        "local_rank": 0,
+        "master_addr": "127.0.0.1",
+        "master_port": str(free_port()),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> dict:
+    """Initialize the default process group from the launcher's environment (idempotent).
+
+    Backend: NCCL when CUDA is present, else gloo, unless `backend` says otherwise. A collective that
+    waits longer than `timeout_minutes` (a dead peer) raises instead of hanging.
+    """
+    info = launch_env()
+    if not dist.is_initialized():
+        backend = backend or default_backend()
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{info['master_addr']}:{info['master_port']}",
+            rank=info["rank"],
+            world_size=info["world_size"],
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return info
