@@ -1,0 +1,34 @@
+"""Tensor and sequence parallelism: communication, layers, cross entropy, RNG and recomputation."""
+
+from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    LinearWithGradAccumulationAndAsyncCommunication,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from megatron_lite.tensor_parallel.random import (
+    checkpoint,
+    get_rng_states,
+    get_rng_tracker,
+    set_random_seed,
+    set_rng_states,
+)
+from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of
+from megatron_lite.tensor_parallel.weight_grad_store import WeightGradStore
+
+__all__ = [
+    "ColumnParallelLinear",
+    "LinearWithGradAccumulationAndAsyncCommunication",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "WeightGradStore",
+    "checkpoint",
+    "full_from_shards",
+    "get_rng_states",
+    "get_rng_tracker",
+    "set_random_seed",
+    "set_rng_states",
+    "shard_of",
+    "vocab_parallel_cross_entropy",
+]

@@ -1,0 +1,270 @@
+"""One transformer layer split over tensor-parallel ranks (Megatron-LM, section 3), in the order it
+runs: norms, rotary embedding, attention (with GQA), MLP, the layer, and the stack of this stage's
+layers. Activations are [s, b, h] ([s/tp, b, h] between layers under sequence parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.config import Config
+from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax
+from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_lite.tensor_parallel.mappings import Group, group_size
+from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
+from megatron_lite.tensor_parallel.utils import set_default_attributes
+
+
+def _norm_tags(module: nn.Module, sequence_parallel: bool) -> None:
+    for name, p in module.named_parameters():
+        p.sequence_parallel = sequence_parallel
+        p.init_std = "ones" if name == "weight" else "zeros"
+        set_default_attributes(p)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def build_norm(cfg: Config) -> nn.Module:
+    m = cfg.model
+    if m.normalization == "RMSNorm":
+        norm = RMSNorm(m.hidden_size, m.layernorm_epsilon)
+    else:
+        norm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_epsilon)
+    _norm_tags(norm, cfg.parallel.sequence_parallel)
+    return norm
+
+
+def rotary_cos_sin(seq_len: int, dim: int, base: int, device: torch.device):
+    """cos/sin tables [s, 1, 1, dim] (RoFormer, Su et al. 2021, halves rotated as GPT-NeoX/Megatron)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [s, b, n, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def resolve_attention_backend(backend: str, masked_softmax_fusion: bool, device_type: str) -> str:
+    """'auto' -> the fastest measured (bench/bench_model.py): SDPA on both CPU and CUDA."""
+    if backend == "auto":
+        backend = "sdpa"
+    if backend == "fused" and not masked_softmax_fusion:
+        backend = "unfused"
+    return backend
+
+
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(d) + mask) v for this rank's heads; q [b, np, s, d], k/v [b, ng, s, d]."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        self.backend = m.attention_backend
+        self.fusion = m.masked_softmax_fusion
+        self.dropout_p = m.attention_dropout
+        self.scale = 1.0 / math.sqrt(m.kv_channels)
+        self.softmax = FusedScaleMaskSoftmax("causal", fusion=self.fusion, scale=self.scale)
+
+    def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        b, np_, sq, d = q.shape
+        if k.shape[1] != np_:  # grouped-query attention: each kv head serves np/ng query heads
+            k = k.repeat_interleave(np_ // k.shape[1], dim=1)
+            v = v.repeat_interleave(np_ // v.shape[1], dim=1)
+        p = self.dropout_p if self.training else 0.0
+        backend = resolve_attention_backend(self.backend, self.fusion, q.device.type)
+        with get_rng_tracker().fork():  # heads are split over tp: a different stream per rank
+            if backend == "sdpa":
+                return F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=None if mask is None else ~mask,
+                    dropout_p=p,
+                    is_causal=mask is None,
+                    scale=self.scale,
+                )
+            self.softmax.fusion = backend == "fused"
+            scores = torch.matmul(q, k.transpose(-1, -2))  # [b, np, sq, sk], unscaled
+            probs = self.softmax(scores, mask)
+            if p > 0:
+                probs = F.dropout(probs, p, training=True)
+            return torch.matmul(probs, v)
+
+
+class SelfAttention(nn.Module):
+    """QKV column-parallel linear, rotary, core attention, output row-parallel linear.
+
+    The fused QKV weight is laid out per query group, [ng, (np/ng + 2) * d, h] (q heads of the group,
+    then its k and v), so a contiguous split over tp gives each rank whole groups.
+    """
+
+    def __init__(self, cfg: Config, tp_group: Group, output_std: float):
+        super().__init__()
+        m, sp = cfg.model, cfg.parallel.sequence_parallel
+        tp = group_size(tp_group)
+        self.d = m.kv_channels
+        self.np = m.num_attention_heads // tp
+        self.ng = m.num_query_groups // tp
+        self.selective_recompute = m.recompute_granularity == "selective"
+        self.rope = m.position_embedding_type == "rope"
+        self.rotary_base = m.rotary_base
+        qkv_size = m.kv_channels * (m.num_attention_heads + 2 * m.num_query_groups)
+        common = dict(tp_group=tp_group, bias=m.add_bias_linear, sequence_parallel=sp)
+        self.linear_qkv = ColumnParallelLinear(
+            m.hidden_size, qkv_size, init_std=m.init_method_std, **common
+        )
+        self.core_attention = CoreAttention(cfg)
+        self.linear_proj = RowParallelLinear(
+            m.num_attention_heads * m.kv_channels,
+            m.hidden_size,
+            init_std=output_std,
+            skip_bias_add=True,
+            input_is_parallel=True,
+            **common,
+        )
+        self._rope_cache: tuple | None = None
+
+    def _cos_sin(self, s: int, device: torch.device):
+        c = self._rope_cache
+        if c is None or c[0] != s or c[1].device != device:
+            self._rope_cache = (s, *rotary_cos_sin(s, self.d, self.rotary_base, device))
+        return self._rope_cache[1:]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None):
+        qkv, _ = self.linear_qkv(x)  # [s, b, ng * (np/ng + 2) * d]
+        s, b = qkv.shape[:2]
+        per_group = self.np // self.ng
+        qkv = qkv.view(s, b, self.ng, (per_group + 2) * self.d)
+        q, k, v = qkv.split([per_group * self.d, self.d, self.d], dim=-1)
+        q = q.reshape(s, b, self.np, self.d)
+        if self.rope:
+            cos, sin = self._cos_sin(s, x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        if self.selective_recompute and self.training:
+            ctx = checkpoint(self.core_attention, q, k, v, mask)
+        else:
+            ctx = self.core_attention(q, k, v, mask)
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.np * self.d)  # [s, b, np * d]
+        return self.linear_proj(ctx)
+
+
+class MLP(nn.Module):
+    """h -> ffn (GeLU) or 2 x ffn (SwiGLU: gate and up stacked, stride 2) -> h."""
+
+    def __init__(self, cfg: Config, tp_group: Group, output_std: float):
+        super().__init__()
+        m, sp = cfg.model, cfg.parallel.sequence_parallel
+        self.swiglu = m.swiglu
+        common = dict(tp_group=tp_group, bias=m.add_bias_linear, sequence_parallel=sp)
+        self.linear_fc1 = ColumnParallelLinear(
+            m.hidden_size,
+            m.ffn_hidden_size * (2 if m.swiglu else 1),
+            init_std=m.init_method_std,
+            stride=2 if m.swiglu else 1,
+            **common,
+        )
+        self.linear_fc2 = RowParallelLinear(
+            m.ffn_hidden_size, m.hidden_size, init_std=output_std, skip_bias_add=True, **common
+        )
+
+    def forward(self, x: torch.Tensor):
+        h, _ = self.linear_fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.linear_fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)), with bias-dropout-add."""
+
+    def __init__(self, cfg: Config, tp_group: Group):
+        super().__init__()
+        m = cfg.model
+        self.sequence_parallel = cfg.parallel.sequence_parallel
+        self.hidden_dropout = m.hidden_dropout
+        output_std = m.init_method_std / math.sqrt(2.0 * m.num_layers)  # GPT-2's scaled init
+        self.input_layernorm = build_norm(cfg)
+        self.self_attention = SelfAttention(cfg, tp_group, output_std)
+        self.pre_mlp_layernorm = build_norm(cfg)
+        self.mlp = MLP(cfg, tp_group, output_std)
+
+    def _bias_dropout_add(self, out, bias, residual):
+        if bias is not None:
+            out = out + bias
+        if self.training and self.hidden_dropout > 0:
+            if self.sequence_parallel:  # each rank holds different tokens: its own stream
+                with get_rng_tracker().fork():
+                    out = F.dropout(out, self.hidden_dropout, training=True)
+            else:
+                out = F.dropout(out, self.hidden_dropout, training=True)
+        return residual + out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        out, bias = self.self_attention(self.input_layernorm(x), mask)
+        x = self._bias_dropout_add(out, bias, x)
+        out, bias = self.mlp(self.pre_mlp_layernorm(x))
+        return self._bias_dropout_add(out, bias, x)
+
+
+class TransformerBlock(nn.Module):
+    """This chunk's layers (keyed by global layer number) and, on the last one, the final norm."""
+
+    def __init__(self, cfg: Config, tp_group: Group, layer_numbers: range, final_norm: bool):
+        super().__init__()
+        m = cfg.model
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerLayer(cfg, tp_group) for i in layer_numbers}
+        )
+        self.final_layernorm = build_norm(cfg) if final_norm else None
+        self.recompute_granularity = m.recompute_granularity
+        self.recompute_method = m.recompute_method
+        self.recompute_num_layers = m.recompute_num_layers
+
+    def _run(self, layers: list[nn.Module]):
+        def fn(x, mask):
+            for layer in layers:
+                x = layer(x, mask)
+            return x
+
+        return fn
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        layers = list(self.layers.values())
+        if self.recompute_granularity == "full" and self.training:
+            n = self.recompute_num_layers
+            if self.recompute_method == "uniform":  # every group of n layers is one checkpoint
+                for i in range(0, len(layers), n):
+                    x = checkpoint(self._run(layers[i : i + n]), x, mask)
+            else:  # block: the first n layers of the chunk one by one, the rest kept in memory
+                for i, layer in enumerate(layers):
+                    x = checkpoint(layer, x, mask) if i < n else layer(x, mask)
+        else:
+            for layer in layers:
+                x = layer(x, mask)
+        if self.final_layernorm is not None:
+            x = self.final_layernorm(x)
+        return x
