@@ -1,0 +1,150 @@
+"""`build_train_valid_test_datasets`: --data-path / --split / --mock-data -> three datasets.
+
+The index caches are built by one process per node (LOCAL_RANK 0) while the others wait at a
+barrier, then the others load them. One builder per node rather than per job keeps this correct
+when the cache directory is node-local; on a shared directory the nodes write identical files
+atomically (see `cache.py`). A rank that still misses the cache builds the indices itself: the
+result is deterministic, only slower.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch.distributed as dist
+
+from megatron_lite.data.blended_dataset import BlendedDataset
+from megatron_lite.data.gpt_dataset import (
+    SPLIT_NAMES,
+    GPTDataset,
+    MockGPTLowLevelDataset,
+    default_cache_dir,
+    split_ranges,
+)
+from megatron_lite.data.indexed_dataset import IndexedDataset
+
+_BLEND_SURPLUS = 0.005  # build 0.5% more samples per blended dataset, as megatron-core
+
+
+def train_valid_test_num_samples(cfg) -> list[int]:
+    """Megatron's sample counts: train iters x global batch; (train iters // eval interval + 1)
+    x eval iters x global batch for validation; eval iters x global batch for test."""
+    t = cfg.train
+    gbs = t.global_batch_size
+    if gbs is None:
+        raise ValueError("global batch size unknown: call cfg.finalize(world_size) first")
+    train_iters = t.train_iters if t.train_iters is not None else (t.train_samples or 0) // gbs
+    train = t.train_samples if t.train_samples is not None else train_iters * gbs
+    valid = (train_iters // t.eval_interval + 1) * t.eval_iters * gbs
+    return [train, valid, t.eval_iters * gbs]
+
+
+def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """['0.7', 'a', '0.3', 'b'] (or one string of them) -> (prefixes, weights); no weights -> None."""
+    items = [x for entry in data_path for x in entry.split()]
+    if not items:
+        raise ValueError("--data-path is empty (give one or more dataset prefixes, or --mock-data)")
+    if len(items) % 2 == 0:
+        try:
+            weights = [float(w) for w in items[0::2]]
+        except ValueError:
+            return items, None
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"--data-path weights must be non-negative with a positive sum: {items}"
+            )
+        return items[1::2], weights
+    return items, None
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+
+
+def _on_builder_first(build):
+    """Run `build()` on local rank 0 first (it writes the caches), then on the other ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return build()
+    result = build() if _local_rank() == 0 else None
+    dist.barrier()
+    return result if _local_rank() == 0 else build()
+
+
+def _gpt_splits(cfg, tokenizer, prefix, dataset, sizes, cache_dir):
+    d = cfg.data
+    split = "1,1,1" if d.mock_data else d.split
+    out = []
+    for name, rng, n in zip(SPLIT_NAMES, split_ranges(len(dataset), split), sizes):
+        if rng is None:
+            out.append(None)
+            continue
+        out.append(
+            GPTDataset(
+                dataset,
+                prefix,
+                np.arange(rng[0], rng[1], dtype=np.int32),
+                n,
+                name,
+                seq_length=cfg.model.seq_length,
+                seed=cfg.train.seed,
+                tokenizer=tokenizer,
+                split=split,
+                cache_dir=cache_dir,
+                eod_mask_loss=d.eod_mask_loss,
+                reset_position_ids=d.reset_position_ids,
+                reset_attention_mask=d.reset_attention_mask,
+            )
+        )
+    return out
+
+
+def _build(cfg, tokenizer, sizes):
+    d = cfg.data
+    if d.mock_data:
+        return _gpt_splits(cfg, tokenizer, None, MockGPTLowLevelDataset(tokenizer), sizes, None)
+    prefixes, weights = parse_blend(d.data_path)
+    if len(prefixes) == 1:
+        ds = IndexedDataset(prefixes[0])
+        return _gpt_splits(
+            cfg,
+            tokenizer,
+            prefixes[0],
+            ds,
+            sizes,
+            default_cache_dir(prefixes[0], d.data_cache_path),
+        )
+    if weights is not None:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+        targets = [[math.ceil(n * w) for n in sizes] for w in weights]
+        per_dataset = [[math.ceil(t * (1 + _BLEND_SURPLUS)) for t in row] for row in targets]
+    else:
+        per_dataset = [[None] * 3 for _ in prefixes]
+    splits = []
+    for p, s in zip(prefixes, per_dataset):
+        ds = IndexedDataset(p)
+        splits.append(
+            _gpt_splits(cfg, tokenizer, p, ds, s, default_cache_dir(p, d.data_cache_path))
+        )
+    blend_cache = default_cache_dir(prefixes[0], d.data_cache_path)
+    out = []
+    for i in range(3):
+        parts = [s[i] for s in splits]
+        if parts[0] is None:
+            out.append(None)
+            continue
+        if weights is not None:
+            w, size = weights, sum(row[i] for row in targets)
+        else:  # no weights: mix in proportion to the datasets' lengths
+            w = [len(p) for p in parts]
+            size = min(sizes[i], sum(w))
+        out.append(BlendedDataset(parts, w, size, blend_cache))
+    return out
+
+
+def build_train_valid_test_datasets(cfg, tokenizer, train_valid_test_num_samples: list[int]):
+    """(train, valid, test) datasets; a split with zero weight in --split is None."""
+    sizes = list(train_valid_test_num_samples)
+    return tuple(_on_builder_first(lambda: _build(cfg, tokenizer, sizes)))
