@@ -304,6 +304,21 @@ class OptimConfig:
     min_loss_scale: float = flag(1.0, "Smallest dynamic loss scale.", type=float)
     loss_scale_window: int = flag(1000, "Steps without overflow before the scale grows.", type=int)
     hysteresis: int = flag(2, "Overflows tolerated before the scale backs off.", type=int)
+    log_num_zeros_in_grad: bool = flag(
+        False, "Count zero gradient entries each step (for logging).", action="store_true"
+    )
+    override_opt_param_scheduler: bool = flag(
+        False,
+        "On resume, keep this run's LR schedule settings over the checkpoint's.",
+        name="--override-opt_param-scheduler",
+        action="store_true",
+    )
+    use_checkpoint_opt_param_scheduler: bool = flag(
+        False,
+        "On resume, take the LR schedule settings from the checkpoint.",
+        name="--use-checkpoint-opt_param-scheduler",
+        action="store_true",
+    )
 
     def __post_init__(self) -> None:
         _require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")
