@@ -32,19 +32,28 @@ def all_reduce(x: torch.Tensor, group: Group, async_op: bool = False):
     return dist.all_reduce(x, group=group, async_op=async_op)
 
 
+def _all_gather_into(out: torch.Tensor, x: torch.Tensor, group: Group, async_op: bool = False):
+    # torch >= 2.10 names it all_gather_single (all_gather_into_tensor warns there)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, x, group=group, async_op=async_op)
+
+
+def _reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group: Group, async_op: bool = False):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, x, group=group, async_op=async_op)
+
+
 def all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`."""
     world = group_size(group)
     if world == 1:
         return x
     x = x.contiguous()
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    _all_gather_into(out, x, group)
     if dim == 0:
-        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=group)
         return out
-    out = x.new_empty((world, *x.shape))
-    dist.all_gather_into_tensor(out, x, group=group)
-    return torch.cat(out.unbind(0), dim=dim)
+    return torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
 def reduce_scatter_dim0(x: torch.Tensor, group: Group, async_op: bool = False):
@@ -56,7 +65,7 @@ def reduce_scatter_dim0(x: torch.Tensor, group: Group, async_op: bool = False):
         raise ValueError(f"dim 0 ({x.shape[0]}) must be divisible by the tp size ({world})")
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
-    work = dist.reduce_scatter_tensor(out, x, group=group, async_op=async_op)
+    work = _reduce_scatter_into(out, x, group, async_op=async_op)
     return out, work
 
 
