@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megatron_lite import device
 from megatron_lite.config import Config, ModelConfig, _flag_name
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of
 
 FORMAT_VERSION = 1
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -108,33 +109,9 @@ def shard_info_of(t: torch.Tensor, tp_rank: int, tp_size: int) -> dict:
     }
 
 
-def slice_shard(
-    full: torch.Tensor, dim: int, stride: int, tp_rank: int, tp_size: int
-) -> torch.Tensor:
-    """Rank `tp_rank`'s shard: `full` cut into tp x stride pieces along `dim`, every tp-th piece.
-
-    With stride 1 that is the rank's contiguous block; with stride s the rank holds s blocks
-    (pieces k, k + tp, k + 2 tp, ...), as Megatron's `partition_stride`.
-    """
-    if dim < 0 or tp_size == 1:
-        return full
-    n = tp_size * stride
-    if full.shape[dim] % n:
-        raise CheckpointError(
-            f"dimension {dim} of size {full.shape[dim]} does not split into "
-            f"tp ({tp_size}) x stride ({stride}) = {n} equal pieces"
-        )
-    pieces = full.split(full.shape[dim] // n, dim)
-    return torch.cat(pieces[tp_rank::tp_size], dim)
-
-
-def assemble_full_tensor(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """The full tensor from its shards in tp-rank order (the inverse of `slice_shard`)."""
-    if dim < 0 or len(shards) == 1:
-        return shards[0]
-    tp = len(shards)
-    pieces = [s.chunk(stride, dim) for s in shards]
-    return torch.cat([pieces[k][j] for j in range(stride) for k in range(tp)], dim)
+# The shard rule (Megatron's partition_stride) lives once, with the layers that shard.
+slice_shard = shard_of
+assemble_full_tensor = full_from_shards
 
 
 def _fit_shape(full: torch.Tensor, shape: list[int], name: str, vocab_size: int | None):
@@ -244,17 +221,10 @@ def _barrier() -> None:
 
 
 def _tp_rng_tracker():
-    """The model's tp RNG tracker module functions, or None while tensor_parallel has none."""
-    try:
-        from megatron_lite.tensor_parallel import random as tp_random
-    except ImportError:
-        return None
-    get = getattr(tp_random, "get_rng_tracker_states", None)
-    put = getattr(tp_random, "set_rng_tracker_states", None)
-    if get is None and hasattr(tp_random, "get_cuda_rng_tracker"):
-        tracker = tp_random.get_cuda_rng_tracker()
-        get, put = tracker.get_states, tracker.set_states
-    return (get, put) if get is not None and put is not None else None
+    """The model's tp RNG tracker (per-tp-rank dropout streams)."""
+    from megatron_lite.tensor_parallel.random import get_rng_tracker
+
+    return get_rng_tracker()
 
 
 def get_rng_state() -> dict:
@@ -264,9 +234,7 @@ def get_rng_state() -> dict:
         "numpy": [name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)],
         **device.rng_state(),
     }
-    tracker = _tp_rng_tracker()
-    if tracker is not None:
-        state["tp_tracker"] = tracker[0]()
+    state["tp_tracker"] = _tp_rng_tracker().get_states()
     return state
 
 
@@ -275,9 +243,8 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
     device.set_rng_state(state)
-    tracker = _tp_rng_tracker()
-    if tracker is not None and "tp_tracker" in state:
-        tracker[1](state["tp_tracker"])
+    if "tp_tracker" in state:
+        _tp_rng_tracker().set_states(state["tp_tracker"])
 
 
 def _tuples(x):
@@ -590,7 +557,10 @@ def _source_name(reader: CheckpointReader, name: str, t: torch.Tensor) -> str:
     if reader.locate(name) is not None:
         return name
     if getattr(t, "shared_embedding", False):
-        # output weight tied to the embedding: saved at pp == 1 only as the word embedding
+        # the output weight tied to the embedding (pp > 1) exists at pp == 1 only as the embedding
+        alias = getattr(t, "init_name", None)
+        if alias is not None and reader.locate(alias) is not None:
+            return alias
         for n in reader.names():
             if n.endswith("word_embeddings.weight"):
                 return n
