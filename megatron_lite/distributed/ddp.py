@@ -1,0 +1,156 @@
+"""Our data-parallel wrapper: gradients into contiguous buckets, reduced once per step.
+
+Not torch's DistributedDataParallel, so the distributed optimizer can share its buffers. How a step goes:
+
+1. backward: a post-accumulate-grad hook adds `param.grad` into `param.main_grad` (a view of the grad
+   buffer) and drops `param.grad`. This also catches the zero-bubble schedule's deferred weight gradients,
+   which are applied with `torch.autograd.backward([param], [grad])`.
+2. Inside `no_sync()` (every microbatch but the last) nothing else happens. Outside it, with
+   `overlap_grad_reduce`, a parameter whose gradient arrives is marked ready, and a bucket whose
+   parameters are all ready starts its reduction asynchronously while backward continues.
+3. `finish_grad_sync()` starts whatever has not started (everything, without overlap) and waits.
+
+Each bucket is scaled by 1/dp and summed (all-reduce, or reduce-scatter under the distributed
+optimizer, after which each rank's `main_grad` is valid on its own shard only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from megatron_lite.distributed.grad_buffer import Bucket, ParamAndGradBuffer
+
+
+class DistributedDataParallel(torch.nn.Module):
+    """Wraps one model chunk; `forward`, `state_dict` and unknown attributes go to the module."""
+
+    def __init__(self, module: torch.nn.Module, cfg, ps) -> None:
+        """`cfg`: the run's Config (or its ParallelConfig): --overlap-grad-reduce,
+        --use-distributed-optimizer, --ddp-bucket-size, --accumulate-allreduce-grads-in-fp32."""
+        super().__init__()
+        p = getattr(cfg, "parallel", cfg)
+        self.module = module
+        self.ps = ps
+        self.dp_group, self.dp_size, self.dp_rank = ps.dp_group, ps.dp_size, ps.dp_rank
+        self.overlap_grad_reduce = p.overlap_grad_reduce
+        self.use_distributed_optimizer = p.use_distributed_optimizer
+        bucket_size = p.ddp_bucket_size
+        if bucket_size is None:  # Megatron's default: large buckets, more of them as dp grows
+            bucket_size = max(40_000_000, 1_000_000 * self.dp_size)
+        self.bucket_size = bucket_size
+        self._sync_enabled = True
+        self.buffers = self._build_buffers(p.accumulate_allreduce_grads_in_fp32)
+        self._bucket_of: dict[int, tuple[ParamAndGradBuffer, Bucket]] = {
+            id(p): (buf, b) for buf in self.buffers for b in buf.buckets for p in b.params
+        }
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._grad_hook)
+            for buf in self.buffers
+            for p in buf.params
+        ]
+
+    def _build_buffers(self, grads_in_fp32: bool) -> list[ParamAndGradBuffer]:
+        groups: dict[tuple[torch.dtype, torch.dtype], list[torch.nn.Parameter]] = {}
+        # reverse registration order ~ the order backward produces gradients
+        for p in reversed([p for p in self.module.parameters() if p.requires_grad]):
+            fp32 = grads_in_fp32 or p.dtype == torch.bfloat16  # bf16 sums lose too much
+            grad_dtype = torch.float32 if fp32 else p.dtype
+            groups.setdefault((p.dtype, grad_dtype), []).append(p)
+        return [
+            ParamAndGradBuffer(
+                params,
+                grad_dtype,
+                self.bucket_size,
+                self.dp_size,
+                shard=self.use_distributed_optimizer,
+            )
+            for (_, grad_dtype), params in groups.items()
+        ]
+
+    # --- the module's face ---------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)  # set_input_tensor, pre_process, ...
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if assign:
+            raise ValueError(
+                "load_state_dict(assign=True) would detach parameters from DDP buffers"
+            )
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+    # --- gradient synchronization --------------------------------------------------------------
+    def _grad_hook(self, param: torch.nn.Parameter) -> None:
+        if param.grad is None:
+            return
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if self._sync_enabled and self.overlap_grad_reduce:
+            buf, bucket = self._bucket_of[id(param)]
+            if bucket.launched:
+                raise RuntimeError(
+                    f"a gradient of a parameter of shape {tuple(param.shape)} arrived after its "
+                    "bucket's reduction started: run every backward but the step's last one "
+                    "inside model.no_sync()"
+                )
+            bucket.pending.discard(id(param))
+            if not bucket.pending:
+                buf.launch(bucket, self.dp_group, async_op=True)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without reducing them (all microbatches but the last)."""
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    def start_grad_sync(self) -> None:
+        """Start the reduction of every bucket not yet started."""
+        for buf in self.buffers:
+            for b in buf.buckets:
+                if not b.launched:
+                    buf.launch(b, self.dp_group, async_op=self.overlap_grad_reduce)
+
+    def finish_grad_sync(self) -> None:
+        """Wait until every bucket is reduced; then `main_grad` holds the dp-averaged gradients."""
+        self.start_grad_sync()
+        for buf in self.buffers:
+            for b in buf.buckets:
+                buf.wait(b, self.dp_rank)
+                b.reset()  # ready for the next step's hooks
+
+    def zero_grad_buffer(self) -> None:
+        """Zero every `main_grad` (before each step's first forward)."""
+        for buf in self.buffers:
+            buf.grad_data.zero_()
+            for b in buf.buckets:
+                if b.work is not None:
+                    b.work.wait()
+                b.reset()
+        for p in self.module.parameters():
+            p.grad = None
+
+    def all_gather_params(self) -> None:
+        """Distributed optimizer: refresh every parameter from the shard each dp rank updated."""
+        for buf in self.buffers:
+            buf.all_gather_params(self.dp_group, self.dp_rank)
+
+
+def wrap_model_chunks(cfg, chunks: list[torch.nn.Module], ps) -> list[DistributedDataParallel]:
+    """One DDP wrapper per model chunk, configured from `cfg.parallel`."""
+    return [DistributedDataParallel(c, cfg, ps) for c in chunks]

@@ -1,0 +1,66 @@
+"""How many microbatches a step takes: constant, or growing with --rampup-batch-size.
+
+Ramp-up (Megatron's): the global batch starts at `start` and grows by `increment` every
+`rampup_samples / ((global - start) / increment)` consumed samples until it reaches the global batch
+size. A function of consumed samples only, so a resumed run picks up exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from megatron_lite.config import ConfigError
+
+
+class NumMicroBatchesCalculator:
+    """`get()` microbatches per step for the current global batch; `update(consumed_samples)`."""
+
+    def __init__(
+        self,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_size: int,
+        rampup_batch_size: list[int] | None = None,
+    ) -> None:
+        self.global_batch_size = global_batch_size
+        self.micro_batch_times_dp = micro_batch_size * dp_size
+        self.rampup = rampup_batch_size
+        if rampup_batch_size is not None:
+            start, incr, samples = rampup_batch_size
+            diff = global_batch_size - start
+            if start <= 0 or incr <= 0 or samples < 0 or diff < 0 or diff % incr != 0:
+                raise ConfigError(
+                    f"--rampup-batch-size {start} {incr} {samples}: the global batch size "
+                    f"({global_batch_size}) minus start must be a non-negative multiple of the "
+                    "increment"
+                )
+            self.start, self.increment, self.rampup_samples = start, incr, samples
+            steps = diff // incr
+            self.samples_per_increment = samples / steps if steps else 0.0
+        self.update(0, consistency_check=False)
+
+    def update(self, consumed_samples: int, consistency_check: bool = True) -> None:
+        if self.rampup is None or consumed_samples > self.rampup_samples:
+            self.current_global_batch_size = self.global_batch_size
+        elif self.samples_per_increment == 0:
+            self.current_global_batch_size = self.start
+        else:
+            steps = int(consumed_samples / self.samples_per_increment)
+            self.current_global_batch_size = self.start + steps * self.increment
+        if consistency_check and self.current_global_batch_size % self.micro_batch_times_dp:
+            raise ConfigError(
+                f"current global batch size ({self.current_global_batch_size}) is not divisible "
+                f"by micro batch size x data-parallel size ({self.micro_batch_times_dp})"
+            )
+        self.num_micro_batches = max(1, self.current_global_batch_size // self.micro_batch_times_dp)
+
+    def get(self) -> int:
+        return self.num_micro_batches
+
+    def get_current_global_batch_size(self) -> int:
+        return self.current_global_batch_size
+
+
+def build_num_microbatches_calculator(cfg) -> NumMicroBatchesCalculator:
+    t = cfg.train
+    return NumMicroBatchesCalculator(
+        t.global_batch_size, t.micro_batch_size, cfg.data_parallel_size, t.rampup_batch_size
+    )
