@@ -216,3 +216,15 @@ def test_cache_built_by_one_rank_per_node_others_wait(tmp_path, prefix):
     assert built == [(True, True), (False, False), (True, True), (False, False)]
     assert all(r[2] == results[0][2] for r in results)
     assert len(os.listdir(tmp_path / "node0")) == len(os.listdir(tmp_path / "node1")) == 12
+
+
+def test_split_rounding_to_no_documents_is_skipped(tmp_path, prefix):
+    cfg = config(tmp_path, prefix, split="1,0,0.001")  # test: round(0.999 * 120) = 120 -> empty
+    train, valid, test = build_train_valid_test_datasets(cfg, TOK, [40, 8, 4])
+    assert valid is None and test is None and len(train) >= 40
+
+
+def test_too_short_split_is_a_clear_error(tmp_path):
+    short = write_documents(str(tmp_path / "s"), [np.array([1, 2, EOD], np.uint16)] * 4)
+    with pytest.raises(ValueError, match=r"train split of .*s has 12 tokens in 4 documents"):
+        make(short, np.arange(4, dtype=np.int32), 10)

@@ -9,6 +9,7 @@ result is deterministic, only slower.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -25,6 +26,7 @@ from megatron_lite.data.gpt_dataset import (
 )
 from megatron_lite.data.indexed_dataset import IndexedDataset
 
+logger = logging.getLogger(__name__)
 _BLEND_SURPLUS = 0.005  # build 0.5% more samples per blended dataset, as megatron-core
 
 
@@ -80,6 +82,16 @@ def _gpt_splits(cfg, tokenizer, prefix, dataset, sizes, cache_dir):
         if rng is None:
             out.append(None)
             continue
+        if rng[0] == rng[1]:  # a positive --split weight that rounds to no documents
+            logger.warning(
+                "--split %s leaves the %s split of %s no documents (%d in all); it is skipped",
+                split,
+                name,
+                prefix,
+                len(dataset),
+            )
+            out.append(None)
+            continue
         out.append(
             GPTDataset(
                 dataset,
@@ -131,12 +143,13 @@ def _build(cfg, tokenizer, sizes):
     blend_cache = default_cache_dir(prefixes[0], d.data_cache_path)
     out = []
     for i in range(3):
-        parts = [s[i] for s in splits]
-        if parts[0] is None:
+        keep = [j for j, s in enumerate(splits) if s[i] is not None]
+        if not keep:
             out.append(None)
             continue
+        parts = [splits[j][i] for j in keep]
         if weights is not None:
-            w, size = weights, sum(row[i] for row in targets)
+            w, size = [weights[j] for j in keep], sum(targets[j][i] for j in keep)
         else:  # no weights: mix in proportion to the datasets' lengths
             w = [len(p) for p in parts]
             size = min(sizes[i], sum(w))
