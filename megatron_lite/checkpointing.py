@@ -579,7 +579,10 @@ def _my_shard(reader, src: str, t: torch.Tensor, ps: ParallelState, key: str | N
 def _load_model(reader: CheckpointReader, chunks: list[torch.nn.Module], ps: ParallelState):
     for chunk in chunks:
         for name, t in _chunk_tensors(chunk).items():
-            t.copy_(_my_shard(reader, _source_name(reader, name, t), t, ps))
+            src = _source_name(reader, name, t)
+            # the fp32 master, where saved, is the exact weight (the model copy may be bf16/fp16)
+            key = "master" if "master" in reader.optimizer_state_keys(src) else None
+            t.copy_(_my_shard(reader, src, t, ps, key))
 
 
 def _load_optimizer(reader: CheckpointReader, optimizer, chunks, ps: ParallelState) -> None:
@@ -591,9 +594,10 @@ def _load_optimizer(reader: CheckpointReader, optimizer, chunks, ps: ParallelSta
     per_param = {}
     for name, p in _chunk_params(chunks).items():
         src = _source_name(reader, name, p)
-        per_param[name] = {
-            k: _my_shard(reader, src, p, ps, k) for k in reader.optimizer_state_keys(src)
-        }
+        keys = reader.optimizer_state_keys(src)
+        per_param[name] = {k: _my_shard(reader, src, p, ps, k) for k in keys}
+        if "master" not in keys:  # saved in fp32: the model weights are the masters
+            per_param[name]["master"] = _my_shard(reader, src, p, ps).float()
     # scalar parts (steps, loss scaler) are the same on every rank: take the nearest source file
     f = reader.file(min(ps.tp_rank, reader.tp - 1), min(ps.pp_rank, reader.pp - 1))
     optimizer.load_state_dict(f["optimizer"]["state_dict"])
