@@ -75,13 +75,10 @@ def test_build_sample_idx_rows_are_stream_positions(ext):
     assert rows.tolist() == [[0, 0], [0, 4], [3, 0], [3, 4], [4, 1]]
 
 
-def test_build_sample_idx_uses_int64_when_int32_overflows(ext):
-    sizes = np.array([2**31 - 1, 5], dtype=np.int32)  # max(sizes) reaches int32's limit
-    rows = helpers.build_sample_idx_numpy(sizes, np.array([1], np.int32), 2, 1, 5, True, 1)
-    assert rows.dtype == np.int32
-    sizes64 = np.array([5], dtype=np.int64)
-    big = helpers._sample_idx_dtype(np.array([2**31], dtype=np.int64), np.array([0]))
-    assert big == np.int64 and helpers._sample_idx_dtype(sizes64, np.array([0])) == np.int32
+def test_sample_idx_dtype_is_int32_until_values_overflow_it():
+    small = helpers._sample_idx_dtype(np.array([2**31 - 1]), np.zeros(3, np.int32))
+    large = helpers._sample_idx_dtype(np.array([2**31], dtype=np.int64), np.zeros(3, np.int32))
+    assert small == np.int32 and large == np.int64
 
 
 def test_build_blending_indices_cpp_equals_numpy(ext):
