@@ -144,8 +144,9 @@ class ToyOptimizer:
                     ps.tp_rank,
                     ps.tp_size,
                 )
-                for i, k in enumerate(("exp_avg", "exp_avg_sq", "master"))
+                for i, k in enumerate(("exp_avg", "exp_avg_sq"))
             }
+            self.state[name]["master"] = p.detach().clone()  # fp32 master = the weight
         self.scalars = {"step": seed, "loss_scale": 2.0**seed}
 
     def per_param_state_dict(self):
