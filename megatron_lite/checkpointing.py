@@ -468,12 +468,6 @@ class CheckpointReader:
     def has_optimizer(self) -> bool:
         return self._file(0, 0)["optimizer"] is not None
 
-    def shard_info(self, name: str) -> dict:
-        stage = self.locate(name)
-        if stage is None:
-            raise CheckpointError(f"{self.dir} holds no tensor named {name}")
-        return self._file(0, stage)["shard_info"][name]
-
     def full_tensor(self, name: str, state_key: str | None = None) -> torch.Tensor:
         """The full tensor `name` (or its optimizer state `state_key`) assembled from its tp shards."""
         stage = self.locate(name)

@@ -300,6 +300,15 @@ def _round_trip(src, dst):
     ckpt.save_checkpoint(dst, 100, chunks, opt, sched, cfg, ps, 6400)
 
 
+def test_reader_opens_only_the_files_that_hold_a_tensor(tmp_path):
+    run_distributed(_save, 4, str(tmp_path), 2, 2, timeout=60)
+    reader = ckpt.CheckpointReader(str(tmp_path))
+    reader.full_tensor("decoder.layers.3.proj_weight")  # stage 1 of 2 (layers 2, 3)
+    assert sorted(reader._files) == [(0, 0), (0, 1), (1, 1)]  # (0, 0): layout and config
+    reader.full_tensor("decoder.layers.0.proj_bias")  # replicated over tp: one file suffices
+    assert sorted(reader._files) == [(0, 0), (0, 1), (1, 1)]
+
+
 def test_streaming_reader_gives_full_tensors_and_optimizer_states(tmp_path):
     run_distributed(_save, 2, str(tmp_path), 2, 1, timeout=60)
     states = dict(ckpt.iter_full_state(str(tmp_path), optimizer=True))
