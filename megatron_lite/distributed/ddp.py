@@ -6,8 +6,11 @@ Not torch's DistributedDataParallel, so the distributed optimizer can share its 
    buffer) and drops `param.grad`. This also catches the zero-bubble schedule's deferred weight gradients,
    which are applied with `torch.autograd.backward([param], [grad])`.
 2. Inside `no_sync()` (every microbatch but the last) nothing else happens. Outside it, with
-   `overlap_grad_reduce`, a parameter whose gradient arrives is marked ready, and a bucket whose
-   parameters are all ready starts its reduction asynchronously while backward continues.
+   `overlap_grad_reduce`, a bucket starts its reduction asynchronously, while backward continues, as
+   soon as each of its parameters has received all the gradients it gets outside `no_sync()`. That
+   count is learned on the first step (which reduces everything at its end): a parameter may receive
+   several per backward (a tied embedding used twice, each linear layer applying its weight gradient
+   with its own `torch.autograd.backward`), or none (zero-bubble: only the last W runs synced).
 3. `finish_grad_sync()` starts whatever has not started (everything, without overlap) and waits.
 
 Each bucket is scaled by 1/dp and summed (all-reduce, or reduce-scatter under the distributed
@@ -42,6 +45,8 @@ class DistributedDataParallel(torch.nn.Module):
             bucket_size = max(40_000_000, 1_000_000 * self.dp_size)
         self.bucket_size = bucket_size
         self._sync_enabled = True
+        self._expected: dict[int, int] | None = None  # synced gradients per param, from step 1
+        self._arrived: dict[int, int] = {}
         self.buffers = self._build_buffers(p.accumulate_allreduce_grads_in_fp32)
         self._bucket_of: dict[int, tuple[ParamAndGradBuffer, Bucket]] = {
             id(p): (buf, b) for buf in self.buffers for b in buf.buckets for p in b.params
@@ -98,15 +103,25 @@ class DistributedDataParallel(torch.nn.Module):
             return
         param.main_grad.add_(param.grad)
         param.grad = None
-        if self._sync_enabled and self.overlap_grad_reduce:
-            buf, bucket = self._bucket_of[id(param)]
-            if bucket.launched:
-                raise RuntimeError(
-                    f"a gradient of a parameter of shape {tuple(param.shape)} arrived after its "
-                    "bucket's reduction started: run every backward but the step's last one "
-                    "inside model.no_sync()"
-                )
-            bucket.pending.discard(id(param))
+        if not (self._sync_enabled and self.overlap_grad_reduce):
+            return
+        key = id(param)
+        if self._expected is None:  # first step: learn how many gradients come synced
+            self._arrived[key] = self._arrived.get(key, 0) + 1
+            return
+        buf, bucket = self._bucket_of[key]
+        if bucket.launched:
+            raise RuntimeError(
+                f"a gradient of a parameter of shape {tuple(param.shape)} arrived after its "
+                f"bucket's reduction started (step 1 saw {self._expected.get(key, 0)} outside "
+                "no_sync()): keep the same backward pattern every step, with every backward but "
+                "each step's last inside model.no_sync()"
+            )
+        left = bucket.pending.get(key, 0) - 1
+        if left > 0:
+            bucket.pending[key] = left
+        elif left == 0:
+            del bucket.pending[key]
             if not bucket.pending:
                 buf.launch(bucket, self.dp_group, async_op=True)
 
@@ -129,10 +144,12 @@ class DistributedDataParallel(torch.nn.Module):
     def finish_grad_sync(self) -> None:
         """Wait until every bucket is reduced; then `main_grad` holds the dp-averaged gradients."""
         self.start_grad_sync()
+        if self._expected is None and self.overlap_grad_reduce:
+            self._expected = dict(self._arrived)
         for buf in self.buffers:
             for b in buf.buckets:
                 buf.wait(b, self.dp_rank)
-                b.reset()  # ready for the next step's hooks
+                b.reset(self._expected)  # ready for the next step's hooks
 
     def zero_grad_buffer(self) -> None:
         """Zero every `main_grad` (before each step's first forward)."""
@@ -141,7 +158,8 @@ class DistributedDataParallel(torch.nn.Module):
             for b in buf.buckets:
                 if b.work is not None:
                     b.work.wait()
-                b.reset()
+                b.reset(self._expected)
+        self._arrived.clear()
         for p in self.module.parameters():
             p.grad = None
 

@@ -31,7 +31,7 @@ class Bucket:
     numel: int  # including padding
     grad_data: torch.Tensor  # view [numel] of the grad buffer
     param_data: torch.Tensor | None  # view [numel] of the param buffer (distributed optimizer)
-    pending: set[int] = field(default_factory=set)  # ids of params whose gradient is not ready
+    pending: dict[int, int] = field(default_factory=dict)  # id(param) -> gradients still to come
     work: object | None = None  # async handle while the reduction is in flight
     shard_out: torch.Tensor | None = None  # reduce-scatter destination until it lands
     launched: bool = False
@@ -41,8 +41,10 @@ class Bucket:
         size = self.numel // dp_size
         return self.offset + dp_rank * size, self.offset + (dp_rank + 1) * size
 
-    def reset(self) -> None:
-        self.pending = {id(p) for p in self.params}
+    def reset(self, expected: dict[int, int] | None = None) -> None:
+        """Ready for a new step; `expected`: gradients per parameter in the step's synced backward."""
+        expected = expected or {}
+        self.pending = {id(p): expected[id(p)] for p in self.params if expected.get(id(p), 0) > 0}
         self.work, self.shard_out, self.launched = None, None, False
 
 

@@ -1,0 +1,141 @@
+"""LR schedules match their formulas, the batch-size ramp-up is exact, the loss scaler follows
+Megatron's rules; all single-process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_lite.config import Config, ConfigError, OptimConfig, TrainConfig
+from megatron_lite.optim import (
+    DynamicGradScaler,
+    NumMicroBatchesCalculator,
+    OptimizerParamScheduler,
+    build_lr_scheduler,
+    build_num_microbatches_calculator,
+)
+
+MAX, MIN, WARM, DECAY = 1.0e-3, 1.0e-5, 10, 110
+
+
+def _opt():
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+
+def _lr_at(style: str, steps: list[int], warm=WARM) -> list[float]:
+    sched = OptimizerParamScheduler(_opt(), MAX, MIN, warm, DECAY, style)
+    out, done = [], 0
+    for n in steps:
+        sched.step(n - done)
+        done = n
+        out.append(sched.optimizer.param_groups[0]["lr"])
+    return out
+
+
+STEPS = [0, 5, 10, 35, 60, 100, 110, 200]
+
+
+def _expected(style: str, n: int) -> float:
+    if n <= WARM:
+        return MAX * n / WARM
+    if style == "constant":
+        return MAX
+    if style == "inverse-square-root":
+        return max(MIN, MAX * math.sqrt(WARM) / math.sqrt(n))
+    if n > DECAY:
+        return MIN
+    r = (n - WARM) / (DECAY - WARM)
+    coeff = 1 - r if style == "linear" else 0.5 * (1 + math.cos(math.pi * r))
+    return MIN + coeff * (MAX - MIN)
+
+
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine", "inverse-square-root"])
+def test_each_lr_schedule_matches_its_formula(style):
+    got = _lr_at(style, STEPS)
+    assert got == pytest.approx([_expected(style, n) for n in STEPS], rel=1e-12, abs=1e-15)
+
+
+def test_hand_computed_lr_values():
+    # cosine halfway through decay is the midpoint; linear at 35 is a quarter of the way down
+    assert _lr_at("cosine", [60])[0] == pytest.approx((MAX + MIN) / 2)
+    assert _lr_at("linear", [35])[0] == pytest.approx(MIN + 0.75 * (MAX - MIN))
+    assert _lr_at("inverse-square-root", [40])[0] == pytest.approx(MAX / 2)
+    assert _lr_at("linear", [3])[0] == pytest.approx(MAX * 0.3)
+
+
+def test_scheduler_resumes_exactly_and_checks_settings():
+    a = OptimizerParamScheduler(_opt(), MAX, MIN, WARM, DECAY, "cosine")
+    for _ in range(37):
+        a.step()
+    b = OptimizerParamScheduler(_opt(), MAX, MIN, WARM, DECAY, "cosine")
+    b.load_state_dict(a.state_dict())
+    assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
+    assert b.step() == a.step()
+    c = OptimizerParamScheduler(_opt(), 2 * MAX, MIN, WARM, DECAY, "cosine")
+    with pytest.raises(ConfigError, match="max_lr"):
+        c.load_state_dict(a.state_dict())
+    d = OptimizerParamScheduler(_opt(), 2 * MAX, MIN, WARM, DECAY, "cosine", use_checkpoint=True)
+    d.load_state_dict(a.state_dict())
+    assert d.max_lr == MAX and d.num_steps == a.num_steps
+
+
+def test_build_lr_scheduler_from_flags_with_warmup_fraction():
+    cfg = Config(
+        optim=OptimConfig(lr=MAX, min_lr=MIN, lr_decay_style="linear", lr_warmup_fraction=0.1),
+        train=TrainConfig(train_iters=200, global_batch_size=8),
+    ).finalize(1)
+    sched = build_lr_scheduler(cfg, _opt())
+    assert (sched.warmup_steps, sched.decay_steps) == (20, 200)
+    for _ in range(10):
+        lr = sched.step()
+    assert lr == pytest.approx(MAX / 2)
+    with pytest.raises(ConfigError, match="longer than decay"):
+        OptimizerParamScheduler(_opt(), MAX, MIN, 50, 20, "linear")
+
+
+def test_rampup_batch_size_is_exact():
+    # start 4, +4 per step, over 48 samples, to 16: 3 increments, one every 16 samples
+    calc = NumMicroBatchesCalculator(
+        16, micro_batch_size=2, dp_size=2, rampup_batch_size=[4, 4, 48]
+    )
+    consumed, sizes, micro = 0, [], []
+    while consumed < 100:
+        calc.update(consumed)
+        sizes.append(calc.get_current_global_batch_size())
+        micro.append(calc.get())
+        consumed += sizes[-1]
+    # consumed: 0 4 8 12 | 16 24 | 32 44 | 56 (> 48: full batch) 72 88
+    assert sizes == [4, 4, 4, 4, 8, 8, 12, 12, 16, 16, 16]
+    assert micro == [s // 4 for s in sizes]
+    # a function of consumed samples only: a resumed run continues the same sequence
+    resumed = NumMicroBatchesCalculator(16, 2, 2, [4, 4, 48])
+    resumed.update(sum(sizes[:5]))
+    assert resumed.get_current_global_batch_size() == sizes[5]
+    with pytest.raises(ConfigError, match="multiple of the increment"):
+        NumMicroBatchesCalculator(16, 2, 2, [4, 5, 48])
+    with pytest.raises(ConfigError, match="not divisible"):
+        NumMicroBatchesCalculator(16, 2, 2, [6, 2, 48]).update(0)
+
+
+def test_num_microbatches_from_config_is_global_over_micro_times_dp():
+    cfg = Config(train=TrainConfig(micro_batch_size=2, global_batch_size=24)).finalize(3)
+    calc = build_num_microbatches_calculator(cfg)
+    calc.update(10_000)
+    assert calc.get() == 4 == cfg.num_microbatches
+    assert calc.get_current_global_batch_size() == 2 * 3 * 4
+
+
+def test_dynamic_loss_scaler_hysteresis_backoff_growth_and_floor():
+    s = DynamicGradScaler(1024.0, min_scale=256.0, growth_interval=3, hysteresis=2)
+    history = []
+    for inf in [True, True, True, False, False, False, True, True, True, True]:
+        s.update(inf)
+        history.append(s.scale)
+    # 2 overflows before the first backoff, then every overflow backs off until 3 clean steps
+    # restore growth (and the hysteresis budget); the scale never drops below min_scale
+    assert history == [1024, 512, 256, 256, 256, 512, 512, 256, 256, 256]
+    restored = DynamicGradScaler(1.0, min_scale=256.0, growth_interval=3, hysteresis=2)
+    restored.load_state_dict(s.state_dict())
+    assert restored.state_dict() == s.state_dict()
