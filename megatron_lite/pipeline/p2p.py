@@ -4,23 +4,33 @@ Every exchange is one `batch_isend_irecv` call holding all sends and receives a 
 point (blocking send-then-receive on both sides deadlocks). Tensors live on whatever device the caller's
 buffers are on, so the same code runs on gloo/CPU and NCCL/CUDA; nothing here talks to CUDA.
 
-A failing stage must not leave its peers blocked for the whole collective timeout. `signal_abort`
-writes the error into the process group's key-value store, and `wait_all` polls that key while it waits,
-so every rank of the job raises `PipelineAborted` within about a second. (On gloo a dead peer's closed
-sockets already fail the receives of its neighbours; NCCL needs the store, or the launcher.)
+A failing stage must not leave its peers blocked for the whole collective timeout. The failing rank
+writes its error into the process group's key-value store (`signal_abort`) and raises; its process
+exits, which on gloo at once fails the transfers its neighbours wait on, and they raise
+`PipelineAborted` with the first failure's message and exit too, down the pipeline. A watchdog thread
+on every rank polls that key: when it appears it aborts the rank's process groups (what unblocks
+NCCL transfers), and a rank still blocked in a pipeline transfer `_EXIT_GRACE_S` later exits with the
+message (a gloo rank waiting on a live but stuck peer), as NCCL's own watchdog would.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
 ABORT_KEY = "megatron_lite/pipeline_abort"
 _MAX_DIMS = 8  # variable-shape mode: a shape travels as [ndim, d0, ..., d7]
-_ABORT_POLL_S = 0.5
+_POLL_S = 0.5
+_EXIT_GRACE_S = 10.0
+_waiting = 0  # pipeline transfers this process is blocked in (read by the watchdog)
+_watched: list[dist.ProcessGroup] = []
+_watchdog_pid: int | None = None
 
 
 class PipelineAborted(RuntimeError):
@@ -30,41 +40,78 @@ class PipelineAborted(RuntimeError):
 def _store() -> dist.Store | None:
     try:
         return dist.distributed_c10d._get_default_store()
-    except Exception:  # no default group or a backend without a store: nothing to signal through
+    except Exception:  # no default group: nothing to signal through
         return None
+
+
+def abort_message(quiet: bool = True) -> str | None:
+    """The first failure signalled by any rank, or None (also when the store is unreachable,
+    unless `quiet` is False)."""
+    try:
+        store = _store()
+        if store is not None and store.check([ABORT_KEY]):
+            return store.get(ABORT_KEY).decode(errors="replace")
+    except Exception:
+        if not quiet:
+            raise
+    return None
 
 
 def signal_abort(message: str) -> None:
     """Tell every rank that this one failed (best effort: never raises)."""
     try:
         store = _store()
-        if store is not None:
+        if store is not None and not store.check([ABORT_KEY]):
             store.set(ABORT_KEY, message)
     except Exception:
         pass
 
 
-def check_abort() -> None:
-    store = _store()
-    if store is not None and store.check([ABORT_KEY]):
-        raise PipelineAborted(store.get(ABORT_KEY).decode(errors="replace"))
+def abort_groups(groups: Iterable[dist.ProcessGroup | None]) -> None:
+    """Abort `groups`, failing every transfer pending on them here and at their peers (gloo)."""
+    for g in groups:
+        if g is not None:
+            try:
+                g.abort()
+            except Exception:
+                pass
+
+
+def watch_groups(groups: Iterable[dist.ProcessGroup | None]) -> None:
+    """Abort these groups as soon as any rank signals a failure (a daemon thread per process)."""
+    global _watchdog_pid
+    if not dist.is_initialized():
+        return
+    _watched.extend(g for g in groups if g is not None and g not in _watched)
+    if _watchdog_pid == os.getpid():
+        return
+    _watchdog_pid = os.getpid()
+
+    def watch() -> None:
+        try:
+            while abort_message(quiet=False) is None:
+                time.sleep(_POLL_S)
+        except Exception:  # the store went away: the job is ending anyway
+            return
+        abort_groups(list(_watched))
+        time.sleep(_EXIT_GRACE_S)
+        if _waiting:
+            print(
+                f"pipeline aborted, exiting a rank stuck in p2p: {abort_message()}", file=sys.stderr
+            )
+            os._exit(1)
+
+    threading.Thread(target=watch, name="pipeline-abort-watchdog", daemon=True).start()
 
 
 def wait_all(reqs: Sequence[dist.Work]) -> None:
-    """Wait for `reqs`, raising `PipelineAborted` if another rank signalled a failure meanwhile."""
-    pending = list(reqs)
-    sleep, last_check = 0.0, time.monotonic()
-    while pending:
-        pending = [r for r in pending if not r.is_completed()]
-        if not pending:
-            break
-        if time.monotonic() - last_check > _ABORT_POLL_S:
-            check_abort()
-            last_check = time.monotonic()
-        time.sleep(sleep)  # back off up to 2 ms: spinning ranks would starve computing ones
-        sleep = min(2e-3, sleep * 2 + 1e-5)
-    for r in reqs:
-        r.wait()  # completed; raises if the transfer failed (e.g. a peer died)
+    global _waiting
+    _waiting += 1
+    try:
+        for r in reqs:
+            r.wait()
+    finally:
+        _waiting -= 1
 
 
 def _exchange(

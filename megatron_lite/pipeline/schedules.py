@@ -123,20 +123,30 @@ class _Executor:
     def __call__(self, forward_step_func: Callable, iterators: list) -> list[dict]:
         self.forward_step_func, self.iterators = forward_step_func, iterators
         action: Action | None = None
+        groups = [self.ps.pp_group, self.ps.dp_group, self.ps.tp_group, self.ps.mp_group]
+        groups.append(self.ps.embedding_group)
+        p2p.watch_groups(groups)
+        comm = False  # whether the exception came out of a transfer (then a peer failed)
         try:
             for k, action in enumerate(self.actions):
+                comm = True
                 self._communicate(self.plan[k])
+                comm = False
                 self._run(k, action)
-            action = None
+            comm = True
             self._communicate(self.plan[-1])
         except p2p.PipelineAborted:
             raise
         except BaseException as e:
-            where = f"in {action!r}" if action is not None else "in communication"
-            p2p.signal_abort(
-                f"pipeline rank {self.rank} (global rank {self.ps.rank}) failed {where}: "
-                f"{type(e).__name__}: {e}"
-            )
+            first = p2p.abort_message()
+            if first is None and not comm:  # this rank failed first: tell everyone
+                p2p.signal_abort(
+                    f"pipeline rank {self.rank} (global rank {self.ps.rank}) failed in "
+                    f"{action!r}: {type(e).__name__}: {e}"
+                )
+            p2p.abort_groups(groups)
+            if first is not None or comm:
+                raise p2p.PipelineAborted(first or f"a peer pipeline rank failed: {e}") from e
             raise
         return self.reports
 
