@@ -10,7 +10,8 @@ exits, which on gloo at once fails the transfers its neighbours wait on, and the
 `PipelineAborted` with the first failure's message and exit too, down the pipeline. A watchdog thread
 on every rank polls that key: when it appears it aborts the rank's process groups (what unblocks
 NCCL transfers), and a rank still blocked in a pipeline transfer `_EXIT_GRACE_S` later exits with the
-message (a gloo rank waiting on a live but stuck peer), as NCCL's own watchdog would.
+message (a gloo rank waiting on a live but stuck peer), as NCCL's own watchdog would. Call
+`stop_watchdog()` before destroying the process group.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -31,6 +31,8 @@ _EXIT_GRACE_S = 10.0
 _waiting = 0  # pipeline transfers this process is blocked in (read by the watchdog)
 _watched: list[dist.ProcessGroup] = []
 _watchdog_pid: int | None = None
+_watchdog: threading.Thread | None = None
+_stop_watching = threading.Event()
 
 
 class PipelineAborted(RuntimeError):
@@ -79,7 +81,7 @@ def abort_groups(groups: Iterable[dist.ProcessGroup | None]) -> None:
 
 def watch_groups(groups: Iterable[dist.ProcessGroup | None]) -> None:
     """Abort these groups as soon as any rank signals a failure (a daemon thread per process)."""
-    global _watchdog_pid
+    global _watchdog_pid, _watchdog
     if not dist.is_initialized():
         return
     _watched.extend(g for g in groups if g is not None and g not in _watched)
@@ -90,18 +92,30 @@ def watch_groups(groups: Iterable[dist.ProcessGroup | None]) -> None:
     def watch() -> None:
         try:
             while abort_message(quiet=False) is None:
-                time.sleep(_POLL_S)
+                if _stop_watching.wait(_POLL_S):
+                    return
         except Exception:  # the store went away: the job is ending anyway
             return
         abort_groups(list(_watched))
-        time.sleep(_EXIT_GRACE_S)
-        if _waiting:
-            print(
-                f"pipeline aborted, exiting a rank stuck in p2p: {abort_message()}", file=sys.stderr
-            )
-            os._exit(1)
+        if _stop_watching.wait(_EXIT_GRACE_S) or not _waiting:
+            return
+        print(f"pipeline aborted, exiting a rank stuck in p2p: {abort_message()}", file=sys.stderr)
+        os._exit(1)
 
-    threading.Thread(target=watch, name="pipeline-abort-watchdog", daemon=True).start()
+    _stop_watching.clear()
+    _watchdog = threading.Thread(target=watch, name="pipeline-abort-watchdog", daemon=True)
+    _watchdog.start()
+
+
+def stop_watchdog() -> None:
+    """Stop the watchdog before the process group is destroyed (a thread still inside a store call
+    while the store is torn down aborts the process)."""
+    global _watchdog_pid, _watchdog
+    if _watchdog is not None and _watchdog_pid == os.getpid():
+        _stop_watching.set()
+        _watchdog.join()
+    _watchdog, _watchdog_pid = None, None
+    _watched.clear()
 
 
 def wait_all(reqs: Sequence[dist.Work]) -> None:
