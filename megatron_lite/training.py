@@ -8,6 +8,7 @@ all-reduce per iteration.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -63,6 +64,20 @@ class Run:
     def is_logging_rank(self) -> bool:
         """The last rank: last pipeline stage, last tp and dp rank (Megatron's choice)."""
         return self.ps.rank == self.ps.world_size - 1
+
+
+FAULT_ENV = "MEGATRON_LITE_FAULT"
+
+
+def _fault(kind: str, iteration: int, rank: int) -> bool:
+    """Test hook for the fault-handling tests: MEGATRON_LITE_FAULT=raise:RANK:ITER (that rank raises
+    at that iteration) or nan:ITER (that iteration's loss is nan on every rank)."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if spec[0] != kind:
+        return False
+    if kind == "raise":
+        return (int(spec[1]), int(spec[2])) == (rank, iteration)
+    return int(spec[1]) == iteration
 
 
 class _StopSignal:
@@ -177,6 +192,8 @@ def forward_step(data_iterator, model):
 
     def loss_func(per_token_loss: torch.Tensor):
         loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        if _fault("nan", _CURRENT_ITERATION[0], -1):
+            loss = loss * float("nan")
         return loss, {"lm loss": loss.detach()}
 
     return output, loss_func
@@ -188,9 +205,15 @@ def _mean_reported(losses: list[dict], key: str = "lm loss") -> float | None:
     return float(torch.stack([d[key].float() for d in losses]).mean())
 
 
+_CURRENT_ITERATION = [0]  # the iteration being computed, for the fault hook in the loss
+
+
 def train_step(run: Run, data_iterators) -> dict:
     """Forward and backward over all microbatches, gradient sync, one optimizer step."""
     cfg = run.cfg
+    _CURRENT_ITERATION[0] = run.iteration + 1
+    if _fault("raise", run.iteration + 1, run.ps.rank):
+        raise RuntimeError(f"injected fault on rank {run.ps.rank} ({FAULT_ENV})")
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
@@ -353,6 +376,7 @@ def train(run: Run, train_iters_, valid_iters_, tb: TensorBoard) -> str:
                 )
         if run.iteration % cfg.logging.log_interval == 0:
             mean_loss = _average_over_last_stage(run, loss_sum)
+            mean_loss = float("nan") if mean_loss is None else mean_loss  # every iteration nan
             if run.is_logging_rank:
                 run.history.append((run.iteration, mean_loss))
                 _log(run, tb, step, time.time() - last_log, since_log, mean_loss)
@@ -417,5 +441,8 @@ def pretrain(cfg: Config) -> Run:
 
 
 def shutdown() -> None:
+    from megatron_lite.pipeline.p2p import stop_watchdog
+
+    stop_watchdog()
     if dist.is_initialized():
         dist.destroy_process_group()

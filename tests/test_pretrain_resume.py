@@ -1,0 +1,274 @@
+"""The real entry point on real indexed data: exact resume, reshard on load, TensorBoard, faults.
+
+Each test launches `python -m megatron_lite.pretrain_gpt` under torchrun (gloo, CPU).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from launch_utils import ROOT, TINY_GPT, TORCHRUN, eval_losses, layout_flags, losses, run_pretrain
+
+from megatron_lite.checkpointing import read_latest_iteration
+from megatron_lite.parallel_state import free_port
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def indexed_data(tmp_path_factory):
+    """A small real corpus -> BPE tokenizer -> Megatron .bin/.idx, with the repository's tools."""
+    d = tmp_path_factory.mktemp("data")
+    run = lambda *a: subprocess.run([PY, *a], cwd=ROOT, check=True, capture_output=True)  # noqa: E731
+    run("tools/make_demo_corpus.py", "--output", d / "corpus.jsonl", "--max-mb", "0.5")
+    run(
+        "tools/train_tokenizer.py",
+        "--input",
+        d / "corpus.jsonl",
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-size",
+        "400",
+        "--output-dir",
+        d / "tok",
+    )
+    run(
+        "tools/preprocess_data.py",
+        "--input",
+        d / "corpus.jsonl",
+        "--json-keys",
+        "text",
+        "--output-prefix",
+        d / "demo",
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        d / "tok/vocab.json",
+        "--merge-file",
+        d / "tok/merges.txt",
+        "--append-eod",
+        "--workers",
+        "1",
+    )
+    flags = [a for a in TINY_GPT if a not in ("--mock-data",)]
+    i = flags.index("--tokenizer-type")
+    del flags[i : i + 4]  # drop the NullTokenizer and its vocab size
+    return flags + [
+        "--data-path",
+        str(d / "demo_text_document"),
+        "--split",
+        "90,8,2",
+        "--data-cache-path",
+        str(d / "cache"),
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        str(d / "tok/vocab.json"),
+        "--merge-file",
+        str(d / "tok/merges.txt"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(indexed_data):
+    """8 uninterrupted iterations at tp=1 pp=2: the raw log lines' loss strings."""
+    out = run_pretrain(2, [*indexed_data, "--train-iters", "8", *layout_flags(1, 2)])
+    ref = losses(out.stdout)
+    assert sorted(ref) == list(range(1, 9))
+    return ref
+
+
+def test_resume_gives_bitwise_identical_losses(indexed_data, reference, tmp_path):
+    flags = [*indexed_data, "--train-iters", "8", *layout_flags(1, 2), "--save", str(tmp_path)]
+    first = run_pretrain(2, [*flags, "--exit-interval", "4"])
+    assert "exiting at iteration 4 (exit-interval)" in first.stdout
+    assert read_latest_iteration(str(tmp_path)) == 4
+    second = run_pretrain(2, [*flags, "--load", str(tmp_path)])
+    assert "loaded checkpoint" in second.stdout
+    resumed = losses(second.stdout)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for it in resumed:  # bitwise on CPU fp32: the printed values are identical, not just close
+        assert resumed[it] == reference[it], (it, resumed[it], reference[it])
+
+
+def test_reshard_on_load_preserves_the_next_loss(indexed_data, reference, tmp_path):
+    flags = [*indexed_data, "--train-iters", "8", "--save", str(tmp_path)]
+    run_pretrain(4, [*flags, *layout_flags(2, 2), "--exit-interval", "4"])
+    for tp, pp, nproc in ((1, 1, 1), (2, 1, 4)):  # 1x1x1 and tp2 x dp2
+        out = run_pretrain(
+            nproc,
+            [*flags[:-2], *layout_flags(tp, pp), "--load", str(tmp_path), "--exit-interval", "5"],
+        )
+        got = losses(out.stdout)
+        assert list(got) == [5]
+        assert got[5] == pytest.approx(reference[5], rel=1e-5), (tp, pp, got[5], reference[5])
+
+
+def test_evaluation_and_tensorboard_scalars(indexed_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    flags = [
+        *indexed_data,
+        "--train-iters",
+        "4",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "2",
+        "--tensorboard-dir",
+        str(tb),
+    ]
+    out = run_pretrain(1, flags)
+    evals = eval_losses(out.stdout)
+    assert [(s, i) for s, i, _ in evals] == [("validation", 2), ("validation", 4), ("test", 4)]
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in (
+        "lm loss",
+        "learning-rate",
+        "grad-norm",
+        "loss-scale",
+        "batch-size",
+        "throughput/tokens-per-sec",
+        "lm loss validation",
+        "lm loss validation ppl",
+        "lm loss test",
+    ):
+        assert tag in tags, (tag, tags)
+    assert [e.step for e in acc.Scalars("lm loss")] == [1, 2, 3, 4]
+    assert acc.Scalars("lm loss validation")[-1].value == pytest.approx(evals[1][2], rel=1e-5)
+
+
+def _launch(nproc, flags, env=None):
+    cmd = [
+        TORCHRUN,
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "megatron_lite.pretrain_gpt",
+        *flags,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(lines, text, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in line for line in list(lines)):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)[-4000:]}")
+
+
+def _workers(proc) -> list[int]:
+    """The torchrun agent's child processes (the ranks)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == proc.pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(indexed_data, tmp_path):
+    flags = [
+        *indexed_data,
+        "--train-iters",
+        "10000",
+        *layout_flags(1, 2),
+        "--save",
+        str(tmp_path),
+        "--exit-signal-handler",
+    ]
+    proc, lines = _launch(2, flags)
+    _wait_for(lines, " iteration        2/", proc)
+    for pid in _workers(proc):  # SLURM signals every task of the step, as here
+        os.kill(pid, signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    text = "".join(lines)
+    assert rc == 0, text[-4000:]
+    assert "(signal)" in text
+    saved = read_latest_iteration(str(tmp_path))
+    assert saved is not None and saved >= 2
+    assert f"saved checkpoint at iteration {saved:7d}" in text
+
+
+def test_a_raising_rank_ends_the_job_nonzero_quickly(indexed_data):
+    start = time.monotonic()
+    out = run_pretrain(
+        4,
+        [*indexed_data, "--train-iters", "20", *layout_flags(2, 2)],
+        env={"MEGATRON_LITE_FAULT": "raise:1:3"},
+        check=False,
+        timeout=180,
+    )
+    assert out.returncode != 0
+    assert "injected fault on rank 1" in out.stdout
+    assert time.monotonic() - start < 60  # far below --distributed-timeout-minutes 1 + start-up
+
+
+def test_a_killed_rank_ends_the_job_nonzero(indexed_data):
+    proc, lines = _launch(2, [*indexed_data, "--train-iters", "10000", *layout_flags(1, 2)])
+    _wait_for(lines, " iteration        2/", proc)
+    os.kill(max(_workers(proc)), signal.SIGKILL)
+    start = time.monotonic()
+    rc = proc.wait(timeout=150)
+    assert rc != 0
+    assert time.monotonic() - start < 120
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(indexed_data, tmp_path):
+    flags = [*indexed_data, "--train-iters", "8", *layout_flags(1, 2), "--save", str(tmp_path)]
+    run_pretrain(2, [*flags, "--exit-interval", "2"])
+    assert read_latest_iteration(str(tmp_path)) == 2
+    proc, lines = _launch(
+        2,
+        [*flags, "--load", str(tmp_path), "--exit-interval", "4"],
+        env={"MEGATRON_LITE_CKPT_TEST_PAUSE": "before_rename"},
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / ".paused").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "".join(lines)[-4000:]
+        time.sleep(0.2)
+    assert (tmp_path / ".paused").exists()
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-save
+    proc.wait(timeout=30)
+    assert read_latest_iteration(str(tmp_path)) == 2
+    out = run_pretrain(2, [*flags, "--load", str(tmp_path), "--exit-interval", "3"])
+    assert "loaded checkpoint" in out.stdout and list(losses(out.stdout)) == [3]
+
+
+def test_nan_loss_is_counted_and_stops_with_check_for_nan(indexed_data):
+    flags = [*indexed_data, "--train-iters", "4", "--clip-grad", "0"]
+    out = run_pretrain(1, flags, env={"MEGATRON_LITE_FAULT": "nan:2"})
+    assert "number of nan iterations:   1 |" in out.stdout
+    out = run_pretrain(
+        1, [*flags, "--check-for-nan-in-loss"], env={"MEGATRON_LITE_FAULT": "nan:2"}, check=False
+    )
+    assert out.returncode != 0
+    assert "lm loss is nan/inf at iteration 2" in out.stdout
