@@ -76,6 +76,8 @@ def train_step(model, opt, ps, step: int, micro: int, mb: int = 1, inject_inf: b
         with sync:
             loss = _forward_backward(model, opt, ps, tokens[:, cols], labels[:, cols], micro)
         loss_sum += loss
+    if model.overlap_grad_reduce and step > 0:  # buckets started during backward (not step 1)
+        assert all(b.launched for buf in model.buffers for b in buf.buckets)
     finalize_model_grads([model], ps)
     collectives = comm.stats.calls
     if inject_inf:
