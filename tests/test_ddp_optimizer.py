@@ -183,6 +183,18 @@ def _dp4_checks(steps: int, micro: int):
             torch.testing.assert_close(
                 gathered[name][key], full_state[name][key], rtol=1e-5, atol=1e-9
             )
+    # a model smaller than dp shards: ranks 1-3 own only padding, yet step in lockstep with rank 0
+    tiny = torch.nn.Linear(2, 1)
+    torch.nn.init.constant_(tiny.weight, 0.5)
+    model = DistributedDataParallel(tiny, make_cfg(use_distributed_optimizer=True), ps)
+    opt = build_optimizer(make_cfg(use_distributed_optimizer=True), [model], ps)
+    assert (len(opt.pieces) == 0) == (ps.dp_rank > 0)
+    opt.zero_grad()
+    tiny(torch.ones(1, 2)).sum().backward()
+    finalize_model_grads([model], ps)
+    assert opt.step() == (True, pytest.approx(3**0.5))
+    # AdamW's first step: decoupled decay, then -lr (scale-free, so clipping does not show)
+    assert torch.allclose(tiny.weight, torch.full((1, 2), 0.5 * (1 - LR * WD) - LR))
     # tensors cross the pipe as plain pickles (torch's shared-memory pickling needs the rank alive)
     return pickle.dumps((gathered, runs[(True, True, 200)][1].sharded_state_dict()))
 

@@ -102,6 +102,8 @@ class MegatronOptimizer(PerParamState):
         self.distributed, self.log_num_zeros = distributed, log_num_zeros_in_grad
         self.names = _named_params(chunks)  # id(param) -> global name
         self.pieces = self._build_pieces()
+        # a rank whose ZeRO-1 shard holds no parameter still joins every collective, on this device
+        self.device = next(p for c in chunks for p in c.parameters()).device
         self.mixed_precision = any(pc.master is not pc.model for pc in self.pieces)
         decay = [pc.master for pc in self.pieces if not _no_weight_decay(pc)]
         no_decay = [pc.master for pc in self.pieces if _no_weight_decay(pc)]
@@ -109,7 +111,10 @@ class MegatronOptimizer(PerParamState):
             {"params": decay, "weight_decay": optim_cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},  # biases and norm weights
         ]
-        self.inner = _inner_optimizer(optim_cfg, [g for g in groups if g["params"]])
+        groups = [g for g in groups if g["params"]]
+        if not groups:  # a ZeRO-1 shard of pure padding: keep a param group for the LR schedule
+            groups = [{"params": [torch.zeros(0, device=self.device)], "weight_decay": 0.0}]
+        self.inner = _inner_optimizer(optim_cfg, groups)
         self.grad_scaler: ConstantGradScaler | None = build_grad_scaler(optim_cfg)
         self.num_steps = 0  # successful (not skipped) steps
         self.num_skipped = 0
@@ -176,12 +181,11 @@ class MegatronOptimizer(PerParamState):
                 self._drop_master_grads()
                 return False, None
         counted = [g for pc, g in zip(self.pieces, grads) if pc.counted]
-        device = grads[0].device if grads else None
-        grad_norm = clip_grads.global_norm(counted, self._norm_groups, device)
+        grad_norm = clip_grads.global_norm(counted, self._norm_groups, self.device)
         if self.cfg.clip_grad > 0:
             clip_grads.clip_grads(grads, grad_norm, self.cfg.clip_grad)
         if self.log_num_zeros:
-            self.num_zeros_in_grad = clip_grads.count_zeros(counted, self._norm_groups, device)
+            self.num_zeros_in_grad = clip_grads.count_zeros(counted, self._norm_groups, self.device)
         self.inner.step()
         self.num_steps += 1
         self._drop_master_grads()
@@ -209,7 +213,7 @@ class MegatronOptimizer(PerParamState):
 
     def _unscale_and_check(self, grads: list[torch.Tensor]) -> bool:
         """Divide by the loss scale; True if any rank anywhere saw inf/nan."""
-        device = grads[0].device if grads else torch.device("cpu")
+        device = self.device
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         if grads:
             inv = torch.full((1,), self.grad_scaler.inv_scale, dtype=torch.float32, device=device)
