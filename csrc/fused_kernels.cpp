@@ -8,8 +8,8 @@
 // Masks: none; causal (key j > query i is masked; the row's tail is skipped, not computed); or a bool
 // padding mask [b or 1, 1, sq, sk] (True = masked) broadcast over heads. Math in fp32; inputs fp32,
 // bf16 or fp16. Rows run in parallel (at::parallel_for); each row is one pass for the max, one for
-// exp and sum, one to normalize, all over contiguous memory so that the compiler vectorizes them
-// (target_clones builds an AVX2+FMA copy picked at load time, the exp is a branch-free polynomial).
+// exp and sum, one to normalize, over contiguous memory: AVX2+FMA code (8 floats at a time, exp as a
+// polynomial) where the CPU has it, chosen at run time, and portable loops elsewhere.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/python.h>
@@ -32,98 +32,237 @@ namespace {
 
 constexpr float kMaskValue = -10000.0f;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ML_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define ML_CLONES
-#endif
 #define ML_INLINE inline __attribute__((always_inline))
 
-// exp(x) for x <= 0 (softmax arguments): 2^n * e^r with |r| <= ln2/2, Cephes' degree-5 polynomial
-// (about 1 ulp). Branch-free so loops calling it vectorize; exp(x) = 0 below -87.
+// exp(x) for x <= 0 (softmax arguments): 2^n * e^r with |r| <= ln2/2 and Cephes' degree-5
+// polynomial (about 1 ulp); 0 below -87. The AVX2 twin exp8 below computes the same thing.
 ML_INLINE float fast_exp(float x) {
   const float xc = std::max(x, -87.0f);
   const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  p = p * (r * r) + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < -87.0f ? 0.0f : p * scale;
 }
 
+// ---- portable rows (any CPU) ----------------------------------------------------------------------
+
 // One row, fp32: y[0:n) = softmax of the (scaled, masked) first n entries; y[n:cols) = 0.
-ML_CLONES void softmax_row(const float* x, const uint8_t* mask, float* y, int64_t n, int64_t cols,
-                           float scale) {
+void softmax_row_scalar(const float* x, const uint8_t* mask, float* y, int64_t n, int64_t cols,
+                        float scale) {
   float mx = -std::numeric_limits<float>::infinity();
-  if (mask != nullptr) {
-#pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < n; ++c) {
-      const float v = mask[c] ? kMaskValue : x[c] * scale;
-      y[c] = v;
-      mx = std::max(mx, v);
-    }
-  } else {
-#pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < n; ++c) {
-      const float v = x[c] * scale;
-      y[c] = v;
-      mx = std::max(mx, v);
-    }
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = (mask != nullptr && mask[c]) ? kMaskValue : x[c] * scale;
+    y[c] = v;
+    mx = std::max(mx, v);
   }
   float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) {
-    const float e = fast_exp(y[c] - mx);
-    y[c] = e;
-    sum += e;
+    y[c] = fast_exp(y[c] - mx);
+    sum += y[c];
   }
   const float inv = 1.0f / sum;
-#pragma omp simd
   for (int64_t c = 0; c < n; ++c) y[c] *= inv;
   for (int64_t c = n; c < cols; ++c) y[c] = 0.0f;
 }
 
 // One row, fp32: dx = scale * y * (dy - <dy, y>) over the first n entries, 0 where masked/after n.
-ML_CLONES void softmax_backward_row(const float* dy, const float* y, const uint8_t* mask, float* dx,
-                                    int64_t n, int64_t cols, float scale) {
+void softmax_backward_row_scalar(const float* dy, const float* y, const uint8_t* mask, float* dx,
+                                 int64_t n, int64_t cols, float scale) {
   float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
   for (int64_t c = 0; c < n; ++c) dot += dy[c] * y[c];
-  if (mask != nullptr) {
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) dx[c] = mask[c] ? 0.0f : scale * y[c] * (dy[c] - dot);
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) dx[c] = scale * y[c] * (dy[c] - dot);
+  for (int64_t c = 0; c < n; ++c) {
+    dx[c] = (mask != nullptr && mask[c]) ? 0.0f : scale * y[c] * (dy[c] - dot);
   }
   for (int64_t c = n; c < cols; ++c) dx[c] = 0.0f;
 }
 
-// ---- conversions to and from the fp32 working rows ---------------------------------------------
-
-ML_CLONES void bf16_to_float(const uint16_t* in, float* out, int64_t n) {
-#pragma omp simd
+void bf16_to_float_scalar(const uint16_t* in, float* out, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
     const uint32_t bits = static_cast<uint32_t>(in[c]) << 16;
     std::memcpy(&out[c], &bits, sizeof(float));
   }
 }
 
-ML_CLONES void float_to_bf16(const float* in, uint16_t* out, int64_t n) {
-#pragma omp simd
+void float_to_bf16_scalar(const float* in, uint16_t* out, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
     uint32_t bits;
     std::memcpy(&bits, &in[c], sizeof(float));
     bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even (inputs are finite)
     out[c] = static_cast<uint16_t>(bits >> 16);
   }
+}
+
+// ---- AVX2 + FMA rows, chosen at run time where the CPU has them --------------------------------
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ML_AVX2 1
+#include <immintrin.h>
+#define ML_TARGET __attribute__((target("avx2,fma")))
+
+ML_TARGET ML_INLINE __m256 exp8(__m256 x) {
+  const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), e);
+}
+
+ML_TARGET ML_INLINE __m256 mask8(const uint8_t* m) {  // all-ones lanes where masked
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()));
+}
+
+ML_TARGET ML_INLINE float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+ML_TARGET ML_INLINE float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+ML_TARGET void softmax_row_avx2(const float* x, const uint8_t* mask, float* y, int64_t n,
+                                int64_t cols, float scale) {
+  const __m256 vscale = _mm256_set1_ps(scale), vmasked = _mm256_set1_ps(kMaskValue);
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + c), vscale);
+    if (mask != nullptr) v = _mm256_blendv_ps(v, vmasked, mask8(mask + c));
+    _mm256_storeu_ps(y + c, v);
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  float mx = hmax8(vmax);
+  for (; c < n; ++c) {
+    const float v = (mask != nullptr && mask[c]) ? kMaskValue : x[c] * scale;
+    y[c] = v;
+    mx = std::max(mx, v);
+  }
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (c = 0; c + 8 <= n; c += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(y + c), vmx));
+    _mm256_storeu_ps(y + c, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum8(vsum);
+  for (; c < n; ++c) {
+    y[c] = fast_exp(y[c] - mx);
+    sum += y[c];
+  }
+  const float inv = 1.0f / sum;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (c = 0; c + 8 <= n; c += 8) _mm256_storeu_ps(y + c, _mm256_mul_ps(_mm256_loadu_ps(y + c), vinv));
+  for (; c < n; ++c) y[c] *= inv;
+  for (c = n; c < cols; ++c) y[c] = 0.0f;
+}
+
+ML_TARGET void softmax_backward_row_avx2(const float* dy, const float* y, const uint8_t* mask,
+                                         float* dx, int64_t n, int64_t cols, float scale) {
+  __m256 vdot = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    vdot = _mm256_fmadd_ps(_mm256_loadu_ps(dy + c), _mm256_loadu_ps(y + c), vdot);
+  }
+  float dot = hsum8(vdot);
+  for (; c < n; ++c) dot += dy[c] * y[c];
+  const __m256 vd = _mm256_set1_ps(dot), vscale = _mm256_set1_ps(scale);
+  for (c = 0; c + 8 <= n; c += 8) {
+    const __m256 yy = _mm256_mul_ps(_mm256_loadu_ps(y + c), vscale);
+    __m256 g = _mm256_mul_ps(yy, _mm256_sub_ps(_mm256_loadu_ps(dy + c), vd));
+    if (mask != nullptr) g = _mm256_andnot_ps(mask8(mask + c), g);
+    _mm256_storeu_ps(dx + c, g);
+  }
+  for (; c < n; ++c) dx[c] = (mask != nullptr && mask[c]) ? 0.0f : scale * y[c] * (dy[c] - dot);
+  for (c = n; c < cols; ++c) dx[c] = 0.0f;
+}
+
+ML_TARGET void bf16_to_float_avx2(const uint16_t* in, float* out, int64_t n) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c)));
+    _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  bf16_to_float_scalar(in + c, out + c, n - c);
+}
+
+ML_TARGET void float_to_bf16_avx2(const float* in, uint16_t* out, int64_t n) {
+  int64_t c = 0;
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  for (; c + 8 <= n; c += 8) {
+    __m256i b = _mm256_castps_si256(_mm256_loadu_ps(in + c));
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), one);
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(bias, lsb)), 16);
+    const __m128i packed =
+        _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), packed);
+  }
+  float_to_bf16_scalar(in + c, out + c, n - c);
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+bool has_avx2() { return false; }
+#endif
+
+// ---- dispatch ----------------------------------------------------------------------------------
+
+void softmax_row(const float* x, const uint8_t* mask, float* y, int64_t n, int64_t cols,
+                 float scale) {
+#ifdef ML_AVX2
+  if (has_avx2()) return softmax_row_avx2(x, mask, y, n, cols, scale);
+#endif
+  softmax_row_scalar(x, mask, y, n, cols, scale);
+}
+
+void softmax_backward_row(const float* dy, const float* y, const uint8_t* mask, float* dx,
+                          int64_t n, int64_t cols, float scale) {
+#ifdef ML_AVX2
+  if (has_avx2()) return softmax_backward_row_avx2(dy, y, mask, dx, n, cols, scale);
+#endif
+  softmax_backward_row_scalar(dy, y, mask, dx, n, cols, scale);
+}
+
+void bf16_to_float(const uint16_t* in, float* out, int64_t n) {
+#ifdef ML_AVX2
+  if (has_avx2()) return bf16_to_float_avx2(in, out, n);
+#endif
+  bf16_to_float_scalar(in, out, n);
+}
+
+void float_to_bf16(const float* in, uint16_t* out, int64_t n) {
+#ifdef ML_AVX2
+  if (has_avx2()) return float_to_bf16_avx2(in, out, n);
+#endif
+  float_to_bf16_scalar(in, out, n);
 }
 
 template <typename T>
