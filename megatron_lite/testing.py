@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable
@@ -67,10 +68,12 @@ def _worker(fn, rank, world_size, port, backend, timeout, env, conn, args, kwarg
             timeout=datetime.timedelta(seconds=timeout),
         )
         out = fn(*args, **kwargs)
-        conn.send(("ok", out))
+        # plain pickle, by value: multiprocessing's pickler would share tensors through memory
+        # that dies with this process
+        conn.send_bytes(pickle.dumps(("ok", out)))
         conn.close()
     except BaseException:
-        conn.send(("error", traceback.format_exc()))
+        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
         conn.close()
         os._exit(1)
     os._exit(0)  # skip interpreter teardown (and gloo's) in the forked child
@@ -112,7 +115,7 @@ def run_distributed(
             for r in ready:
                 rank = readers.pop(r)
                 try:
-                    status, payload = r.recv()
+                    status, payload = pickle.loads(r.recv_bytes())  # from our own ranks
                 except EOFError:
                     procs[rank].join(5)
                     status, payload = (

@@ -29,7 +29,11 @@ from megatron_lite.data import (
 from megatron_lite.data.sampler import cyclic_iter
 from megatron_lite.distributed import DistributedDataParallel, finalize_model_grads
 from megatron_lite.model import build_model_chunks
-from megatron_lite.optim import build_lr_scheduler, build_optimizer
+from megatron_lite.optim import (
+    build_lr_scheduler,
+    build_num_microbatches_calculator,
+    build_optimizer,
+)
 from megatron_lite.parallel_state import ParallelState, init_distributed
 from megatron_lite.pipeline import get_forward_backward_func
 from megatron_lite.tensor_parallel import set_random_seed
@@ -54,6 +58,7 @@ class Run:
     model: list  # this rank's model chunks, each wrapped in our DDP
     optimizer: object
     scheduler: object
+    microbatches: object  # NumMicroBatchesCalculator: constant, or growing with --rampup-batch-size
     iteration: int = 0
     consumed_samples: int = 0
     skipped_iters: int = 0
@@ -123,7 +128,8 @@ def setup(cfg: Config) -> Run:
         model.append(DistributedDataParallel(c, cfg, ps))
     optimizer = build_optimizer(cfg, model, ps)
     scheduler = build_lr_scheduler(cfg, optimizer)
-    run = Run(cfg, ps, dev, tokenizer, padded, model, optimizer, scheduler)
+    microbatches = build_num_microbatches_calculator(cfg)
+    run = Run(cfg, ps, dev, tokenizer, padded, model, optimizer, scheduler, microbatches)
     if cfg.checkpoint.load:
         state = checkpointing.load_checkpoint(
             cfg.checkpoint.load,
@@ -212,6 +218,7 @@ def train_step(run: Run, data_iterators) -> dict:
     """Forward and backward over all microbatches, gradient sync, one optimizer step."""
     cfg = run.cfg
     _CURRENT_ITERATION[0] = run.iteration + 1
+    run.microbatches.update(run.consumed_samples)
     if _fault("raise", run.iteration + 1, run.ps.rank):
         raise RuntimeError(f"injected fault on rank {run.ps.rank} ({FAULT_ENV})")
     for chunk in run.model:
@@ -222,7 +229,7 @@ def train_step(run: Run, data_iterators) -> dict:
         forward_step_func=forward_step,
         data_iterator=data_iterators,
         model=run.model,
-        num_microbatches=cfg.num_microbatches,
+        num_microbatches=run.microbatches.get(),
         seq_length=cfg.model.seq_length,
         micro_batch_size=cfg.train.micro_batch_size,
         forward_only=False,
@@ -298,7 +305,7 @@ def save(run: Run) -> None:
 
 def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, loss: float) -> None:
     cfg, ps = run.cfg, run.ps
-    gbs = cfg.train.global_batch_size
+    gbs = run.microbatches.get_current_global_batch_size()
     tokens = gbs * cfg.model.seq_length * n_iters
     tflops = model_flops_per_token(cfg, run.padded_vocab_size) * tokens / elapsed / 1e12
     tflops /= ps.world_size
@@ -352,7 +359,7 @@ def train(run: Run, train_iters_, valid_iters_, tb: TensorBoard) -> str:
     while run.iteration < cfg.train.train_iters:
         step = train_step(run, train_iters_)
         run.iteration += 1
-        run.consumed_samples += cfg.train.global_batch_size
+        run.consumed_samples += run.microbatches.get_current_global_batch_size()
         since_log += 1
         loss = step["loss"]
         is_nan = loss is not None and not np.isfinite(loss)

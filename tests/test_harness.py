@@ -42,3 +42,12 @@ def test_a_raising_rank_fails_fast_with_its_traceback():
 def test_a_hanging_rank_fails_after_the_timeout():
     with pytest.raises(DistributedError, match="did not finish"):
         run_distributed(_rank_zero_hangs, 2, timeout=2)
+
+
+def _return_a_tensor():
+    return torch.full((3,), float(dist.get_rank()))
+
+
+def test_ranks_can_return_tensors():
+    out = run_distributed(_return_a_tensor, 2)
+    assert [t.tolist() for t in out] == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]

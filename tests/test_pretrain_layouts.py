@@ -3,6 +3,8 @@
 fp32, same seed, same data, dropout off: per-iteration lm loss within 1e-5 relative over 10 iterations.
 """
 
+import re
+
 import pytest
 from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
 
@@ -54,3 +56,16 @@ def test_distributed_optimizer_and_sequence_parallel_match_single_process(refere
     got = losses(run_pretrain(4, flags).stdout)
     for it, ref in reference_losses.items():
         assert got[it] == pytest.approx(ref, rel=1e-5), (it, got[it], ref)
+
+
+def test_batch_size_rampup_is_exact_across_dp():
+    """--rampup-batch-size 4 4 16: global batch 4 for the first 16 samples... then 8, in any layout."""
+    flags = [*TINY_GPT, "--train-iters", "6", "--rampup-batch-size", "4", "4", "16"]
+    one = run_pretrain(1, flags)
+    two = run_pretrain(2, flags)
+    sizes = [int(m) for m in re.findall(r"global batch size:\s+(\d+) \|", one.stdout)]
+    assert sizes == [4, 4, 4, 4, 8, 8]  # 16 samples at 4, then 8
+    got, ref = losses(two.stdout), losses(one.stdout)
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], rel=1e-5), (it, got[it], ref[it])

@@ -84,7 +84,7 @@ class OptimizerParamScheduler:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume; a setting that differs from the checkpoint's is an error unless overridden
-        (--override-opt-param-scheduler keeps ours, --use-checkpoint-opt_param-scheduler theirs)."""
+        (--override-opt_param-scheduler keeps ours, --use-checkpoint-opt_param-scheduler theirs)."""
         for k in self._CHECKED:
             ours, theirs = getattr(self, k), state[k]
             if self.override or ours == theirs:
@@ -94,7 +94,7 @@ class OptimizerParamScheduler:
                 continue
             raise ConfigError(
                 f"learning-rate schedule {k} is {ours} but the checkpoint has {theirs}: pass "
-                "--override-opt-param-scheduler or --use-checkpoint-opt_param-scheduler"
+                "--override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler"
             )
         self.num_steps = int(state["num_steps"])
         self.step(0)
