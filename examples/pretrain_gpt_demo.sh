@@ -2,13 +2,13 @@
 # The CPU demo, end to end and offline: corpus -> tokenizer -> .bin/.idx -> 4-rank tp=2 x pp=2
 # pretraining with checkpoints, TensorBoard and evaluation. `make demo` runs it inside .venv.
 #
-#   bash examples/pretrain_gpt_demo.sh            # OUT=demo_out ITERS=300 by default
+#   bash examples/pretrain_gpt_demo.sh            # OUT=demo_out ITERS=500 by default
 #
 # Every step is a command you can also run by hand; the output directory holds everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo_out}
-ITERS=${ITERS:-300}
+ITERS=${ITERS:-500}
 NPROC=${NPROC:-4}            # tp 2 x pp 2 x dp (NPROC / 4)
 CORPUS_MB=${CORPUS_MB:-4}
 VOCAB=${VOCAB:-4096}
@@ -45,7 +45,7 @@ OMP_NUM_THREADS=1 torchrun --nproc_per_node="$NPROC" --master_addr=127.0.0.1 \
   --max-position-embeddings 128 --micro-batch-size 4 --global-batch-size 16 \
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.1 \
   --adam-beta2 0.95 --clip-grad 1.0 --hidden-dropout 0 --attention-dropout 0 \
-  --train-iters "$ITERS" --split 949,50,1 \
+  --train-iters "$ITERS" --split 90,8,2 \
   --data-path "$OUT/data/demo_text_document" --tokenizer-type GPT2BPETokenizer \
   --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" \
   --save "$OUT/checkpoints" --save-interval 100 --tensorboard-dir "$OUT/tensorboard" \

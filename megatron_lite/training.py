@@ -412,6 +412,8 @@ def train(run: Run, train_iters_, valid_iters_, tb: TensorBoard) -> str:
 
 
 def report_eval(run: Run, iterators, split: str, tb: TensorBoard) -> float | None:
+    if iterators is None:  # --split gives this split no documents
+        return None
     loss = evaluate(run, iterators, run.cfg.train.eval_iters)
     if run.is_logging_rank and loss is not None:
         ppl = perplexity(loss)
