@@ -32,15 +32,8 @@ def layout_flags(tp: int, pp: int) -> list[str]:
     return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
 
 
-def run_pretrain(
-    nproc: int,
-    flags: list[str],
-    *,
-    timeout: float = 300,
-    env: dict | None = None,
-    check: bool = True,
-) -> subprocess.CompletedProcess:
-    """torchrun --nproc_per_node=nproc -m megatron_lite.pretrain_gpt FLAGS; stdout+stderr in .stdout."""
+def pretrain_command(nproc: int, flags: list[str], env: dict | None = None) -> tuple[list, dict]:
+    """The torchrun command line (free port on 127.0.0.1) and the environment for it."""
     cmd = [
         TORCHRUN,
         f"--nproc_per_node={nproc}",
@@ -50,7 +43,19 @@ def run_pretrain(
         "megatron_lite.pretrain_gpt",
         *flags,
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
+def run_pretrain(
+    nproc: int,
+    flags: list[str],
+    *,
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """torchrun --nproc_per_node=nproc -m megatron_lite.pretrain_gpt FLAGS; stdout+stderr in .stdout."""
+    cmd, full_env = pretrain_command(nproc, flags, env)
     out = subprocess.run(
         cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )

@@ -12,10 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import ROOT, TINY_GPT, TORCHRUN, eval_losses, layout_flags, losses, run_pretrain
+from launch_utils import (
+    ROOT,
+    TINY_GPT,
+    eval_losses,
+    layout_flags,
+    losses,
+    pretrain_command,
+    run_pretrain,
+)
 
 from megatron_lite.checkpointing import read_latest_iteration
-from megatron_lite.parallel_state import free_port
 
 PY = sys.executable
 
@@ -147,15 +154,7 @@ def test_evaluation_and_tensorboard_scalars(indexed_data, tmp_path):
 
 
 def _launch(nproc, flags, env=None):
-    cmd = [
-        TORCHRUN,
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "megatron_lite.pretrain_gpt",
-        *flags,
-    ]
+    cmd, full_env = pretrain_command(nproc, flags, env)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -163,7 +162,7 @@ def _launch(nproc, flags, env=None):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+        env=full_env,
     )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
