@@ -547,7 +547,8 @@ def check_same_model(reader: CheckpointReader, cfg: Config, vocab_size: int | No
         )
 
 
-def _source_name(reader: CheckpointReader, name: str, t: torch.Tensor) -> str:
+def source_name(reader: CheckpointReader, name: str, t: torch.Tensor) -> str:
+    """The saved name holding this model tensor (the embedding, for a tied output weight at pp > 1)."""
     if reader.locate(name) is not None:
         return name
     if getattr(t, "shared_embedding", False):
@@ -561,22 +562,35 @@ def _source_name(reader: CheckpointReader, name: str, t: torch.Tensor) -> str:
     raise CheckpointError(f"{reader.dir} holds no tensor named {name}, which this model has")
 
 
-def _my_shard(reader, src: str, t: torch.Tensor, ps: ParallelState, key: str | None = None):
-    info = shard_info_of(t, ps.tp_rank, ps.tp_size)
+def shard_from_reader(
+    reader, src: str, t: torch.Tensor, tp_rank: int, tp_size: int, key: str | None = None
+) -> torch.Tensor:
+    """The shard of source tensor `src` (or its optimizer state `key`) that a tensor tagged like `t`
+    holds at (tp_rank, tp_size): the one reshard path, used online here and offline by the tools.
+
+    `reader` is a CheckpointReader or anything with its interface (the Hugging Face reader)."""
+    info = shard_info_of(t, tp_rank, tp_size)
     full = _fit_shape(reader.full_tensor(src, key), info["global_shape"], src, reader.vocab_size)
-    return slice_shard(
-        full, info["partition_dim"], info["partition_stride"], ps.tp_rank, ps.tp_size
-    )
+    return slice_shard(full, info["partition_dim"], info["partition_stride"], tp_rank, tp_size)
+
+
+def _my_shard(reader, src: str, t: torch.Tensor, ps: ParallelState, key: str | None = None):
+    return shard_from_reader(reader, src, t, ps.tp_rank, ps.tp_size, key)
+
+
+def weight_key(reader, src: str) -> str | None:
+    """The fp32 master, where saved, is the exact weight (the model copy may be bf16/fp16)."""
+    return "master" if "master" in reader.optimizer_state_keys(src) else None
 
 
 @torch.no_grad()
-def _load_model(reader: CheckpointReader, chunks: list[torch.nn.Module], ps: ParallelState):
+def load_weights(reader, chunks: list[torch.nn.Module], ps: ParallelState) -> None:
+    """Copy this rank's shard of every model tensor from `reader` (weights only, no collectives)."""
     for chunk in chunks:
         for name, t in _chunk_tensors(chunk).items():
-            src = _source_name(reader, name, t)
-            # the fp32 master, where saved, is the exact weight (the model copy may be bf16/fp16)
-            key = "master" if "master" in reader.optimizer_state_keys(src) else None
-            t.copy_(_my_shard(reader, src, t, ps, key))
+            src = source_name(reader, name, t)
+            t.copy_(_my_shard(reader, src, t, ps, weight_key(reader, src)))
+
 
 
 def _load_optimizer(reader: CheckpointReader, optimizer, chunks, ps: ParallelState) -> None:
@@ -587,7 +601,7 @@ def _load_optimizer(reader: CheckpointReader, optimizer, chunks, ps: ParallelSta
         )
     per_param = {}
     for name, p in _chunk_params(chunks).items():
-        src = _source_name(reader, name, p)
+        src = source_name(reader, name, p)
         keys = reader.optimizer_state_keys(src)
         per_param[name] = {k: _my_shard(reader, src, p, ps, k) for k in keys}
         if "master" not in keys:  # saved in fp32: the model weights are the masters
@@ -649,7 +663,7 @@ def load_checkpoint(
             return {"iteration": 0, "consumed_samples": 0, "loaded": False}
     reader = CheckpointReader(load_dir, iteration)
     check_same_model(reader, cfg, vocab_size)
-    _load_model(reader, model_chunks, ps)
+    load_weights(reader, model_chunks, ps)
     optimizer_loaded = load_optim and optimizer is not None
     if optimizer_loaded:
         _load_optimizer(reader, optimizer, model_chunks, ps)

@@ -71,6 +71,11 @@ class ModelConfig:
     normalization: str = flag("LayerNorm", "Normalization layer.", choices=["LayerNorm", "RMSNorm"])
     layernorm_epsilon: float = flag(1e-5, "Epsilon of the normalization layers.", type=float)
     swiglu: bool = flag(False, "SwiGLU MLP instead of GeLU.", action="store_true")
+    openai_gelu: bool = flag(
+        False,
+        "GeLU's tanh approximation (GPT-2's gelu_new), as HF GPT-2 models use.",
+        action="store_true",
+    )
     untie_embeddings_and_output_weights: bool = flag(
         False, "Separate output-layer weight instead of the input embedding.", action="store_true"
     )

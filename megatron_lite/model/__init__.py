@@ -2,5 +2,12 @@
 
 from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax
 from megatron_lite.model.gpt import GPTModel, build_model_chunks, chunk_layer_numbers
+from megatron_lite.model.transformer import InferenceParams
 
-__all__ = ["FusedScaleMaskSoftmax", "GPTModel", "build_model_chunks", "chunk_layer_numbers"]
+__all__ = [
+    "FusedScaleMaskSoftmax",
+    "GPTModel",
+    "InferenceParams",
+    "build_model_chunks",
+    "chunk_layer_numbers",
+]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.model.transformer import TransformerBlock
+from megatron_lite.model.transformer import InferenceParams, TransformerBlock
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
@@ -133,19 +133,25 @@ class GPTModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inference_params: InferenceParams | None = None,
     ) -> torch.Tensor:
         """attention_mask: None for causal, or bool [b or 1, 1, s, s] with True = masked.
+        `inference_params`: a KV cache for incremental decoding (tokens are the new ones only;
+        positions continue from its offset, which the caller advances after the call).
 
         Returns the per-token loss [b, s] (post_process with labels), the tp-sharded logits
         [b, s, V/tp] (post_process without labels), or the hidden states to send on.
         """
         if self.pre_process:
+            if inference_params is not None and position_ids is None:
+                off = inference_params.sequence_len_offset
+                position_ids = torch.arange(off, off + tokens.shape[1], device=tokens.device)[None]
             x = self.embedding(tokens, position_ids)
         else:
             if self.input_tensor is None:
                 raise RuntimeError("a chunk without pre_process needs set_input_tensor() first")
             x = self.input_tensor
-        x = self.decoder(x, attention_mask)
+        x = self.decoder(x, attention_mask, inference_params)
         if not self.post_process:
             return x
         logits, _ = self.output_layer(x, self.output_weight())  # [s, b, V/tp]

@@ -72,6 +72,43 @@ def resolve_attention_backend(backend: str, masked_softmax_fusion: bool, device_
     return backend
 
 
+class InferenceParams:
+    """Key/value cache for incremental decoding (generation), passed through the model's forward.
+
+    Each attention layer keeps its keys and values [max_len, b, ng, d] here, keyed by the layer
+    itself. `sequence_len_offset` counts the tokens already cached; the caller advances it after
+    each forward (Megatron's convention), so all layers of one step see the same offset.
+    """
+
+    def __init__(self, max_batch_size: int, max_sequence_length: int):
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.sequence_len_offset = 0
+        self.key_value_memory: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v [s, b, ng, d] and return every cached one, [offset + s, b, ng, d]."""
+        s, b = k.shape[:2]
+        start, end = self.sequence_len_offset, self.sequence_len_offset + s
+        if end > self.max_sequence_length or b > self.max_batch_size:
+            raise ValueError(
+                f"KV cache holds {self.max_sequence_length} tokens x {self.max_batch_size} "
+                f"sequences; this step needs {end} x {b}"
+            )
+        if layer not in self.key_value_memory:
+            shape = (self.max_sequence_length, self.max_batch_size, *k.shape[2:])
+            self.key_value_memory[layer] = (k.new_empty(shape), v.new_empty(shape))
+        k_cache, v_cache = self.key_value_memory[layer]
+        k_cache[start:end, :b] = k
+        v_cache[start:end, :b] = v
+        return k_cache[:end, :b], v_cache[:end, :b]
+
+    def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:
+        """[1, 1, s, offset + s], True = masked: query i (at position offset + i) sees keys <= it."""
+        off = self.sequence_len_offset
+        return torch.ones(s, off + s, dtype=torch.bool, device=device).triu_(off + 1)[None, None]
+
+
 class CoreAttention(nn.Module):
     """softmax(q k^T / sqrt(d) + mask) v for this rank's heads; q [b, np, s, d], k/v [b, ng, s, d]."""
 
@@ -149,7 +186,12 @@ class SelfAttention(nn.Module):
             self._rope_cache = (s, *rotary_cos_sin(s, self.d, self.rotary_base, device))
         return self._rope_cache[1:]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        inference_params: InferenceParams | None = None,
+    ):
         qkv, _ = self.linear_qkv(x)  # [s, b, ng * (np/ng + 2) * d]
         s, b = qkv.shape[:2]
         per_group = self.np // self.ng
@@ -157,8 +199,16 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.split([per_group * self.d, self.d, self.d], dim=-1)
         q = q.reshape(s, b, self.np, self.d)
         if self.rope:
-            cos, sin = self._cos_sin(s, x.device)
+            if inference_params is None:
+                cos, sin = self._cos_sin(s, x.device)
+            else:  # positions offset .. offset + s of the cached sequence
+                off = inference_params.sequence_len_offset
+                cos, sin = self._cos_sin(inference_params.max_sequence_length, x.device)
+                cos, sin = cos[off : off + s], sin[off : off + s]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if inference_params is not None:
+            mask = inference_params.causal_mask(s, x.device)
+            k, v = inference_params.update(self, k, v)  # [offset + s, b, ng, d]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if self.selective_recompute and self.training:
@@ -176,6 +226,7 @@ class MLP(nn.Module):
         super().__init__()
         m, sp = cfg.model, cfg.parallel.sequence_parallel
         self.swiglu = m.swiglu
+        self.gelu_approximate = "tanh" if m.openai_gelu else "none"
         common = dict(tp_group=tp_group, bias=m.add_bias_linear, sequence_parallel=sp)
         self.linear_fc1 = ColumnParallelLinear(
             m.hidden_size,
@@ -194,7 +245,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.linear_fc2(h)
 
 
@@ -223,8 +274,13 @@ class TransformerLayer(nn.Module):
                 out = F.dropout(out, self.hidden_dropout, training=True)
         return residual + out
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        out, bias = self.self_attention(self.input_layernorm(x), mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        inference_params: InferenceParams | None = None,
+    ) -> torch.Tensor:
+        out, bias = self.self_attention(self.input_layernorm(x), mask, inference_params)
         x = self._bias_dropout_add(out, bias, x)
         out, bias = self.mlp(self.pre_mlp_layernorm(x))
         return self._bias_dropout_add(out, bias, x)
@@ -252,9 +308,17 @@ class TransformerBlock(nn.Module):
 
         return fn
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        inference_params: InferenceParams | None = None,
+    ) -> torch.Tensor:
         layers = list(self.layers.values())
-        if self.recompute_granularity == "full" and self.training:
+        if inference_params is not None:  # incremental decoding: no recompute, no autograd
+            for layer in layers:
+                x = layer(x, mask, inference_params)
+        elif self.recompute_granularity == "full" and self.training:
             n = self.recompute_num_layers
             if self.recompute_method == "uniform":  # every group of n layers is one checkpoint
                 for i in range(0, len(layers), n):

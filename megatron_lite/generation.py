@@ -1,0 +1,252 @@
+"""Text generation from any checkpoint: greedy, temperature, top-k and top-p sampling with a KV cache.
+
+    lm = load_model("checkpoints/gpt")            # megatron_lite (any layout) or a HF directory
+    tok = build_generation_tokenizer(lm)
+    out = generate(lm, tok.tokenize("Hello"), 32, SamplingParams(temperature=0.8, top_p=0.9),
+                   eod=tok.eod)
+
+The model is built at this process's tp (every tp rank calls the same functions with the same
+arguments; `ParallelState.build(tp=world, pp=1)` under torchrun) and pp = 1: generation runs one
+token at a time, so pipeline stages would only take turns. Logits are gathered over tp, the next
+token is chosen on tp rank 0 and broadcast, so every rank extends the same sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite import device as device_mod
+from megatron_lite.checkpointing import load_weights
+from megatron_lite.config import Config
+from megatron_lite.data.tokenizer import (
+    Tokenizer,
+    build_tokenizer,
+)
+from megatron_lite.hf_checkpoint import (
+    WORD_EMBEDDING,
+    HFReader,
+    open_checkpoint,
+    parse_dtype,
+    training_dtype,
+)
+from megatron_lite.model import GPTModel, InferenceParams
+from megatron_lite.parallel_state import ParallelState
+from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+
+def inference_config(config: dict, tp: int) -> Config:
+    """The saved config at tp x pp=1, without dropout or recomputation."""
+    d = copy.deepcopy(config)
+    d["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}
+    d["model"].update(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        recompute_granularity=None,
+        recompute_method=None,
+    )
+    for k in ("world_size", "data_parallel_size", "num_microbatches"):
+        d[k] = None
+    return Config.from_dict(d)
+
+
+@dataclass
+class LanguageModel:
+    """A loaded model on this rank, with what generation needs to know about it."""
+
+    model: GPTModel
+    cfg: Config
+    ps: ParallelState
+    vocab_size: int  # true vocabulary: logits past it are padding
+    path: str
+    data_config: dict = field(default_factory=dict)  # how the checkpoint was tokenized
+
+    @property
+    def max_length(self) -> int:
+        return self.cfg.model.max_position_embeddings
+
+    @torch.no_grad()
+    def logits(
+        self, tokens: torch.Tensor, inference_params: InferenceParams | None = None
+    ) -> torch.Tensor:
+        """Full logits [b, s, vocab] (gathered over tp) of `tokens` [b, s]."""
+        dev = next(self.model.parameters()).device
+        out = self.model(tokens.to(dev), inference_params=inference_params)  # [b, s, V/tp]
+        out = gather_from_tensor_model_parallel_region(out, self.ps.tp_group)
+        return out[..., : self.vocab_size]
+
+
+def _saved_dtype(reader) -> torch.dtype:
+    if isinstance(reader, HFReader):
+        return parse_dtype(reader.hf.get("dtype") or reader.hf.get("torch_dtype") or "float32")
+    return training_dtype(reader.config)
+
+
+def load_model(
+    path: str,
+    ps: ParallelState | None = None,
+    *,
+    dtype: torch.dtype | str | None = "auto",
+    iteration: int | None = None,
+    device: torch.device | None = None,
+) -> LanguageModel:
+    """Build the model at `ps`'s tp (pp must be 1) and load `path` into it (any saved layout, or a
+    HF directory) through the checkpoint loader's reshard path. `dtype` "auto": as saved."""
+    ps = ps or ParallelState.single()
+    if ps.pp_size != 1:
+        raise ValueError(f"generation runs at pp = 1, got a ParallelState with pp = {ps.pp_size}")
+    reader = open_checkpoint(path, iteration)
+    cfg = inference_config(reader.config, ps.tp_size)
+    vocab = reader.vocab_size or reader.full_tensor(WORD_EMBEDDING).shape[0]
+    model = GPTModel(cfg, ps, cfg.padded_vocab_size(vocab), range(cfg.model.num_layers))
+    load_weights(reader, [model], ps)
+    if dtype == "auto":
+        dtype = _saved_dtype(reader)
+    elif isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    model.to(device or device_mod.get_device(), dtype).eval()
+    data = dict(reader.config.get("data", {}))
+    if isinstance(reader, HFReader):
+        data.update(_hf_tokenizer(path))
+    return LanguageModel(model, cfg, ps, vocab, path, data)
+
+
+def _hf_tokenizer(path: str) -> dict:
+    j = lambda name: os.path.join(path, name)  # noqa: E731
+    if os.path.isfile(j("vocab.json")) and os.path.isfile(j("merges.txt")):
+        return {
+            "tokenizer_type": "GPT2BPETokenizer",
+            "vocab_file": j("vocab.json"),
+            "merge_file": j("merges.txt"),
+        }
+    if os.path.isfile(j("tokenizer.model")):
+        return {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": j("tokenizer.model")}
+    return {}
+
+
+def build_generation_tokenizer(lm: LanguageModel, **overrides) -> Tokenizer:
+    """The tokenizer the checkpoint names (HF: the files in its directory); `overrides` (tokenizer
+    flags: tokenizer_type, vocab_file, merge_file, tokenizer_model, vocab_size) win where given."""
+    data = {**lm.data_config, **{k: v for k, v in overrides.items() if v is not None}}
+    if data.get("tokenizer_type") is None and not data.get("mock_data"):
+        raise ValueError(
+            f"{lm.path} names no tokenizer: pass --tokenizer-type and its files (--vocab-file and "
+            "--merge-file, or --tokenizer-model)"
+        )
+    return build_tokenizer(types.SimpleNamespace(**data))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 (or top_k 1) is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
+            raise ValueError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
+    """Next token ids [b] from logits [b, vocab] (fp32 on the CPU, so every device draws alike)."""
+    logits = logits.float().cpu()
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1:
+        # keep the most likely tokens until their mass reaches top_p (always the first one)
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _broadcast_tp(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """tp rank 0's `t` on every tp rank (the sampled token: each rank must extend the same text)."""
+    if ps.tp_size > 1:
+        dev = torch.device("cpu") if ps.backend == "gloo" else device_mod.get_device()
+        buf = t.to(dev)
+        dist.broadcast(buf, ps.tp_ranks[0], group=ps.tp_group)
+        t = buf.cpu()
+    return t
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[int]  # the new tokens (the end-of-document token included when it stopped there)
+    finish_reason: str  # "eod" or "length"
+    step_logits: list[torch.Tensor] | None = None  # [vocab] fp32 per step, with return_logits
+
+
+@torch.no_grad()
+def generate(
+    lm: LanguageModel,
+    prompt: list[int],
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
+    *,
+    eod: int | None = None,
+    use_cache: bool = True,
+    seed: int = 0,
+    return_logits: bool = False,
+) -> GenerationOutput:
+    """Extend `prompt` by up to `max_new_tokens` tokens, stopping after `eod` (end of document).
+
+    With `use_cache` the prompt runs once and each later step feeds only the newest token against
+    the cached keys/values; without it every step runs the whole sequence (same result, slower).
+    """
+    params = params or SamplingParams()
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(prompt) + max_new_tokens > lm.max_length:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's {lm.max_length} positions"
+        )
+    if any(not 0 <= t < lm.vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must be in [0, {lm.vocab_size})")
+    generator = torch.Generator().manual_seed(seed)
+    seq = torch.tensor([prompt], dtype=torch.long)
+    cache = InferenceParams(1, len(prompt) + max_new_tokens) if use_cache else None
+    new, logged, reason = [], [], "length"
+    step_input = seq
+    for _ in range(max_new_tokens):
+        logits = lm.logits(step_input if use_cache else seq, cache)[:, -1]  # [1, vocab]
+        if cache is not None:
+            cache.sequence_len_offset += step_input.shape[1]
+        if return_logits:
+            logged.append(logits[0].float().cpu())
+        token = _broadcast_tp(sample(logits, params, generator), lm.ps)
+        new.append(int(token[0]))
+        if eod is not None and new[-1] == eod:
+            reason = "eod"
+            break
+        step_input = token.view(1, 1)
+        seq = torch.cat([seq, step_input], dim=1)
+    return GenerationOutput(new, reason, logged if return_logits else None)

@@ -1,0 +1,137 @@
+"""Generate text from a checkpoint (megatron_lite, any layout, or a Hugging Face directory).
+
+    python tools/generate.py --load ckpt --prompt "Once upon a time" --max-new-tokens 64 \
+        --temperature 0.8 --top-p 0.9
+    python tools/generate.py --load ckpt --greedy --prompt "..."        # argmax decoding
+    python tools/generate.py --load ckpt --server --port 5000            # HTTP JSON on 127.0.0.1
+    torchrun --nproc_per_node=2 tools/generate.py --load ckpt --prompt "..."   # tp = 2
+
+Under torchrun the model is split over all ranks with tensor parallelism (pp = 1); rank 0 prints (or
+serves HTTP). The tokenizer is the one the checkpoint was trained with (a HF directory: its
+vocab.json/merges.txt or tokenizer.model); the tokenizer flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch.distributed as dist  # noqa: E402
+
+from megatron_lite.generation import (  # noqa: E402
+    SamplingParams,
+    build_generation_tokenizer,
+    generate,
+    load_model,
+)
+from megatron_lite.parallel_state import ParallelState, init_distributed  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="Checkpoint or HF model directory.")
+    p.add_argument("--iteration", type=int, help="Checkpoint iteration (default: the latest).")
+    p.add_argument("--prompt", help="Text to continue (not with --server).")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy.")
+    p.add_argument("--top-k", type=int, default=0, help="Sample from the k likeliest (0: all).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1: off).")
+    p.add_argument("--greedy", action="store_true", help="Always the likeliest token.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-kv-cache", action="store_true", help="Recompute the whole sequence.")
+    p.add_argument("--no-stop-at-eod", action="store_true", help="Go on past end-of-document.")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    tok = p.add_argument_group("tokenizer (default: the checkpoint's)")
+    tok.add_argument(
+        "--tokenizer-type", choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "NullTokenizer"]
+    )
+    tok.add_argument("--vocab-file")
+    tok.add_argument("--merge-file")
+    tok.add_argument("--tokenizer-model")
+    tok.add_argument("--vocab-size", type=int)
+    srv = p.add_argument_group("server")
+    srv.add_argument("--server", action="store_true", help="Serve POST /generate (JSON).")
+    srv.add_argument("--host", default="127.0.0.1", help="Address to bind (default loopback).")
+    srv.add_argument("--port", type=int, default=5000)
+    srv.add_argument("--max-request-bytes", type=int, default=64 * 1024)
+    srv.add_argument("--max-prompt-tokens", type=int, help="Default: the model's positions - 1.")
+    srv.add_argument("--max-new-tokens-limit", type=int, default=256)
+    return p
+
+
+def _parallel_state() -> ParallelState:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ParallelState.single()
+    init_distributed()
+    return ParallelState.build(tp=dist.get_world_size(), pp=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.server and args.prompt is None:
+        print("error: give --prompt, or --server", file=sys.stderr)
+        return 2
+    ps = _parallel_state()
+    lm = load_model(args.load, ps, dtype=args.dtype, iteration=args.iteration)
+    tokenizer = build_generation_tokenizer(
+        lm,
+        tokenizer_type=args.tokenizer_type,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        tokenizer_model=args.tokenizer_model,
+        vocab_size=args.vocab_size,
+    )
+    if args.server:
+        from megatron_lite.generation_server import GenerationServer, follow
+
+        if ps.tp_rank != 0:
+            follow(lm, tokenizer)
+            return 0
+        server = GenerationServer(
+            lm,
+            tokenizer,
+            args.host,
+            args.port,
+            max_request_bytes=args.max_request_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens_limit,
+            default_new_tokens=args.max_new_tokens,
+        )
+        host, port = server.address
+        print(f"serving POST http://{host}:{port}/generate (tp={ps.tp_size})", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    params = SamplingParams(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    eod = None if args.no_stop_at_eod else getattr(tokenizer, "eod", None)
+    out = generate(
+        lm,
+        tokenizer.tokenize(args.prompt),
+        args.max_new_tokens,
+        params,
+        eod=eod,
+        use_cache=not args.no_kv_cache,
+        seed=args.seed,
+    )
+    if ps.rank == 0:
+        ids = out.tokens[:-1] if out.finish_reason == "eod" else out.tokens
+        print(
+            json.dumps(
+                {
+                    "completion": tokenizer.detokenize(ids),
+                    "tokens": out.tokens,
+                    "finish_reason": out.finish_reason,
+                }
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
