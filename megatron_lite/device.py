@@ -16,11 +16,11 @@ def default_backend() -> str:
 
 
 def get_device(local_rank: int | None = None) -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK when CUDA is present, else cpu."""
+    """This rank's device: cuda:LOCAL_RANK (or SLURM_LOCALID) when CUDA is present, else cpu."""
     if not cuda_available():
         return torch.device("cpu")
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank is None:  # torchrun's LOCAL_RANK, else SLURM_LOCALID (srun, no torchrun)
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
