@@ -225,13 +225,23 @@ ML_TARGET void float_to_bf16_avx2(const float* in, uint16_t* out, int64_t n) {
   float_to_bf16_scalar(in + c, out + c, n - c);
 }
 
+bool simd_enabled = true;  // tests switch it off to check the portable rows
+
 bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+  return yes && simd_enabled;
 }
 #else
+bool simd_enabled = false;
 bool has_avx2() { return false; }
 #endif
+
+// Returns whether the AVX2 rows were in use, then enables/disables them (for tests).
+bool set_simd_enabled(bool enabled) {
+  const bool before = has_avx2();
+  simd_enabled = enabled;
+  return before;
+}
 
 // ---- dispatch ----------------------------------------------------------------------------------
 
@@ -513,6 +523,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("has_cuda") = false;
 #endif
+  m.def("set_simd_enabled", &set_simd_enabled,
+        "use the AVX2 rows where the CPU has them (default) or the portable ones; returns the old state");
   m.def("scaled_softmax_forward", &scaled_softmax_forward, "softmax(scale * x) over the last dim");
   m.def("scaled_softmax_backward", &scaled_softmax_backward, "gradient of scaled_softmax_forward");
   m.def("scaled_masked_softmax_forward", &scaled_masked_softmax_forward,

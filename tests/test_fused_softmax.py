@@ -41,10 +41,19 @@ def _both_paths(x, mask, kind, scale=0.37):
     return fused, outs
 
 
+@pytest.fixture(params=["simd", "portable"])
+def kernel_rows(request):
+    """Run each kernel test with the AVX2 rows (where the CPU has them) and the portable rows."""
+    ext = _extensions.load("_fused_kernels")
+    assert ext is not None, "csrc/fused_kernels.cpp was not built: run `make build`"
+    before = ext.set_simd_enabled(request.param == "simd")
+    yield request.param
+    ext.set_simd_enabled(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["causal", "padding", "padding-broadcast", "none"])
-def test_fused_kernel_matches_torch_path(dtype, kind):
-    assert _extensions.load("_fused_kernels") is not None, "run `make build`"
+def test_fused_kernel_matches_torch_path(dtype, kind, kernel_rows):
     gen = torch.Generator().manual_seed(0)
     for b, np_, sq, sk in ((2, 3, 16, 16), (1, 2, 37, 37), (2, 1, 5, 130)):
         if kind == "causal" and sq != sk:
