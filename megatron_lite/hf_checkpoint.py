@@ -38,6 +38,7 @@ DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -432,7 +433,9 @@ class HFReader:
         return []
 
     def file(self, tp_rank: int = 0, pp_rank: int = 0) -> dict:  # noqa: ARG002
-        return {"optimizer": None, "opt_param_scheduler": None, "extra": None, "rng_state": None}
+        # the special token ids have no place in our config: an import keeps them in `extra`
+        special = {k: self.hf.get(k) for k in SPECIAL_TOKENS}
+        return {"optimizer": None, "opt_param_scheduler": None, "extra": {"hf": special}}
 
     def _get(self, hf_name: str) -> torch.Tensor:
         if hf_name not in self._where:
@@ -566,9 +569,9 @@ def export_hf(
     is_hf = isinstance(reader, HFReader)
     tok_files, eod = _tokenizer_files(reader.config, reader.dir if is_hf else None)
     config = hf_config(reader.config, vocab or _rows(reader), out_dtype, eod)
-    if is_hf:  # keep the source's special token ids
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            config[k] = reader.hf.get(k)
+    extra = reader.file()["extra"]
+    if isinstance(extra, dict) and isinstance(extra.get("hf"), dict):  # imported from HF
+        config.update({k: extra["hf"].get(k) for k in SPECIAL_TOKENS})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     for dest, src in tok_files.items():

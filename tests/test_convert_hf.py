@@ -1,0 +1,221 @@
+"""tools/checkpoint/convert.py: Hugging Face export/import and offline reshard of trained checkpoints.
+
+Two checkpoints are trained by the real entry point at tp=2, pp=2 (GPT-2 flavour; Llama flavour with
+GQA); `transformers` must load their exports and give the same logits. HF models created by
+`transformers` itself must import and export back bit for bit. Resharding must keep logits and
+optimizer state, and the result must resume training with `--load`.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from launch_utils import ROOT, TINY_GPT, layout_flags, losses, run_pretrain
+
+from megatron_lite import checkpointing as ckpt
+from megatron_lite.convert import probe_tokens, reshard
+from megatron_lite.generation import load_model
+from megatron_lite.hf_checkpoint import HFReader, export_hf
+from megatron_lite.parallel_state import ParallelState
+from megatron_lite.testing import run_distributed
+
+transformers = pytest.importorskip("transformers")  # the `hf` extra (installed by `make test`)
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+LLAMA_FLAGS = (
+    "--swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
+    "--untie-embeddings-and-output-weights --group-query-attention --num-query-groups 2"
+).split()
+VOCAB = 501  # NullTokenizer --vocab-size 500 + its end-of-document id
+
+
+def _load_convert_tool():
+    spec = importlib.util.spec_from_file_location(
+        "convert_tool", ROOT / "tools/checkpoint/convert.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+convert_tool = _load_convert_tool()
+
+
+def _train(save, extra):
+    flags = [*TINY_GPT, *extra, *layout_flags(2, 2), "--train-iters", "4"]
+    out = run_pretrain(4, [*flags, "--save", str(save), "--save-interval", "2"])
+    return losses(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """{flavour: (checkpoint dir, {iteration: loss})}, trained 4 iterations at tp=2 pp=2."""
+    d = tmp_path_factory.mktemp("trained")
+    return {
+        "gpt2": (d / "gpt2", _train(d / "gpt2", [])),
+        "llama": (d / "llama", _train(d / "llama", LLAMA_FLAGS)),
+    }
+
+
+def our_logits(path, tokens, iteration=None):
+    return load_model(str(path), dtype=torch.float32, iteration=iteration).logits(tokens)
+
+
+def hf_logits(path, tokens):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(tokens).logits, model
+
+
+@pytest.mark.parametrize(
+    "flavour,cls", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")]
+)
+def test_export_of_trained_tp2pp2_checkpoint_gives_transformers_the_same_logits(
+    trained, tmp_path, flavour, cls
+):
+    src, _ = trained[flavour]
+    out = tmp_path / "hf"
+    assert convert_tool.main(["--saver", "hf", "--load-dir", str(src), "--save-dir", str(out)]) == 0
+    assert ckpt.CheckpointReader(str(src)).layout["tp"] == 2
+    tokens = probe_tokens(VOCAB, 32, n=3, seed=1)
+    theirs, model = hf_logits(out, tokens)
+    assert type(model).__name__ == cls
+    assert theirs.shape[-1] == VOCAB  # padding rows dropped
+    ours = our_logits(src, tokens)
+    assert (theirs - ours).abs().max().item() < 1e-4
+    assert ours.abs().max().item() > 0.1  # a trained model, not all zeros
+    if flavour == "llama":
+        assert model.config.num_key_value_heads == 2 and not model.config.tie_word_embeddings
+
+
+def _random_hf_model(flavour, path):
+    torch.manual_seed(7)
+    if flavour == "gpt2":  # GPT-2's own gelu_new (tanh) activation: imported as --openai-gelu
+        config = transformers.GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            vocab_size=97,
+            n_positions=24,
+            bos_token_id=96,
+            eos_token_id=96,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            vocab_size=97,
+            max_position_embeddings=24,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        )
+        model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # norms and biases away from their 1/0 init, so a mix-up shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(path))
+    return model
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_import_of_transformers_model_then_export_round_trips_exactly(tmp_path, flavour):
+    model = _random_hf_model(flavour, tmp_path / "orig")
+    reshard(HFReader(str(tmp_path / "orig")), str(tmp_path / "ours"), 2, 2, log=lambda s: None)
+    reader = ckpt.CheckpointReader(str(tmp_path / "ours"))
+    assert (reader.tp, reader.pp, reader.has_optimizer()) == (2, 2, False)
+    tokens = probe_tokens(97, 24, seed=2)
+    with torch.no_grad():
+        expected = model.eval()(tokens).logits
+    assert (our_logits(tmp_path / "ours", tokens) - expected).abs().max().item() < 1e-4
+
+    export_hf(reader, str(tmp_path / "back"), log=lambda s: None)
+    a = safetensors_torch.load_file(str(tmp_path / "orig/model.safetensors"))
+    b = safetensors_torch.load_file(str(tmp_path / "back/model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("orig", "back"))
+    keys = [
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "n_embd",
+        "num_key_value_heads",
+        "eos_token_id",
+    ]
+    assert {k: ca.get(k) for k in keys} == {k: cb.get(k) for k in keys}
+    if flavour == "gpt2":
+        assert cb["n_inner"] == 4 * ca["n_embd"] and cb["activation_function"] == "gelu_new"
+    else:
+        assert cb["rope_parameters"]["rope_theta"] == 5000.0
+
+
+def _tp4_logits(path, tokens):
+    import torch.distributed as dist
+
+    ps = ParallelState.build(dist.get_world_size(), 1)
+    return load_model(path, ps, dtype=torch.float32).logits(tokens)
+
+
+def test_reshard_tp2pp2_to_tp1pp1_to_tp4pp1_keeps_logits_and_optimizer_state(trained, tmp_path):
+    src, _ = trained["gpt2"]
+    tp1, tp4 = tmp_path / "tp1pp1", tmp_path / "tp4pp1"
+    base = ["--load-dir", str(src), "--save-dir", str(tp1), "--iteration", "2"]
+    assert convert_tool.main(base) == 0
+    assert (
+        convert_tool.main(
+            ["--load-dir", str(tp1), "--save-dir", str(tp4), "--target-tensor-parallel-size", "4"]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tp4 / "iter_0000002").iterdir()) == [
+        f"mp_rank_{r:02d}" for r in range(4)
+    ]
+    tokens = probe_tokens(VOCAB, 32, seed=3)
+    reference = our_logits(src, tokens, iteration=2)
+    assert (our_logits(tp1, tokens) - reference).abs().max().item() < 1e-5
+    got = run_distributed(_tp4_logits, 4, str(tp4), tokens, timeout=120)
+    for logits in got:  # run at tp = 4 from the tp = 4 files
+        assert (logits - reference).abs().max().item() < 1e-5
+
+    source = dict(ckpt.iter_full_state(str(src), 2, optimizer=True))
+    for name, states in ckpt.iter_full_state(str(tp4), optimizer=True):
+        assert set(states) == set(source[name]) and states, name
+        for k, t in states.items():
+            full = source[name][k]
+            assert torch.equal(t[: full.shape[0]], full[: t.shape[0]]), (name, k)
+
+
+def test_resharded_checkpoint_resumes_training_with_load(trained, tmp_path):
+    src, reference = trained["gpt2"]
+    dst = tmp_path / "tp1"
+    assert (
+        convert_tool.main(["--load-dir", str(src), "--save-dir", str(dst), "--iteration", "2"]) == 0
+    )
+    out = run_pretrain(
+        1, [*TINY_GPT, *layout_flags(1, 1), "--train-iters", "4", "--load", str(dst)]
+    )
+    assert "loaded checkpoint" in out.stdout
+    resumed = losses(out.stdout)
+    assert sorted(resumed) == [3, 4]
+    for it in resumed:  # optimizer state and LR schedule came along: the same next losses
+        assert resumed[it] == pytest.approx(reference[it], rel=5e-5), (it, resumed, reference)
+
+
+def test_check_mode_exits_nonzero_when_logits_differ_beyond_tolerance(trained, tmp_path):
+    src, _ = trained["llama"]
+    cmd = [sys.executable, str(ROOT / "tools/checkpoint/convert.py"), "--load-dir", str(src)]
+    cmd += ["--save-dir", str(tmp_path / "bf16"), "--saver", "hf", "--dtype", "bf16", "--check"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "check passed" in ok.stdout
+    strict = [*cmd[:5], str(tmp_path / "bf16b"), *cmd[6:], "--check-tolerance", "1e-6"]
+    bad = subprocess.run(strict, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "check FAILED" in bad.stdout
