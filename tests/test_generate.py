@@ -1,0 +1,216 @@
+"""Generation (megatron_lite/generation.py, tools/generate.py) and its HTTP server.
+
+Small random GPT-2-flavour and Llama-flavour (GQA) models are saved as megatron_lite checkpoints and
+exported to HF format; generation with the KV cache must equal full recomputation, greedy decoding
+must equal `transformers`' on the export, tp = 2 must equal tp = 1, and the server must answer good
+requests and refuse bad ones with a 4xx.
+"""
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_lite.checkpointing import save_checkpoint
+from megatron_lite.config import Config, DataConfig, ModelConfig
+from megatron_lite.data.tokenizer import NullTokenizer
+from megatron_lite.generation import SamplingParams, generate, load_model, sample
+from megatron_lite.generation_server import GenerationServer
+from megatron_lite.hf_checkpoint import export_hf, open_checkpoint
+from megatron_lite.model import build_model_chunks
+from megatron_lite.parallel_state import ParallelState
+from megatron_lite.testing import run_distributed
+
+transformers = pytest.importorskip("transformers")  # the `hf` extra (installed by `make test`)
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+VOCAB, EOD = 100, 99  # NullTokenizer(99): ids 0..98 and its end-of-document id 99
+PROMPT = [5, 17, 42, 8, 3]
+SAMPLED = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
+FLAVOURS = {
+    "gpt2": {},
+    "llama": dict(
+        swiglu=True,
+        normalization="RMSNorm",
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=True,
+        add_bias_linear=False,
+        group_query_attention=True,
+        num_query_groups=2,
+    ),
+}
+
+
+def _save(path, flavour):
+    m = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=32,
+        make_vocab_size_divisible_by=16,
+        **FLAVOURS[flavour],
+    )
+    cfg = Config(model=m, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=EOD))
+    cfg.finalize(1)
+    ps = ParallelState.single()
+    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(VOCAB))
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # away from the init: norms and biases matter too
+        for p in chunks[0].parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    save_checkpoint(str(path), 1, chunks, None, None, cfg, ps, 0, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{flavour: (checkpoint dir, HF export dir)}."""
+    out = {}
+    for flavour in FLAVOURS:
+        d = tmp_path_factory.mktemp(flavour)
+        _save(d / "ckpt", flavour)
+        export_hf(open_checkpoint(str(d / "ckpt")), str(d / "hf"), log=lambda s: None)
+        out[flavour] = (str(d / "ckpt"), str(d / "hf"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lms(models):
+    return {f: load_model(ck, dtype=torch.float32) for f, (ck, _) in models.items()}
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_kv_cache_generation_equals_full_recomputation(lms, flavour):
+    lm = lms[flavour]
+    greedy = SamplingParams(temperature=0)
+    a = generate(lm, PROMPT, 20, greedy, return_logits=True)
+    b = generate(lm, PROMPT, 20, greedy, use_cache=False, return_logits=True)
+    assert a.tokens == b.tokens and len(a.tokens) == 20
+    diff = max((x - y).abs().max().item() for x, y in zip(a.step_logits, b.step_logits))
+    assert diff < 1e-5
+    s1 = generate(lm, PROMPT, 20, SAMPLED, seed=5)
+    s2 = generate(lm, PROMPT, 20, SAMPLED, seed=5, use_cache=False)
+    assert s1.tokens == s2.tokens
+    assert generate(lm, PROMPT, 20, SAMPLED, seed=6).tokens != s1.tokens  # the seed matters
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_greedy_output_equals_transformers_greedy_on_the_export(models, lms, flavour):
+    model = transformers.AutoModelForCausalLM.from_pretrained(models[flavour][1])
+    with torch.no_grad():
+        out = model.eval().generate(
+            torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, pad_token_id=EOD
+        )
+    theirs = out[0, len(PROMPT) :].tolist()
+    ours = generate(lms[flavour], PROMPT, 16, SamplingParams(temperature=0), eod=EOD).tokens
+    assert ours == theirs
+    hf_lm = load_model(models[flavour][1], dtype=torch.float32)  # our model on the HF files
+    assert generate(hf_lm, PROMPT, 16, SamplingParams(temperature=0), eod=EOD).tokens == ours
+
+
+def _tp2_generate(path):
+    ps = ParallelState.build(dist.get_world_size(), 1)
+    lm = load_model(path, ps, dtype=torch.float32)
+    greedy = generate(lm, PROMPT, 12, SamplingParams(temperature=0)).tokens
+    return greedy, generate(lm, PROMPT, 12, SAMPLED, seed=3).tokens
+
+
+def test_tensor_parallel_generation_equals_single_process(models, lms):
+    lm = lms["llama"]
+    want = (
+        generate(lm, PROMPT, 12, SamplingParams(temperature=0)).tokens,
+        generate(lm, PROMPT, 12, SAMPLED, seed=3).tokens,
+    )
+    for got in run_distributed(_tp2_generate, 2, models["llama"][0], timeout=120):
+        assert got == want
+
+
+def test_sampling_filters_keep_only_the_allowed_tokens():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5, -1.0, 2.9]])
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(temperature=0), g).item() == 1
+    assert sample(logits, SamplingParams(top_k=1), g).item() == 1
+    top3 = {sample(logits, SamplingParams(top_k=3), g).item() for _ in range(200)}
+    assert top3 == {1, 3, 5}
+    # probabilities of 1, 5, 3 are ~0.37, 0.33, 0.22: top_p 0.6 keeps the first two only
+    nucleus = {sample(logits, SamplingParams(top_p=0.6), g).item() for _ in range(200)}
+    assert nucleus == {1, 5}
+    hot = {sample(logits, SamplingParams(temperature=50.0), g).item() for _ in range(300)}
+    assert len(hot) == 6  # a high temperature flattens the distribution
+    for bad in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_generation_stops_at_end_of_document_and_checks_lengths(lms):
+    lm = lms["gpt2"]
+    first = generate(lm, PROMPT, 3, SamplingParams(temperature=0)).tokens[0]
+    out = generate(lm, PROMPT, 10, SamplingParams(temperature=0), eod=first)
+    assert (out.tokens, out.finish_reason) == ([first], "eod")
+    with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
+        generate(lm, PROMPT, 30)
+    with pytest.raises(ValueError, match="token ids"):
+        generate(lm, [VOCAB + 5], 3)
+
+
+def _request(address, method, path, body=None, raw=None):
+    conn = http.client.HTTPConnection(*address, timeout=20)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    status, payload = resp.status, json.loads(resp.read())
+    conn.close()
+    return status, payload
+
+
+def test_server_answers_a_request_and_rejects_malformed_ones(lms):
+    lm, tok = lms["gpt2"], NullTokenizer(EOD)
+    server = GenerationServer(lm, tok, "127.0.0.1", 0, max_request_bytes=2048, max_new_tokens=8)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        addr = server.address
+        assert addr[0] == "127.0.0.1"
+        good = {"prompt": "5 17 42 8 3", "max_new_tokens": 6, "temperature": 0}
+        status, out = _request(addr, "POST", "/generate", good)
+        want = generate(lm, PROMPT, 6, SamplingParams(temperature=0), eod=EOD)
+        assert status == 200 and out["tokens"] == want.tokens
+        assert out["completion"] == tok.detokenize([t for t in want.tokens if t != EOD])
+        assert _request(addr, "GET", "/health") == (200, {"status": "ok"})
+        bad = [
+            (400, "not valid JSON", None, b"{not json"),
+            (400, "'prompt' is required", {}, None),
+            (400, "'prompt' is required", {"prompt": 7}, None),
+            (400, "temperature", {"prompt": "1 2", "temperature": -1}, None),
+            (400, "top_p", {"prompt": "1 2", "top_p": "x"}, None),
+            (400, "max_new_tokens", {"prompt": "1 2", "max_new_tokens": 9}, None),
+            (400, "unknown field", {"prompt": "1 2", "bogus": 1}, None),
+            (400, "cannot be tokenized", {"prompt": "one two"}, None),
+            (413, "over the limit of 31", {"prompt": " ".join(["1"] * 40)}, None),
+            (413, "request body", None, b" " * 3000),
+        ]
+        for code, message, body, raw in bad:
+            status, out = _request(addr, "POST", "/generate", body, raw)
+            assert status == code and message in out["error"], (code, message, status, out)
+        assert _request(addr, "GET", "/generate")[0] == 405
+        assert _request(addr, "POST", "/other", good)[0] == 404
+        assert _request(addr, "POST", "/generate", good)[0] == 200  # still serving
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_generate_cli_prints_the_greedy_completion(models, lms):
+    cmd = [sys.executable, str(ROOT / "tools/generate.py"), "--load", models["llama"][0]]
+    cmd += ["--prompt", "5 17 42 8 3", "--greedy", "--max-new-tokens", "6", "--dtype", "fp32"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    want = generate(lms["llama"], PROMPT, 6, SamplingParams(temperature=0), eod=EOD)
+    assert result["tokens"] == want.tokens
+    assert result["finish_reason"] == want.finish_reason
