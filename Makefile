@@ -22,7 +22,7 @@ $(DEPS): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || { echo "installing torch==2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0; }
 	$(PY) -m pip install -q numpy regex sentencepiece tensorboard pybind11 ninja \
-	  pytest pytest-timeout ruff matplotlib
+	  pytest pytest-timeout ruff matplotlib transformers safetensors
 	touch $@
 
 venv: $(DEPS)
