@@ -592,7 +592,6 @@ def load_weights(reader, chunks: list[torch.nn.Module], ps: ParallelState) -> No
             t.copy_(_my_shard(reader, src, t, ps, weight_key(reader, src)))
 
 
-
 def _load_optimizer(reader: CheckpointReader, optimizer, chunks, ps: ParallelState) -> None:
     if not reader.has_optimizer():
         raise CheckpointError(

@@ -218,3 +218,13 @@ def test_check_mode_exits_nonzero_when_logits_differ_beyond_tolerance(trained, t
     assert "check passed" in ok.stdout  # bf16 rounding is within the bf16 default tolerance
     strict = [*args, "--save-dir", str(tmp_path / "b"), "--check-tolerance", "1e-6"]
     assert convert_tool.main(strict) == 1
+
+
+def test_impossible_target_layout_is_refused_with_the_reason(trained, tmp_path, capsys):
+    src, _ = trained["llama"]  # 2 query groups cannot be split over 4 tp ranks
+    args = ["--load-dir", str(src), "--save-dir", str(tmp_path / "x")]
+    assert convert_tool.main([*args, "--target-tensor-parallel-size", "4"]) == 2
+    assert "--num-query-groups (2) must be divisible by --tensor-model-parallel-size (4)" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "x" / "latest_checkpointed_iteration.txt").exists()
