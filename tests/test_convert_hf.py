@@ -228,3 +228,38 @@ def test_impossible_target_layout_is_refused_with_the_reason(trained, tmp_path, 
         capsys.readouterr().err
     )
     assert not (tmp_path / "x" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_export_copies_the_gpt2_tokenizer_that_transformers_then_reads_alike(tmp_path):
+    from megatron_lite.config import Config, DataConfig, ModelConfig
+    from megatron_lite.data.tokenizer import GPT2BPETokenizer, bytes_to_unicode
+    from megatron_lite.model import build_model_chunks
+
+    symbols = list(bytes_to_unicode().values())
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "n")]
+    vocab = {s: i for i, s in enumerate(symbols + [a + b for a, b in merges] + ["<|endoftext|>"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    )
+    data = DataConfig(
+        tokenizer_type="GPT2BPETokenizer",
+        vocab_file=str(tmp_path / "vocab.json"),
+        merge_file=str(tmp_path / "merges.txt"),
+    )
+    tok = GPT2BPETokenizer(data.vocab_file, data.merge_file)
+    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2), data=data)
+    cfg.finalize(1)
+    ps = ParallelState.single()
+    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(tok.vocab_size))
+    ckpt.save_checkpoint(
+        str(tmp_path / "ck"), 1, chunks, None, None, cfg, ps, 0, vocab_size=tok.vocab_size
+    )
+    export_hf(ckpt.CheckpointReader(str(tmp_path / "ck")), str(tmp_path / "hf"), log=lambda s: None)
+    assert (tmp_path / "hf/merges.txt").read_text() == (tmp_path / "merges.txt").read_text()
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["eos_token_id"] == tok.eod and config["vocab_size"] == tok.vocab_size
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "then the hen, then 42 ten!"
+    assert theirs.encode(text) == tok.tokenize(text)
+    assert len(tok.tokenize(text)) < len(text.encode())  # the merges did apply

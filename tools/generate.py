@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch.distributed as dist  # noqa: E402
 
+from megatron_lite.checkpointing import CheckpointError  # noqa: E402
 from megatron_lite.generation import (  # noqa: E402
     SamplingParams,
     build_generation_tokenizer,
@@ -71,7 +72,14 @@ def _parallel_state() -> ParallelState:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _main(build_parser().parse_args(argv))
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad flags, files, lengths
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     if not args.server and args.prompt is None:
         print("error: give --prompt, or --server", file=sys.stderr)
         return 2
