@@ -193,7 +193,7 @@ def _transformers_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(tokens).logits.float()
+        return model(tokens).logits.float().cpu()
 
 
 def logits_of(path: str, tokens: torch.Tensor, iteration: int | None = None) -> torch.Tensor:
@@ -206,7 +206,7 @@ def logits_of(path: str, tokens: torch.Tensor, iteration: int | None = None) -> 
     from megatron_lite.generation import load_model
 
     lm = load_model(path, dtype=torch.float32, iteration=iteration)
-    return lm.logits(tokens).float()
+    return lm.logits(tokens).float().cpu()
 
 
 def check_logits(

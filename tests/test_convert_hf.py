@@ -29,6 +29,7 @@ LLAMA_FLAGS = (
     "--swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
     "--untie-embeddings-and-output-weights --group-query-attention --num-query-groups 2"
 ).split()
+CPU = torch.device("cpu")  # compared with transformers on the CPU
 VOCAB = 501  # NullTokenizer --vocab-size 500 + its end-of-document id
 
 
@@ -61,7 +62,8 @@ def trained(tmp_path_factory):
 
 
 def our_logits(path, tokens, iteration=None):
-    return load_model(str(path), dtype=torch.float32, iteration=iteration).logits(tokens)
+    lm = load_model(str(path), dtype=torch.float32, iteration=iteration, device=CPU)
+    return lm.logits(tokens)
 
 
 def hf_logits(path, tokens):
@@ -160,7 +162,7 @@ def _tp4_logits(path, tokens):
     import torch.distributed as dist
 
     ps = ParallelState.build(dist.get_world_size(), 1)
-    return load_model(path, ps, dtype=torch.float32).logits(tokens)
+    return load_model(path, ps, dtype=torch.float32, device=CPU).logits(tokens)
 
 
 def test_reshard_tp2pp2_to_tp1pp1_to_tp4pp1_keeps_logits_and_optimizer_state(trained, tmp_path):

@@ -29,6 +29,7 @@ from megatron_lite.testing import run_distributed
 transformers = pytest.importorskip("transformers")  # the `hf` extra (installed by `make test`)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")  # compared with transformers on the CPU
 VOCAB, EOD = 100, 99  # NullTokenizer(99): ids 0..98 and its end-of-document id 99
 PROMPT = [5, 17, 42, 8, 3]
 SAMPLED = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
@@ -80,7 +81,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lms(models):
-    return {f: load_model(ck, dtype=torch.float32) for f, (ck, _) in models.items()}
+    return {f: load_model(ck, dtype=torch.float32, device=CPU) for f, (ck, _) in models.items()}
 
 
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
@@ -108,13 +109,15 @@ def test_greedy_output_equals_transformers_greedy_on_the_export(models, lms, fla
     theirs = out[0, len(PROMPT) :].tolist()
     ours = generate(lms[flavour], PROMPT, 16, SamplingParams(temperature=0), eod=EOD).tokens
     assert ours == theirs
-    hf_lm = load_model(models[flavour][1], dtype=torch.float32)  # our model on the HF files
+    hf_lm = load_model(
+        models[flavour][1], dtype=torch.float32, device=CPU
+    )  # our model on the HF files
     assert generate(hf_lm, PROMPT, 16, SamplingParams(temperature=0), eod=EOD).tokens == ours
 
 
 def _tp2_generate(path):
     ps = ParallelState.build(dist.get_world_size(), 1)
-    lm = load_model(path, ps, dtype=torch.float32)
+    lm = load_model(path, ps, dtype=torch.float32, device=CPU)
     greedy = generate(lm, PROMPT, 12, SamplingParams(temperature=0)).tokens
     return greedy, generate(lm, PROMPT, 12, SAMPLED, seed=3).tokens
 
