@@ -6,7 +6,7 @@
   loader uses, so `--load` of the result gives exactly what `--load` of the source would have.
 - `check_logits`: run source and target on a few token sequences and report the largest logit
   difference (a HF directory is run by `transformers` itself when it is installed).
-Export to HF format is `hf_checkpoint.export_hf`.
+Export to HF format is `hf_export.export_hf`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from launch_utils import ROOT, TINY_GPT, layout_flags, losses, run_pretrain
 from megatron_lite import checkpointing as ckpt
 from megatron_lite.convert import probe_tokens, reshard
 from megatron_lite.generation import load_model
-from megatron_lite.hf_checkpoint import HFReader, export_hf
+from megatron_lite.hf_checkpoint import HFReader
+from megatron_lite.hf_export import export_hf
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.testing import run_distributed
 

@@ -21,7 +21,8 @@ from megatron_lite.config import Config, DataConfig, ModelConfig
 from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.generation import SamplingParams, generate, load_model, sample
 from megatron_lite.generation_server import GenerationServer
-from megatron_lite.hf_checkpoint import export_hf, open_checkpoint
+from megatron_lite.hf_checkpoint import open_checkpoint
+from megatron_lite.hf_export import export_hf
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.testing import run_distributed

@@ -30,10 +30,10 @@ from megatron_lite.convert import check_logits, reshard  # noqa: E402
 from megatron_lite.hf_checkpoint import (  # noqa: E402
     DTYPES,
     HFReader,
-    export_hf,
     model_flags,
     parse_dtype,
 )
+from megatron_lite.hf_export import export_hf  # noqa: E402
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 
