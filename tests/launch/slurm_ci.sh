@@ -8,14 +8,19 @@
 #
 # node1 and node2 are two slurmd processes on 127.0.0.1 with distinct ports (multiple-slurmd mode);
 # their names are added to /etc/hosts, tagged, and removed again by `down`. Everything else lives in
-# $SLURM_CI_DIR (default /tmp/megatron_lite-slurm-ci). Ports: $SLURM_CI_PORT (controller, default
-# 16817), +1 and +2 for the two slurmd. Needs: apt-get install -y slurm-wlm munge.
+# $SLURM_CI_DIR (default /tmp/megatron_lite-slurm-ci). Ports: SLURM_CI_PORTS="CTLD NODE1 NODE2"
+# (default "16817 16818 16819"). Several clusters can run at once (e.g. two test sessions): give each
+# its own SLURM_CI_DIR and ports; each has its own munged (socket under /run/munge, named after the
+# directory), its own /etc/hosts tag, and `down` touches only its own daemons and lines.
+# Needs: apt-get install -y slurm-wlm munge.
 set -euo pipefail
 
 BASE=${SLURM_CI_DIR:-${TMPDIR:-/tmp}/megatron_lite-slurm-ci}
-PORT=${SLURM_CI_PORT:-16817}
+read -r CTLD_PORT NODE1_PORT NODE2_PORT <<<"${SLURM_CI_PORTS:-16817 16818 16819}"
 CONF=$BASE/slurm.conf
-HOSTS_TAG="# megatron_lite-slurm-ci"
+ID=$(printf %s "$BASE" | md5sum | cut -c1-10)
+MUNGE=/run/munge/megatron_lite-$ID # .socket .pid .seed .log
+HOSTS_TAG="# megatron_lite-slurm-ci $ID"
 
 die() {
   echo "slurm_ci: $*" >&2
@@ -29,11 +34,10 @@ start_munge() {
     chmod 0400 /etc/munge/munge.key
   fi
   install -d -o munge -g munge -m 0755 /run/munge
-  if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then # none running: start ours
-    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-    cp /run/munge/munged.pid "$BASE/munged.pid"
-  fi
-  munge -n | unmunge >/dev/null || die "munge does not work"
+  runuser -u munge -- /usr/sbin/munged --socket="$MUNGE.socket" --pid-file="$MUNGE.pid" \
+    --seed-file="$MUNGE.seed" --log-file="$MUNGE.log"
+  cp "$MUNGE.pid" "$BASE/munged.pid"
+  munge -S "$MUNGE.socket" -n | unmunge -S "$MUNGE.socket" >/dev/null || die "munge does not work"
 }
 
 write_conf() {
@@ -46,13 +50,14 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket=$MUNGE.socket
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-SlurmctldPort=$PORT
+SlurmctldPort=$CTLD_PORT
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool/%n
 SlurmctldPidFile=$BASE/slurmctld.pid
@@ -68,8 +73,8 @@ ReturnToService=2
 KillWait=10
 # 'sbatch --wait' polls every 2 s only while finished jobs stay visible briefly (else 2 -> 8 -> 32 s)
 MinJobAge=2
-NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 1)) CPUs=2 RealMemory=4000 State=UNKNOWN
-NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=2 RealMemory=4000 State=UNKNOWN
+NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$NODE1_PORT CPUs=2 RealMemory=4000 State=UNKNOWN
+NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$NODE2_PORT CPUs=2 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -114,12 +119,25 @@ stop_pid() { # SIGTERM, then wait up to 5 s (SIGKILL after that)
 }
 
 down() {
-  local f
+  local f jobs
+  if [ -s "$BASE/slurmctld.pid" ] && kill -0 "$(cat "$BASE/slurmctld.pid")" 2>/dev/null; then
+    # cancel this cluster's jobs and let their steps end before the daemons go (else slurmstepd lingers)
+    jobs=$(client squeue -h -o %i 2>/dev/null || true)
+    if [ -n "$jobs" ]; then
+      # shellcheck disable=SC2086
+      client scancel $jobs 2>/dev/null || true
+      for _ in $(seq 1 100); do
+        [ -z "$(client squeue -h -o %i 2>/dev/null)" ] && break
+        sleep 0.2
+      done
+    fi
+  fi
   if [ -d "$BASE" ]; then
     for f in "$BASE"/slurmd-*.pid "$BASE/slurmctld.pid" "$BASE/munged.pid"; do
       [ -s "$f" ] && stop_pid "$(cat "$f")"
     done
   fi
+  rm -f "$MUNGE".*
   if grep -qF " $HOSTS_TAG" /etc/hosts; then
     grep -vF " $HOSTS_TAG" /etc/hosts >"/tmp/.megatron_lite-hosts.$$" || true
     cat "/tmp/.megatron_lite-hosts.$$" >/etc/hosts # in place: /etc/hosts may be a bind mount

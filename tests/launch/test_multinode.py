@@ -2,6 +2,7 @@
 
 * two torchrun agents on loopback (static and c10d rendezvous), 2 ranks each, tp=2 x pp=2;
 * `srun`-style: four plain processes with only SLURM's variables (no torchrun);
+* two "hosts" in two network namespaces (veth 10.200.0.1/.2, host names n1/n2), torchrun on each;
 * a real two-node SLURM cluster on localhost (tests/launch/slurm_ci.sh) running
   examples/pretrain_gpt_slurm_cpu.sbatch with `sbatch --wait`: success (srun and srun+torchrun), a
   failing rank failing the job, and SIGTERM (what SLURM sends before the time limit) saving a
@@ -13,6 +14,7 @@ Every launch runs under a timeout: a wrong address hangs ~100 s before failing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -168,6 +170,71 @@ def test_srun_without_torchrun_picks_the_gpu_of_slurm_localid(monkeypatch):
     assert device.get_device() == device.torch.device("cuda", 5)
 
 
+# ---------------------------------------------------------------- two hosts in network namespaces
+
+
+def remove_tagged_hosts_lines(tag: str) -> None:
+    """Drop the /etc/hosts lines ending in `tag`, rewriting in place (it may be a bind mount); other
+    lines, a concurrent test session's included, stay."""
+    hosts = Path("/etc/hosts")
+    lines = hosts.read_text().splitlines(True)
+    kept = [ln for ln in lines if not ln.rstrip("\n").endswith(tag)]
+    if kept != lines:
+        hosts.write_text("".join(kept))
+
+
+@pytest.fixture
+def two_netns_hosts():
+    """Two namespaces joined by one veth pair (10.200.0.1/24, 10.200.0.2/24); host names n1/n2
+    resolve (tagged /etc/hosts lines) to them. Names carry this process's id, so concurrent test
+    sessions do not collide. Yields the namespace names; torn down, /etc/hosts lines removed."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if not all(shutil.which(t) for t in ("ip", "nsenter", "unshare")):
+        pytest.skip("needs ip (iproute2), nsenter and unshare (util-linux)")
+    pid = os.getpid()
+    ns, veth = [f"mlt{pid}-n{i}" for i in (1, 2)], [f"mlt{pid}v{i}" for i in (1, 2)]
+    tag = f"# megatron_lite-netns-test {pid}"
+    setup = [
+        f"ip netns add {ns[0]}",
+        f"ip netns add {ns[1]}",
+        f"ip link add {veth[0]} type veth peer name {veth[1]}",
+        f"ip link set {veth[0]} netns {ns[0]}",
+        f"ip link set {veth[1]} netns {ns[1]}",
+        f"ip -n {ns[0]} addr add 10.200.0.1/24 dev {veth[0]}",
+        f"ip -n {ns[1]} addr add 10.200.0.2/24 dev {veth[1]}",
+    ] + [f"ip -n {ns[i]} link set {d} up" for i in (0, 1) for d in ("lo", veth[i])]
+    try:
+        for c in setup:
+            r = subprocess.run(c.split(), capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, f"{c}: {r.stderr}"
+        with open("/etc/hosts", "a") as f:  # append in place: /etc/hosts may be a bind mount
+            f.write(f"10.200.0.1 n1 {tag}\n10.200.0.2 n2 {tag}\n")
+        yield ns
+    finally:
+        for n in ns:  # deleting a namespace removes its end of the veth pair
+            subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=30)
+        remove_tagged_hosts_lines(tag)
+        assert tag not in Path("/etc/hosts").read_text()
+
+
+def test_two_torchrun_agents_in_two_network_namespaces(reference_losses, two_netns_hosts, tmp_path):
+    """Two "hosts" with their own addresses and host names: gloo and the store really cross the veth
+    (only 10.200.0.1/.2 and loopback are used)."""
+    launches = []
+    for r in (0, 1):
+        torchrun = [TORCHRUN, "--nnodes=2", "--nproc_per_node=2", f"--node_rank={r}"]
+        torchrun += ["--master_addr=n1", "--master_port=29511", "-m", "megatron_lite.pretrain_gpt"]
+        torchrun += [*FLAGS, *layout_flags(2, 2)]
+        inner = f"hostname n{r + 1} && exec timeout {LAUNCH_TIMEOUT} " + " ".join(torchrun)
+        cmd = ["nsenter", f"--net=/run/netns/{two_netns_hosts[r]}", "unshare", "--uts", "sh", "-c"]
+        cmd.append(inner)
+        launches.append((cmd, clean_env()))
+    results = run_group(launches, tmp_path)
+    text = assert_all_ok(results)
+    assert_same_losses(text, reference_losses)
+
+
 # ---------------------------------------------------------------- a real SLURM cluster
 
 
@@ -182,7 +249,14 @@ def _slurm_skip_reason() -> str | None:
 class Cluster:
     def __init__(self, base: Path):
         self.base = base
-        self.env = clean_env(SLURM_CI_DIR=str(base), SLURM_CONF=str(base / "slurm.conf"))
+        ports = " ".join(str(free_port()) for _ in range(3))  # controller, node1, node2
+        self.env = clean_env(
+            SLURM_CI_DIR=str(base), SLURM_CI_PORTS=ports, SLURM_CONF=str(base / "slurm.conf")
+        )
+        # slurm_ci.sh's /etc/hosts tag: the first 10 hex digits of md5(SLURM_CI_DIR)
+        self.hosts_tag = (
+            "# megatron_lite-slurm-ci " + hashlib.md5(str(base).encode()).hexdigest()[:10]
+        )
 
     def script(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -201,7 +275,17 @@ class Cluster:
         ]
 
     def job_env(self, launcher: str, **extra: str) -> dict[str, str]:
-        return {**self.env, "PYTHON": sys.executable, "LAUNCHER": launcher, **extra}
+        """sbatch passes this environment on to the job (--export=ALL)."""
+        port = str(
+            free_port()
+        )  # the job's rendezvous port (the example's default is from the job id)
+        return {
+            **self.env,
+            "PYTHON": sys.executable,
+            "LAUNCHER": launcher,
+            "MASTER_PORT": port,
+            **extra,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -209,20 +293,18 @@ def slurm_cluster(tmp_path_factory):
     reason = _slurm_skip_reason()
     if reason:
         pytest.skip(reason)
-    hosts_before = Path("/etc/hosts").read_text()
     cluster = Cluster(tmp_path_factory.mktemp("slurm") / "cluster")
     try:
         up = cluster.script("up")
         assert up.returncode == 0, f"slurm_ci.sh up failed:\n{up.stdout}\n{up.stderr}"
-        assert "node1 node2 # megatron_lite-slurm-ci" in Path("/etc/hosts").read_text()
+        assert f"127.0.0.1 node1 node2 {cluster.hosts_tag}" in Path("/etc/hosts").read_text()
         yield cluster
     finally:
-        subprocess.run(["scancel", "--user=root"], env=cluster.env, capture_output=True, timeout=30)
-        down = cluster.script("down")
-        if Path("/etc/hosts").read_text() != hosts_before:  # belt and braces
-            Path("/etc/hosts").write_text(hosts_before)
+        down = cluster.script("down")  # cancels the cluster's jobs, waits for them, stops daemons
+        remove_tagged_hosts_lines(cluster.hosts_tag)  # belt and braces
         assert down.returncode == 0, down.stderr
         assert not (cluster.base / "slurmctld.pid").exists()
+        assert cluster.hosts_tag not in Path("/etc/hosts").read_text()
 
 
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
