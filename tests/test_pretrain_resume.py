@@ -177,7 +177,7 @@ def _wait_for(lines, text, proc, timeout=120):
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    proc.kill()
+    _kill_job(proc)
     raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)[-4000:]}")
 
 
@@ -192,6 +192,13 @@ def _workers(proc) -> list[int]:
         if int(fields[1]) == proc.pid:
             kids.append(int(stat.parent.name))
     return kids
+
+
+def _kill_job(proc) -> None:
+    """SIGKILL the ranks (torchrun starts each in its own session) and then the agent."""
+    for pid in _workers(proc):
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(indexed_data, tmp_path):
@@ -255,7 +262,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(indexed_data, 
         assert proc.poll() is None, "".join(lines)[-4000:]
         time.sleep(0.2)
     assert (tmp_path / ".paused").exists()
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-save
+    _kill_job(proc)  # mid-save
     proc.wait(timeout=30)
     assert read_latest_iteration(str(tmp_path)) == 2
     out = run_pretrain(2, [*flags, "--load", str(tmp_path), "--exit-interval", "3"])
