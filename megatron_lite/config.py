@@ -548,8 +548,10 @@ class Config:
             )
         self.world_size, self.data_parallel_size, self.num_microbatches = world_size, dp, num_micro
         if t.train_iters is None and t.train_samples is not None:
-            _require(t.rampup_batch_size is None, "--train-samples with --rampup-batch-size: "
-                     "give --train-iters instead")
+            _require(
+                t.rampup_batch_size is None,
+                "--train-samples with --rampup-batch-size: give --train-iters instead",
+            )
             t.train_iters = t.train_samples // t.global_batch_size
         if self.optim.lr_decay_iters is None and t.train_iters is not None:
             self.optim.lr_decay_iters = t.train_iters
