@@ -24,6 +24,26 @@ def get_device(local_rank: int | None = None) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+# Dense bf16/fp16 tensor-core peak TFLOP/s per GPU (vendor data sheets); more specific names first.
+_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+    ("V100", 125.0),
+)
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Half-precision peak of this GPU when its name is known, for MFU; None on CPU or unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in _PEAK_TFLOPS if key in name), None)
+
+
 def set_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -310,6 +310,8 @@ def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, lo
     tflops = model_flops_per_token(cfg, run.padded_vocab_size) * tokens / elapsed / 1e12
     tflops /= ps.world_size
     peak = cfg.logging.peak_tflops
+    if peak is None and (cfg.optim.bf16 or cfg.optim.fp16):  # MFU against a known GPU's peak
+        peak = device.peak_tflops(run.device)
     grad_norm = step["grad_norm"]
     line = format_log_line(
         iteration=run.iteration,

@@ -119,3 +119,17 @@ def test_launch_env_reads_slurm_variables(monkeypatch):
 )
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
+
+
+def test_known_gpus_give_a_peak_for_mfu(monkeypatch):
+    from megatron_lite import device
+
+    assert device.peak_tflops(torch.device("cpu")) is None
+    for name, peak in (
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Some Future GPU", None),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, n=name: n)
+        assert device.peak_tflops(torch.device("cuda", 0)) == peak, name
