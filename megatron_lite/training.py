@@ -352,14 +352,23 @@ def _report_memory(run: Run) -> None:
         )
 
 
-def train(run: Run, train_iters_, valid_iters_, tb: TensorBoard) -> str:
+def _stop_reason(cfg: Config, iteration: int, signal_any: bool, duration_any: bool) -> str | None:
+    """Why the run stops after `iteration` (a checkpoint is saved first), or None to go on."""
+    if signal_any:
+        return "signal"
+    if cfg.train.exit_interval and iteration % cfg.train.exit_interval == 0:
+        return "exit-interval"
+    return "exit-duration" if duration_any else None
+
+
+def train(run: Run, train_iterators, valid_iterators, tb: TensorBoard) -> str:
     """The loop. Returns why it stopped: 'done', 'signal', 'exit-interval' or 'exit-duration'."""
     cfg = run.cfg
     stop = _StopSignal(cfg.train.exit_signal_handler)
     start, last_log, since_log = time.time(), time.time(), 0
     loss_sum = torch.zeros(2, dtype=torch.float64)
     while run.iteration < cfg.train.train_iters:
-        step = train_step(run, train_iters_)
+        step = train_step(run, train_iterators)
         run.iteration += 1
         run.consumed_samples += run.microbatches.get_current_global_batch_size()
         since_log += 1
@@ -391,19 +400,11 @@ def train(run: Run, train_iters_, valid_iters_, tb: TensorBoard) -> str:
                 _log(run, tb, step, time.time() - last_log, since_log, mean_loss)
             last_log, since_log, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
         if cfg.train.eval_iters and run.iteration % cfg.train.eval_interval == 0:
-            report_eval(run, valid_iters_, "validation", tb)
-        save_due = cfg.checkpoint.save and cfg.checkpoint.save_interval
-        save_due = save_due and run.iteration % cfg.checkpoint.save_interval == 0
-        exit_interval = cfg.train.exit_interval and run.iteration % cfg.train.exit_interval == 0
-        reason = (
-            "signal"
-            if signal_any
-            else "exit-interval"
-            if exit_interval
-            else "exit-duration"
-            if duration_any
-            else None
+            report_eval(run, valid_iterators, "validation", tb)
+        save_due = (
+            bool(cfg.checkpoint.save_interval) and run.iteration % cfg.checkpoint.save_interval == 0
         )
+        reason = _stop_reason(cfg, run.iteration, signal_any, duration_any)
         if cfg.checkpoint.save and (save_due or reason):
             save(run)
         if reason:
