@@ -17,6 +17,7 @@ leaves the previous checkpoint whole and named by the latest file.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import pickle
@@ -385,6 +386,8 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
         _test_pause("before_latest", save_dir)
         _write_latest(save_dir, iteration)
+        for stale in glob.glob(os.path.join(save_dir, "iter_*.tmp")):  # from saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 

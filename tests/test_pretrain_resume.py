@@ -267,6 +267,8 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(indexed_data, 
     assert read_latest_iteration(str(tmp_path)) == 2
     out = run_pretrain(2, [*flags, "--load", str(tmp_path), "--exit-interval", "3"])
     assert "loaded checkpoint" in out.stdout and list(losses(out.stdout)) == [3]
+    assert read_latest_iteration(str(tmp_path)) == 3
+    assert not list(tmp_path.glob("iter_*.tmp"))  # the killed save's leftovers are gone
 
 
 def test_nan_loss_is_counted_and_stops_with_check_for_nan(indexed_data):
