@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron_lite import device
 from megatron_lite.config import Config, ModelConfig, _flag_name
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.tensor_parallel.random import get_rng_tracker
 from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of
 
 FORMAT_VERSION = 1
@@ -221,13 +222,6 @@ def _barrier() -> None:
 # RNG states (every rank's: tp ranks differ in the tracker, dp ranks may differ too)
 
 
-def _tp_rng_tracker():
-    """The model's tp RNG tracker (per-tp-rank dropout streams)."""
-    from megatron_lite.tensor_parallel.random import get_rng_tracker
-
-    return get_rng_tracker()
-
-
 def get_rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
@@ -235,7 +229,7 @@ def get_rng_state() -> dict:
         "numpy": [name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)],
         **device.rng_state(),
     }
-    state["tp_tracker"] = _tp_rng_tracker().get_states()
+    state["tp_tracker"] = get_rng_tracker().get_states()
     return state
 
 
@@ -245,7 +239,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
     device.set_rng_state(state)
     if "tp_tracker" in state:
-        _tp_rng_tracker().set_states(state["tp_tracker"])
+        get_rng_tracker().set_states(state["tp_tracker"])
 
 
 def _tuples(x):

@@ -49,11 +49,6 @@ def set_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Memory use in MiB: allocated/reserved on CUDA, resident set size on CPU."""
     if device.type == "cuda":

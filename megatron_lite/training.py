@@ -8,11 +8,12 @@ all-reduce per iteration.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,7 +64,6 @@ class Run:
     consumed_samples: int = 0
     skipped_iters: int = 0
     nan_iters: int = 0
-    history: list = field(default_factory=list)  # (iteration, lm loss) on the logging rank
 
     @property
     def is_logging_rank(self) -> bool:
@@ -188,7 +188,7 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
     return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, iteration: int | None = None):
     """Megatron's forward step: one microbatch through this chunk; the loss function on the last."""
     batch = _to_device(next(data_iterator), next(model.parameters()).device)
     output = model(
@@ -198,7 +198,7 @@ def forward_step(data_iterator, model):
 
     def loss_func(per_token_loss: torch.Tensor):
         loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-        if _fault("nan", _CURRENT_ITERATION[0], -1):
+        if iteration is not None and _fault("nan", iteration, -1):
             loss = loss * float("nan")
         return loss, {"lm loss": loss.detach()}
 
@@ -211,13 +211,9 @@ def _mean_reported(losses: list[dict], key: str = "lm loss") -> float | None:
     return float(torch.stack([d[key].float() for d in losses]).mean())
 
 
-_CURRENT_ITERATION = [0]  # the iteration being computed, for the fault hook in the loss
-
-
 def train_step(run: Run, data_iterators) -> dict:
     """Forward and backward over all microbatches, gradient sync, one optimizer step."""
     cfg = run.cfg
-    _CURRENT_ITERATION[0] = run.iteration + 1
     run.microbatches.update(run.consumed_samples)
     if _fault("raise", run.iteration + 1, run.ps.rank):
         raise RuntimeError(f"injected fault on rank {run.ps.rank} ({FAULT_ENV})")
@@ -226,7 +222,7 @@ def train_step(run: Run, data_iterators) -> dict:
     run.optimizer.zero_grad()
     forward_backward = get_forward_backward_func(cfg, run.ps)
     losses = forward_backward(
-        forward_step_func=forward_step,
+        forward_step_func=functools.partial(forward_step, iteration=run.iteration + 1),
         data_iterator=data_iterators,
         model=run.model,
         num_microbatches=run.microbatches.get(),
@@ -309,6 +305,7 @@ def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, lo
     tokens = gbs * cfg.model.seq_length * n_iters
     tflops = model_flops_per_token(cfg, run.padded_vocab_size) * tokens / elapsed / 1e12
     tflops /= ps.world_size
+    lr, loss_scale = run.optimizer.param_groups[0]["lr"], float(run.optimizer.get_loss_scale())
     peak = cfg.logging.peak_tflops
     if peak is None and (cfg.optim.bf16 or cfg.optim.fp16):  # MFU against a known GPU's peak
         peak = device.peak_tflops(run.device)
@@ -318,10 +315,10 @@ def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, lo
         train_iters=cfg.train.train_iters,
         consumed_samples=run.consumed_samples,
         elapsed_ms=1000 * elapsed / n_iters,
-        lr=run.optimizer.param_groups[0]["lr"],
+        lr=lr,
         global_batch_size=gbs,
         losses={"lm loss": loss},
-        loss_scale=float(run.optimizer.get_loss_scale()),
+        loss_scale=loss_scale,
         grad_norm=None if grad_norm is None else float(grad_norm),
         skipped=run.skipped_iters,
         nans=run.nan_iters,
@@ -332,8 +329,8 @@ def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, lo
     print_rank(line)
     scalars = {
         "lm loss": loss,
-        "learning-rate": run.optimizer.param_groups[0]["lr"],
-        "loss-scale": float(run.optimizer.get_loss_scale()),
+        "learning-rate": lr,
+        "loss-scale": loss_scale,
         "batch-size": gbs,
         "throughput/tokens-per-sec": tokens / elapsed,
         "throughput/tflops-per-device": tflops,
@@ -396,7 +393,6 @@ def train(run: Run, train_iterators, valid_iterators, tb: TensorBoard) -> str:
             mean_loss = _average_over_last_stage(run, loss_sum)
             mean_loss = float("nan") if mean_loss is None else mean_loss  # every iteration nan
             if run.is_logging_rank:
-                run.history.append((run.iteration, mean_loss))
                 _log(run, tb, step, time.time() - last_log, since_log, mean_loss)
             last_log, since_log, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
         if cfg.train.eval_iters and run.iteration % cfg.train.eval_interval == 0:
