@@ -73,7 +73,7 @@ def main() -> None:
         for p in c.module.parameters():
             p.main_grad.normal_(0, 1e-3)
     opt.step()
-    sched.step()
+    sched.step(cfg.train.global_batch_size)
     print(
         f"model: {args.layers} layers x hidden {args.hidden}, vocab {VOCAB}: "
         f"{n_params / 1e6:.1f}M parameters (fp32, AdamW)"

@@ -285,12 +285,16 @@ class OptimConfig:
         "Decay after warm-up.",
         choices=["constant", "linear", "cosine", "inverse-square-root"],
     )
-    lr_warmup_iters: int = flag(0, "Linear warm-up iterations.", type=int)
+    lr_warmup_iters: int = flag(0, "Linear warm-up iterations (with --train-iters).", type=int)
+    lr_warmup_samples: int = flag(0, "Linear warm-up samples (with --train-samples).", type=int)
     lr_warmup_fraction: float | None = flag(
-        None, "Warm-up as a fraction of --lr-decay-iters.", type=float
+        None, "Warm-up as a fraction of the decay length.", type=float
     )
     lr_decay_iters: int | None = flag(
         None, "Iterations of decay (default --train-iters).", type=int
+    )
+    lr_decay_samples: int | None = flag(
+        None, "Samples of decay (default --train-samples).", type=int
     )
     weight_decay: float = flag(0.01, "Weight decay (not on biases and norm weights).", type=float)
     adam_beta1: float = flag(0.9, "Adam beta1.", type=float)
@@ -332,18 +336,20 @@ class OptimConfig:
             0 <= self.min_lr <= self.lr,
             f"--min-lr ({self.min_lr}) must be between 0 and --lr ({self.lr})",
         )
-        _require(
-            self.lr_warmup_iters >= 0,
-            f"--lr-warmup-iters must be non-negative, got {self.lr_warmup_iters}",
-        )
+        for name in ("lr_warmup_iters", "lr_warmup_samples"):
+            value = getattr(self, name)
+            _require(
+                value >= 0, f"{_flag_name(OptimConfig, name)} must be non-negative, got {value}"
+            )
+        _positive(self, "lr_decay_iters", "lr_decay_samples")
         if self.lr_warmup_fraction is not None:
             _require(
                 0 <= self.lr_warmup_fraction <= 1,
                 f"--lr-warmup-fraction must be in [0, 1], got {self.lr_warmup_fraction}",
             )
             _require(
-                self.lr_warmup_iters == 0,
-                "use only one of --lr-warmup-iters and --lr-warmup-fraction",
+                self.lr_warmup_iters == 0 and self.lr_warmup_samples == 0,
+                "use only one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples",
             )
         _require(self.clip_grad >= 0, f"--clip-grad must be non-negative, got {self.clip_grad}")
         _positive(self, "loss_scale", "initial_loss_scale", "loss_scale_window", "hysteresis")
@@ -433,6 +439,30 @@ SECTIONS = {
 }
 
 
+def global_batch_size_at(consumed_samples: int, global_batch_size: int, rampup: list | None) -> int:
+    """Megatron's --rampup-batch-size START INCREMENT SAMPLES: the global batch starts at START and
+    grows by INCREMENT every SAMPLES / ((global - START) / INCREMENT) consumed samples; after SAMPLES
+    it is the global batch size. A function of consumed samples only, so resume is exact."""
+    if rampup is None or consumed_samples > rampup[2]:
+        return global_batch_size
+    start, increment, samples = rampup
+    steps = (global_batch_size - start) // increment
+    if steps == 0 or samples == 0:
+        return start
+    return start + int(consumed_samples / (samples / steps)) * increment
+
+
+def train_iters_for_samples(train_samples: int, global_batch_size: int, rampup: list | None) -> int:
+    """Iterations of a --train-samples run: those whose batches all fit in train_samples."""
+    iters = consumed = 0
+    while rampup is not None and consumed <= rampup[2]:
+        batch = global_batch_size_at(consumed, global_batch_size, rampup)
+        if consumed + batch > train_samples:
+            return iters
+        consumed, iters = consumed + batch, iters + 1
+    return iters + (train_samples - consumed) // global_batch_size
+
+
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of divisible_by x tp."""
     multiple = divisible_by * tp_size
@@ -454,6 +484,7 @@ class Config:
     world_size: int | None = None
     data_parallel_size: int | None = None
     num_microbatches: int | None = None
+    total_train_iters: int | None = None  # --train-iters, or from --train-samples and the ramp-up
 
     def __post_init__(self) -> None:
         m, p = self.model, self.parallel
@@ -547,14 +578,24 @@ class Config:
                 f"--pipeline-model-parallel-size ({pp})",
             )
         self.world_size, self.data_parallel_size, self.num_microbatches = world_size, dp, num_micro
-        if t.train_iters is None and t.train_samples is not None:
+        self.total_train_iters = t.train_iters
+        o = self.optim
+        if t.train_samples is not None:  # Megatron's sample-based run: the LR schedule in samples
             _require(
-                t.rampup_batch_size is None,
-                "--train-samples with --rampup-batch-size: give --train-iters instead",
+                o.lr_decay_iters is None and o.lr_warmup_iters == 0,
+                "--train-samples counts the LR schedule in samples: use --lr-decay-samples and "
+                "--lr-warmup-samples (or --lr-warmup-fraction), not --lr-decay-iters or "
+                "--lr-warmup-iters",
             )
-            t.train_iters = t.train_samples // t.global_batch_size
-        if self.optim.lr_decay_iters is None and t.train_iters is not None:
-            self.optim.lr_decay_iters = t.train_iters
+            self.total_train_iters = train_iters_for_samples(
+                t.train_samples, t.global_batch_size, t.rampup_batch_size
+            )
+        else:
+            _require(
+                o.lr_decay_samples is None and o.lr_warmup_samples == 0,
+                "--lr-decay-samples and --lr-warmup-samples go with --train-samples; with "
+                "--train-iters use --lr-decay-iters and --lr-warmup-iters",
+            )
         return self
 
     def padded_vocab_size(self, vocab_size: int) -> int:
@@ -572,6 +613,6 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         sections = {name: SECTIONS[name](**d[name]) for name in SECTIONS if name in d}
         cfg = cls(**sections)
-        for k in ("world_size", "data_parallel_size", "num_microbatches"):
+        for k in ("world_size", "data_parallel_size", "num_microbatches", "total_train_iters"):
             setattr(cfg, k, d.get(k))
         return cfg

@@ -233,8 +233,8 @@ def train_step(run: Run, data_iterators) -> dict:
     )
     finalize_model_grads(run.model, run.ps)
     success, grad_norm = run.optimizer.step()
-    if success:
-        run.scheduler.step(1)
+    if success:  # the schedule counts samples, as Megatron's
+        run.scheduler.step(run.microbatches.get_current_global_batch_size())
     return {"loss": _mean_reported(losses), "success": success, "grad_norm": grad_norm}
 
 
@@ -312,7 +312,7 @@ def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, lo
     grad_norm = step["grad_norm"]
     line = format_log_line(
         iteration=run.iteration,
-        train_iters=cfg.train.train_iters,
+        train_iters=cfg.total_train_iters,
         consumed_samples=run.consumed_samples,
         elapsed_ms=1000 * elapsed / n_iters,
         lr=lr,
@@ -364,7 +364,7 @@ def train(run: Run, train_iterators, valid_iterators, tb: TensorBoard) -> str:
     stop = _StopSignal(cfg.train.exit_signal_handler)
     start, last_log, since_log = time.time(), time.time(), 0
     loss_sum = torch.zeros(2, dtype=torch.float64)
-    while run.iteration < cfg.train.train_iters:
+    while run.iteration < cfg.total_train_iters:
         step = train_step(run, train_iterators)
         run.iteration += 1
         run.consumed_samples += run.microbatches.get_current_global_batch_size()

@@ -144,7 +144,7 @@ BAD = [
     ("--recompute-method uniform", r"needs --recompute-granularity full"),
     ("--hidden-dropout 1.5", r"--hidden-dropout must be in \[0, 1\)"),
     ("--train-iters 10 --train-samples 100", r"only one of --train-iters and --train-samples"),
-    ("--lr-warmup-iters 5 --lr-warmup-fraction 0.1", r"only one of --lr-warmup-iters"),
+    ("--lr-warmup-iters 5 --lr-warmup-fraction 0.1", r"only one of --lr-warmup-fraction and --lr-warmup-iters"),
     (
         "--sequence-parallel --tensor-model-parallel-size 2 --seq-length 7 --hidden-size 64",
         r"--seq-length \(7\) must be divisible by --tensor-model-parallel-size \(2\)",

@@ -87,7 +87,7 @@ def _train_and_save(root, tp, pp, dp_opt=False, bf16=False):
                 dim = p.partition_dim
                 p.main_grad.copy_(shard_of(full, dim, p.partition_stride, ps.tp_rank, ps.tp_size))
         assert opt.step()[0]
-        sched.step()
+        sched.step(cfg.train.global_batch_size)
     ckpt.save_checkpoint(root, 2, chunks, opt, sched, cfg, ps, 16)
     return _snapshot(ps, chunks, opt, sched)
 
@@ -128,7 +128,9 @@ def _assert_same_model_and_optimizer(src, dst, master=False):
         for name in a:
             assert torch.equal(a[name], b[name]), (k, name)
     assert {s["scalars"]["num_steps"] for s in dst if s} == {2}
-    assert {s["sched"]["num_steps"] for s in dst if s} == {2}
+    assert {s["sched"]["num_steps"] for s in dst if s} == {
+        2 * 8
+    }  # samples: 2 steps of global batch 8
 
 
 def test_gpt_tp2_pp2_loads_into_tp1_pp1_and_tp4(tmp_path):

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from megatron_lite.config import Config, ConfigError, OptimConfig, TrainConfig
+from megatron_lite.config import (
+    Config,
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    train_iters_for_samples,
+)
 from megatron_lite.optim import (
     DynamicGradScaler,
     NumMicroBatchesCalculator,
@@ -68,11 +74,15 @@ def test_hand_computed_lr_values():
 def test_scheduler_resumes_exactly_and_checks_settings():
     a = OptimizerParamScheduler(_opt(), MAX, MIN, WARM, DECAY, "cosine")
     for _ in range(37):
-        a.step()
+        a.step(1)
+    state = a.state_dict()  # Megatron's key names
+    assert set(state) == {
+        "num_steps", "max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style"
+    }  # fmt: skip
     b = OptimizerParamScheduler(_opt(), MAX, MIN, WARM, DECAY, "cosine")
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(state)
     assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
-    assert b.step() == a.step()
+    assert b.step(1) == a.step(1)
     c = OptimizerParamScheduler(_opt(), 2 * MAX, MIN, WARM, DECAY, "cosine")
     with pytest.raises(ConfigError, match="max_lr"):
         c.load_state_dict(a.state_dict())
@@ -87,9 +97,9 @@ def test_build_lr_scheduler_from_flags_with_warmup_fraction():
         train=TrainConfig(train_iters=200, global_batch_size=8),
     ).finalize(1)
     sched = build_lr_scheduler(cfg, _opt())
-    assert (sched.warmup_steps, sched.decay_steps) == (20, 200)
+    assert (sched.warmup_steps, sched.decay_steps) == (20 * 8, 200 * 8)  # in samples
     for _ in range(10):
-        lr = sched.step()
+        lr = sched.step(8)
     assert lr == pytest.approx(MAX / 2)
     with pytest.raises(ConfigError, match="longer than decay"):
         OptimizerParamScheduler(_opt(), MAX, MIN, 50, 20, "linear")
@@ -117,6 +127,72 @@ def test_rampup_batch_size_is_exact():
         NumMicroBatchesCalculator(16, 2, 2, [4, 5, 48])
     with pytest.raises(ConfigError, match="not divisible"):
         NumMicroBatchesCalculator(16, 2, 2, [6, 2, 48]).update(0)
+
+
+def _lrs_of_a_run(cfg: Config) -> list[float]:
+    """The lr after each iteration, stepping by the iteration's global batch as training does."""
+    sched, calc = build_lr_scheduler(cfg, _opt()), build_num_microbatches_calculator(cfg)
+    consumed, lrs = 0, []
+    for _ in range(cfg.total_train_iters):
+        calc.update(consumed)
+        lrs.append(sched.step(calc.get_current_global_batch_size()))
+        consumed += calc.get_current_global_batch_size()
+    return lrs
+
+
+def test_lr_counts_samples_during_a_batch_size_rampup():
+    # Megatron's GPT-3 recipe in small: --rampup-batch-size with --train-samples and the schedule
+    # in samples. Batches 4 4 4 4 8 8 12 12 then 16s (see test_rampup_batch_size_is_exact).
+    ramp = Config(
+        optim=OptimConfig(lr=MAX, min_lr=MIN, lr_decay_style="cosine", lr_warmup_samples=40),
+        train=TrainConfig(
+            micro_batch_size=2,
+            global_batch_size=16,
+            rampup_batch_size=[4, 4, 48],
+            train_samples=200,
+        ),
+    ).finalize(2)
+    # 56 samples in 8 ramp-up iterations, then (200 - 56) // 16 = 9 full ones
+    assert ramp.total_train_iters == 17 and ramp.train.train_iters is None
+    lrs, seen = _lrs_of_a_run(ramp), [4, 8, 12, 16, 24, 32, 44, 56]
+    # warm-up over 40 samples, not 40 iterations: lr after iteration k is MAX * samples_k / 40
+    assert lrs[:6] == pytest.approx([MAX * n / 40 for n in seen[:6]], rel=1e-12)
+    r = (seen[7] - 40) / (200 - 40)  # then cosine decay over the remaining samples
+    assert lrs[7] == pytest.approx(MIN + (MAX - MIN) * 0.5 * (1 + math.cos(math.pi * r)))
+    # without a ramp-up, the sample schedule equals the iteration schedule it replaces
+    fixed = Config(
+        optim=OptimConfig(lr=MAX, min_lr=MIN, lr_decay_style="linear", lr_warmup_iters=3),
+        train=TrainConfig(micro_batch_size=2, global_batch_size=8, train_iters=12),
+    ).finalize(2)
+    expected = [
+        MAX * n / 3 if n <= 3 else MIN + (MAX - MIN) * (1 - (n - 3) / 9) for n in range(1, 13)
+    ]
+    assert _lrs_of_a_run(fixed) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "train, optim, match",
+    [
+        ({"train_samples": 100}, {"lr_warmup_iters": 2}, "--lr-warmup-samples"),
+        ({"train_samples": 100}, {"lr_decay_iters": 5}, "--lr-decay-samples"),
+        ({"train_iters": 10}, {"lr_decay_samples": 50}, "--lr-decay-iters"),
+        ({"train_iters": 10}, {"lr_warmup_samples": 8, "lr_warmup_fraction": 0.1}, "only one"),
+    ],
+)
+def test_iteration_and_sample_schedule_flags_do_not_mix(train, optim, match):
+    with pytest.raises(ConfigError, match=match):
+        Config(optim=OptimConfig(**optim), train=TrainConfig(**train)).finalize(1)
+
+
+def test_train_iters_for_samples_counts_whole_batches():
+    # constant batch: floor; ramp-up 4 4 4 4 8 8 12 12 16..: cumulative 4 8 12 16 24 32 44 56 72
+    assert train_iters_for_samples(100, 16, None) == 6
+    assert [train_iters_for_samples(n, 16, [4, 4, 48]) for n in (3, 4, 23, 24, 56, 71, 72)] == [
+        0, 1, 4, 5, 8, 8, 9
+    ]  # fmt: skip
+    cfg = Config(train=TrainConfig(global_batch_size=16, train_samples=100)).finalize(1)
+    again = Config.from_dict(cfg.to_dict())  # a --train-samples config reloads from a checkpoint
+    assert again == cfg and again.total_train_iters == 6
 
 
 def test_num_microbatches_from_config_is_global_over_micro_times_dp():

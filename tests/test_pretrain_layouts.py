@@ -59,13 +59,17 @@ def test_distributed_optimizer_and_sequence_parallel_match_single_process(refere
 
 
 def test_batch_size_rampup_is_exact_across_dp():
-    """--rampup-batch-size 4 4 16: global batch 4 for the first 16 samples... then 8, in any layout."""
-    flags = [*TINY_GPT, "--train-iters", "6", "--rampup-batch-size", "4", "4", "16"]
+    """Megatron's GPT-3 recipe in small: --train-samples 40 --rampup-batch-size 4 4 16 and the LR
+    warm-up in samples: global batch 4 for the first 16 samples, then 8, in any layout."""
+    flags = " ".join(TINY_GPT).replace("--lr-warmup-iters 2", "--lr-warmup-samples 12").split()
+    flags += ["--train-samples", "40", "--rampup-batch-size", "4", "4", "16"]
     one = run_pretrain(1, flags)
     two = run_pretrain(2, flags)
     sizes = [int(m) for m in re.findall(r"global batch size:\s+(\d+) \|", one.stdout)]
-    assert sizes == [4, 4, 4, 4, 8, 8]  # 16 samples at 4, then 8
+    assert sizes == [4, 4, 4, 4, 8, 8, 8]  # 16 samples at 4, then 8: 40 samples in 7 iterations
+    lrs = [float(m) for m in re.findall(r"learning rate: ([0-9.E+-]+) \|", one.stdout)]
+    assert lrs[:3] == pytest.approx([1e-3 * n / 12 for n in (4, 8, 12)], rel=1e-5)  # by samples
     got, ref = losses(two.stdout), losses(one.stdout)
-    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    assert sorted(got) == sorted(ref) == list(range(1, 8))
     for it in ref:
         assert got[it] == pytest.approx(ref[it], rel=1e-5), (it, got[it], ref[it])

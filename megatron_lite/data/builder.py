@@ -37,7 +37,7 @@ def train_valid_test_num_samples(cfg) -> list[int]:
     gbs = t.global_batch_size
     if gbs is None:
         raise ValueError("global batch size unknown: call cfg.finalize(world_size) first")
-    train_iters = t.train_iters if t.train_iters is not None else (t.train_samples or 0) // gbs
+    train_iters = cfg.total_train_iters or 0
     train = t.train_samples if t.train_samples is not None else train_iters * gbs
     valid = (train_iters // t.eval_interval + 1) * t.eval_iters * gbs
     return [train, valid, t.eval_iters * gbs]

@@ -1,7 +1,10 @@
 """Learning-rate schedules: linear warm-up, then constant | linear | cosine | inverse-square-root decay.
 
-Steps are iterations (`step()` after each successful optimizer step). With linear warm-up over W
-iterations and decay until D, at step n: lr = max_lr * n / W while n <= W; then, with
+Steps are samples, as in Megatron-LM: after each successful optimizer step the schedule advances by
+that step's global batch size, so a --rampup-batch-size run warms up and decays by samples seen.
+--train-iters runs give their lengths in iterations (x --global-batch-size), --train-samples runs in
+samples. With linear warm-up over W steps and decay until D, at step n: lr = max_lr * n / W while
+n <= W; then, with
 r = (n - W) / (D - W), linear: min + (max - min)(1 - r); cosine: min + (max - min)(1 + cos(pi r)) / 2;
 inverse-square-root: max(min, max_lr sqrt(W) / sqrt(n)); constant: max_lr; after D: min_lr.
 """
@@ -14,7 +17,7 @@ from megatron_lite.config import ConfigError
 
 
 class OptimizerParamScheduler:
-    """Sets `lr` on every param group of `optimizer` from the number of iterations so far."""
+    """Sets `lr` on every param group of `optimizer` from the number of samples trained so far."""
 
     def __init__(
         self,
@@ -35,8 +38,9 @@ class OptimizerParamScheduler:
             )
         if decay_steps is not None and warmup_steps > decay_steps:
             raise ConfigError(
-                f"warm-up ({warmup_steps} iterations) is longer than decay ({decay_steps}): "
-                "lower --lr-warmup-iters/--lr-warmup-fraction or raise --lr-decay-iters"
+                f"warm-up ({warmup_steps} samples) is longer than decay ({decay_steps}): lower "
+                "--lr-warmup-iters/--lr-warmup-samples/--lr-warmup-fraction or raise "
+                "--lr-decay-iters/--lr-decay-samples"
             )
         self.optimizer = optimizer
         self.max_lr, self.min_lr, self.init_lr = max_lr, min_lr, init_lr
@@ -69,31 +73,41 @@ class OptimizerParamScheduler:
             raise ConfigError(f"unknown --lr-decay-style {self.decay_style!r}")
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
 
-    def step(self, increment: int = 1) -> float:
-        """Advance by `increment` iterations; set and return the new lr."""
+    def step(self, increment: int) -> float:
+        """Advance by `increment` samples (the step's global batch); set and return the new lr."""
         self.num_steps += increment
         lr = self.get_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
-    _CHECKED = ("max_lr", "min_lr", "warmup_steps", "decay_steps", "decay_style")
+    # checkpoint key (Megatron's name) -> attribute
+    _CHECKED = {
+        "max_lr": "max_lr",
+        "min_lr": "min_lr",
+        "lr_warmup_steps": "warmup_steps",
+        "lr_decay_steps": "decay_steps",
+        "lr_decay_style": "decay_style",
+    }
 
     def state_dict(self) -> dict:
-        return {"num_steps": self.num_steps, **{k: getattr(self, k) for k in self._CHECKED}}
+        return {
+            "num_steps": self.num_steps,
+            **{k: getattr(self, a) for k, a in self._CHECKED.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume; a setting that differs from the checkpoint's is an error unless overridden
         (--override-opt_param-scheduler keeps ours, --use-checkpoint-opt_param-scheduler theirs)."""
-        for k in self._CHECKED:
-            ours, theirs = getattr(self, k), state[k]
+        for key, attr in self._CHECKED.items():
+            ours, theirs = getattr(self, attr), state[key]
             if self.override or ours == theirs:
                 continue
             if self.use_checkpoint:
-                setattr(self, k, theirs)
+                setattr(self, attr, theirs)
                 continue
             raise ConfigError(
-                f"learning-rate schedule {k} is {ours} but the checkpoint has {theirs}: pass "
+                f"learning-rate schedule {key} is {ours} but the checkpoint has {theirs}: pass "
                 "--override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler"
             )
         self.num_steps = int(state["num_steps"])
@@ -101,21 +115,26 @@ class OptimizerParamScheduler:
 
 
 def build_lr_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
-    """The schedule of `cfg.optim`; decay length defaults to --train-iters."""
+    """The schedule of `cfg.optim` in samples; the decay length defaults to the run's length."""
     o, t = cfg.optim, cfg.train
-    decay_iters = o.lr_decay_iters if o.lr_decay_iters is not None else t.train_iters
-    if o.lr_warmup_fraction is not None:
-        if decay_iters is None:
-            raise ConfigError("--lr-warmup-fraction needs --lr-decay-iters or --train-iters")
-        warmup_iters = int(o.lr_warmup_fraction * decay_iters)
+    if t.train_samples is not None:
+        decay = o.lr_decay_samples if o.lr_decay_samples is not None else t.train_samples
+        warmup = o.lr_warmup_samples
     else:
-        warmup_iters = o.lr_warmup_iters
+        gbs = t.global_batch_size
+        decay_iters = o.lr_decay_iters if o.lr_decay_iters is not None else t.train_iters
+        decay = decay_iters * gbs if decay_iters is not None else None
+        warmup = o.lr_warmup_iters * gbs
+    if o.lr_warmup_fraction is not None:
+        if decay is None:
+            raise ConfigError("--lr-warmup-fraction needs --lr-decay-iters or --train-iters")
+        warmup = o.lr_warmup_fraction * decay
     return OptimizerParamScheduler(
         optimizer,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        warmup_steps=warmup_iters,
-        decay_steps=decay_iters,
+        warmup_steps=warmup,
+        decay_steps=decay,
         decay_style=o.lr_decay_style,
         override=getattr(o, "override_opt_param_scheduler", False),
         use_checkpoint=getattr(o, "use_checkpoint_opt_param_scheduler", False),

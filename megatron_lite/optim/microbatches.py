@@ -1,13 +1,12 @@
 """How many microbatches a step takes: constant, or growing with --rampup-batch-size.
 
-Ramp-up (Megatron's): the global batch starts at `start` and grows by `increment` every
-`rampup_samples / ((global - start) / increment)` consumed samples until it reaches the global batch
-size. A function of consumed samples only, so a resumed run picks up exactly where it stopped.
+Ramp-up: `megatron_lite.config.global_batch_size_at` (Megatron's rule, a function of consumed
+samples only, so a resumed run picks up exactly where it stopped).
 """
 
 from __future__ import annotations
 
-from megatron_lite.config import ConfigError
+from megatron_lite.config import ConfigError, global_batch_size_at
 
 
 class NumMicroBatchesCalculator:
@@ -32,19 +31,12 @@ class NumMicroBatchesCalculator:
                     f"({global_batch_size}) minus start must be a non-negative multiple of the "
                     "increment"
                 )
-            self.start, self.increment, self.rampup_samples = start, incr, samples
-            steps = diff // incr
-            self.samples_per_increment = samples / steps if steps else 0.0
         self.update(0, consistency_check=False)
 
     def update(self, consumed_samples: int, consistency_check: bool = True) -> None:
-        if self.rampup is None or consumed_samples > self.rampup_samples:
-            self.current_global_batch_size = self.global_batch_size
-        elif self.samples_per_increment == 0:
-            self.current_global_batch_size = self.start
-        else:
-            steps = int(consumed_samples / self.samples_per_increment)
-            self.current_global_batch_size = self.start + steps * self.increment
+        self.current_global_batch_size = global_batch_size_at(
+            consumed_samples, self.global_batch_size, self.rampup
+        )
         if consistency_check and self.current_global_batch_size % self.micro_batch_times_dp:
             raise ConfigError(
                 f"current global batch size ({self.current_global_batch_size}) is not divisible "
