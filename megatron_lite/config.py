@@ -226,6 +226,13 @@ class DataConfig:
         [], "Dataset prefix(es), optionally weighted: '0.7 prefixA 0.3 prefixB'.", nargs="*"
     )
     split: str = flag("969,30,1", "Train,valid,test proportions over documents.")
+    train_data_path: list[str] = flag(
+        [],
+        "Training data only (instead of --data-path and --split), optionally weighted.",
+        nargs="*",
+    )
+    valid_data_path: list[str] = flag([], "Validation data only, optionally weighted.", nargs="*")
+    test_data_path: list[str] = flag([], "Test data only, optionally weighted.", nargs="*")
     data_cache_path: str | None = flag(None, "Where index caches go (default next to the data).")
     mock_data: bool = flag(False, "Synthetic tokens instead of --data-path.", action="store_true")
     tokenizer_type: str | None = flag(
@@ -257,6 +264,16 @@ class DataConfig:
         _require(
             0 < len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
             f"--split needs 1 to 3 non-negative numbers with a positive sum, got {self.split!r}",
+        )
+        per_split = self.train_data_path or self.valid_data_path or self.test_data_path
+        _require(
+            not (per_split and self.data_path),
+            "give either --data-path (split by --split) or --train-data-path / --valid-data-path "
+            "/ --test-data-path, not both",
+        )
+        _require(
+            not per_split or self.train_data_path or self.mock_data,
+            "--valid-data-path / --test-data-path need --train-data-path",
         )
         if self.tokenizer_type == "GPT2BPETokenizer" and not self.mock_data:
             _require(

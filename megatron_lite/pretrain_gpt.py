@@ -23,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.train_iters is None and cfg.train.train_samples is None:
         print("error: give --train-iters or --train-samples", file=sys.stderr)
         return 2
-    if not cfg.data.mock_data and not cfg.data.data_path:
+    if not (cfg.data.mock_data or cfg.data.data_path or cfg.data.train_data_path):
         print(
-            "error: give --data-path PREFIX (from tools/preprocess_data.py) or --mock-data",
+            "error: give --data-path PREFIX (from tools/preprocess_data.py), --train-data-path "
+            "PREFIX, or --mock-data",
             file=sys.stderr,
         )
         return 2

@@ -144,7 +144,10 @@ BAD = [
     ("--recompute-method uniform", r"needs --recompute-granularity full"),
     ("--hidden-dropout 1.5", r"--hidden-dropout must be in \[0, 1\)"),
     ("--train-iters 10 --train-samples 100", r"only one of --train-iters and --train-samples"),
-    ("--lr-warmup-iters 5 --lr-warmup-fraction 0.1", r"only one of --lr-warmup-fraction and --lr-warmup-iters"),
+    (
+        "--lr-warmup-iters 5 --lr-warmup-fraction 0.1",
+        r"only one of --lr-warmup-fraction and --lr-warmup-iters",
+    ),
     (
         "--sequence-parallel --tensor-model-parallel-size 2 --seq-length 7 --hidden-size 64",
         r"--seq-length \(7\) must be divisible by --tensor-model-parallel-size \(2\)",
@@ -212,3 +215,15 @@ def test_help_lists_megatron_flag_names():
         "--exit-signal-handler",
     ):
         assert flag in text
+
+
+def test_per_split_data_paths_parse_like_megatron():
+    cfg = parse_args(
+        "--train-data-path 0.3 a 0.7 b --valid-data-path c --test-data-path d "
+        "--tokenizer-type NullTokenizer --vocab-size 10".split()
+    )
+    d = cfg.data
+    assert (d.train_data_path, d.valid_data_path, d.test_data_path) == (
+        ["0.3", "a", "0.7", "b"], ["c"], ["d"]
+    )  # fmt: skip
+    assert d.data_path == []

@@ -228,3 +228,30 @@ def test_too_short_split_is_a_clear_error(tmp_path):
     short = write_documents(str(tmp_path / "s"), [np.array([1, 2, EOD], np.uint16)] * 4)
     with pytest.raises(ValueError, match=r"train split of .*s has 12 tokens in 4 documents"):
         make(short, np.arange(4, dtype=np.int32), 10)
+
+
+def test_per_split_data_paths_take_every_document_of_their_files(tmp_path):
+    """--train-data-path (a blend) / --valid-data-path / --test-data-path, as Megatron: each split
+    draws only from its own files, all of their documents, with no --split applied."""
+    a = write_documents(str(tmp_path / "a"), labelled_documents(40, seed=1, eod=EOD))
+    b_docs = [np.where(d == EOD, EOD, d + 500) for d in labelled_documents(40, seed=2, eod=EOD)]
+    b = write_documents(str(tmp_path / "b"), [d.astype(np.uint16) for d in b_docs])
+    c_docs = [np.where(d == EOD, EOD, d + 200) for d in labelled_documents(30, seed=3, eod=EOD)]
+    c = write_documents(str(tmp_path / "c"), [d.astype(np.uint16) for d in c_docs])
+    cfg = config(tmp_path / "cache", [], split="1,0,0")
+    cfg.data.train_data_path, cfg.data.valid_data_path, cfg.data.test_data_path = (
+        ["0.5", a, "0.5", b], [c], [a]
+    )  # fmt: skip
+    train, valid, test = build_train_valid_test_datasets(cfg, TOK, [200, 24, 8])
+    assert len(train) >= 200 and len(valid) >= 24 and len(test) >= 8
+    share = np.bincount(train.dataset_index, minlength=2) / len(train)
+    assert abs(share[0] - 0.5) < 0.01
+    valid_docs = {int(t) for i in range(len(valid)) for t in valid[i]["tokens"] if t != EOD}
+    assert valid_docs and all(200 < t <= 230 for t in valid_docs)  # only c's tokens
+    assert valid.document_index.min() == 0 and valid.document_index.max() == 29  # all of c
+    test_docs = {int(t) for i in range(len(test)) for t in test[i]["tokens"] if t != EOD}
+    assert test_docs and max(test_docs) <= 40  # only a's
+    with pytest.raises(Exception, match="not both"):
+        DataConfig(data_path=[a], train_data_path=[a], tokenizer_type="NullTokenizer", vocab_size=9)
+    with pytest.raises(Exception, match="need --train-data-path"):
+        DataConfig(valid_data_path=[c], tokenizer_type="NullTokenizer", vocab_size=9)

@@ -74,9 +74,8 @@ def _on_builder_first(build):
     return result if _local_rank() == 0 else build()
 
 
-def _gpt_splits(cfg, tokenizer, prefix, dataset, sizes, cache_dir):
+def _gpt_splits(cfg, tokenizer, prefix, dataset, sizes, cache_dir, split):
     d = cfg.data
-    split = "1,1,1" if d.mock_data else d.split
     out = []
     for name, rng, n in zip(SPLIT_NAMES, split_ranges(len(dataset), split), sizes):
         if rng is None:
@@ -115,18 +114,27 @@ def _gpt_splits(cfg, tokenizer, prefix, dataset, sizes, cache_dir):
 def _build(cfg, tokenizer, sizes):
     d = cfg.data
     if d.mock_data:
-        return _gpt_splits(cfg, tokenizer, None, MockGPTLowLevelDataset(tokenizer), sizes, None)
-    prefixes, weights = parse_blend(d.data_path)
+        mock = MockGPTLowLevelDataset(tokenizer)
+        return _gpt_splits(cfg, tokenizer, None, mock, sizes, None, "1,1,1")
+    if d.data_path:
+        return _build_blend(cfg, tokenizer, d.data_path, sizes, d.split)
+    # --train-data-path / --valid-data-path / --test-data-path: every document of a split's
+    # datasets belongs to that split (a one-hot --split)
+    out = []
+    for i, paths in enumerate((d.train_data_path, d.valid_data_path, d.test_data_path)):
+        one_hot = ",".join("1" if j == i else "0" for j in range(3))
+        out.append(_build_blend(cfg, tokenizer, paths, sizes, one_hot)[i] if paths else None)
+    return out
+
+
+def _build_blend(cfg, tokenizer, data_path: list[str], sizes, split: str):
+    """Train, valid and test datasets over the (weighted) prefixes of `data_path`."""
+    d = cfg.data
+    prefixes, weights = parse_blend(data_path)
     if len(prefixes) == 1:
         ds = IndexedDataset(prefixes[0])
-        return _gpt_splits(
-            cfg,
-            tokenizer,
-            prefixes[0],
-            ds,
-            sizes,
-            default_cache_dir(prefixes[0], d.data_cache_path),
-        )
+        cache_dir = default_cache_dir(prefixes[0], d.data_cache_path)
+        return _gpt_splits(cfg, tokenizer, prefixes[0], ds, sizes, cache_dir, split)
     if weights is not None:
         total = sum(weights)
         weights = [w / total for w in weights]
@@ -137,9 +145,8 @@ def _build(cfg, tokenizer, sizes):
     splits = []
     for p, s in zip(prefixes, per_dataset):
         ds = IndexedDataset(p)
-        splits.append(
-            _gpt_splits(cfg, tokenizer, p, ds, s, default_cache_dir(p, d.data_cache_path))
-        )
+        cache_dir = default_cache_dir(p, d.data_cache_path)
+        splits.append(_gpt_splits(cfg, tokenizer, p, ds, s, cache_dir, split))
     blend_cache = default_cache_dir(prefixes[0], d.data_cache_path)
     out = []
     for i in range(3):
