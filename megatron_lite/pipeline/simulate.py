@@ -84,16 +84,22 @@ def simulate(
         if not progress:
             raise ValueError(f"schedule {schedule} p={p} m={m} v={v} cannot run: stuck at {nxt}")
     return Simulation(
-        schedule, p, m, v, starts, ends, actions, [_peak_in_flight(acts, split) for acts in actions]
+        schedule, p, m, v, starts, ends, actions, [peak_in_flight(acts, split) for acts in actions]
     )
 
 
-def _peak_in_flight(actions: tuple[Action, ...], split: bool) -> int:
-    """A microbatch holds its activations from F until its last backward part (W, or B unsplit)."""
+def peak_in_flight(
+    actions: tuple[Action, ...], split: bool, chunk_weights: list[int] | None = None
+) -> int:
+    """A microbatch holds its activations from F until its last backward part (W, or B unsplit).
+
+    Counts microbatch-chunks, or, with `chunk_weights`, the peak of their summed weights (bytes of
+    one microbatch's activations on each chunk: the memory estimator's use)."""
     release = "W" if split else "B"
     n = peak = 0
     for a in actions:
-        n += (a.kind == "F") - (a.kind == release)
+        w = 1 if chunk_weights is None else chunk_weights[a.chunk]
+        n += w * ((a.kind == "F") - (a.kind == release))
         peak = max(peak, n)
     return peak
 
