@@ -69,7 +69,9 @@ class ModelConfig:
     )
     rotary_base: int = flag(10000, "Base of the rotary embedding frequencies.", type=int)
     normalization: str = flag("LayerNorm", "Normalization layer.", choices=["LayerNorm", "RMSNorm"])
-    layernorm_epsilon: float = flag(1e-5, "Epsilon of the normalization layers.", type=float)
+    layernorm_epsilon: float = flag(
+        1e-5, "Epsilon of the normalization layers.", type=float, aliases=("--norm-epsilon",)
+    )
     swiglu: bool = flag(False, "SwiGLU MLP instead of GeLU.", action="store_true")
     openai_gelu: bool = flag(
         False,
@@ -313,7 +315,19 @@ class OptimConfig:
     lr_decay_samples: int | None = flag(
         None, "Samples of decay (default --train-samples).", type=int
     )
+    lr_warmup_init: float = flag(0.0, "Learning rate at the start of warm-up.", type=float)
     weight_decay: float = flag(0.01, "Weight decay (not on biases and norm weights).", type=float)
+    start_weight_decay: float | None = flag(
+        None, "Weight decay at the start of the run (default --weight-decay).", type=float
+    )
+    end_weight_decay: float | None = flag(
+        None, "Weight decay at the end of the run (default --weight-decay).", type=float
+    )
+    weight_decay_incr_style: str = flag(
+        "constant",
+        "How weight decay goes from start to end over the run.",
+        choices=["constant", "linear", "cosine"],
+    )
     adam_beta1: float = flag(0.9, "Adam beta1.", type=float)
     adam_beta2: float = flag(0.999, "Adam beta2.", type=float)
     adam_eps: float = flag(1e-8, "Adam epsilon.", type=float)
@@ -369,6 +383,18 @@ class OptimConfig:
                 "use only one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples",
             )
         _require(self.clip_grad >= 0, f"--clip-grad must be non-negative, got {self.clip_grad}")
+        if self.weight_decay_incr_style == "constant":
+            _require(
+                self.start_weight_decay == self.end_weight_decay,
+                f"--start-weight-decay ({self.start_weight_decay}) and --end-weight-decay "
+                f"({self.end_weight_decay}) differ: give --weight-decay-incr-style linear or cosine",
+            )
+        else:
+            _require(
+                self.start_weight_decay is not None and self.end_weight_decay is not None,
+                f"--weight-decay-incr-style {self.weight_decay_incr_style} needs "
+                "--start-weight-decay and --end-weight-decay",
+            )
         _positive(self, "loss_scale", "initial_loss_scale", "loss_scale_window", "hysteresis")
 
 
@@ -383,6 +409,9 @@ class CheckpointConfig:
     no_save_rng: bool = flag(False, "Do not save RNG states.", action="store_true")
     finetune: bool = flag(
         False, "Load weights only; restart iteration count and optimizer.", action="store_true"
+    )
+    exit_on_missing_checkpoint: bool = flag(
+        False, "With --load: stop with an error when it holds no checkpoint.", action="store_true"
     )
 
     def __post_init__(self) -> None:

@@ -150,6 +150,11 @@ def setup(cfg: Config) -> Run:
                     f"> loaded checkpoint from {cfg.checkpoint.load} at iteration "
                     f"{run.iteration} (consumed samples {run.consumed_samples})"
                 )
+        elif cfg.checkpoint.exit_on_missing_checkpoint:
+            raise FileNotFoundError(
+                f"--load {cfg.checkpoint.load}: no checkpoint there (no "
+                "latest_checkpointed_iteration.txt) and --exit-on-missing-checkpoint is set"
+            )
         elif run.is_logging_rank:
             print_rank(f"> no checkpoint in {cfg.checkpoint.load}: training from scratch")
     if run.is_logging_rank:

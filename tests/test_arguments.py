@@ -227,3 +227,29 @@ def test_per_split_data_paths_parse_like_megatron():
         ["0.3", "a", "0.7", "b"], ["c"], ["d"]
     )  # fmt: skip
     assert d.data_path == []
+
+
+def test_megatron_launch_script_flags_are_accepted_mapped_or_refused(capsys):
+    """Flags of Megatron-LM launch scripts: implementation switches are accepted with one notice,
+    old spellings map to their settings, features we lack are errors that say so."""
+    cfg = parse_args(
+        "--use-mcore-models --transformer-impl local --no-bias-gelu-fusion --log-throughput "
+        "--use-rotary-position-embeddings --no-position-embedding --use-flash-attn "
+        "--norm-epsilon 1e-6 --data-impl mmap --ckpt-format torch --tokenizer-type NullTokenizer "
+        "--vocab-size 10".split()
+    )
+    m = cfg.model
+    assert (m.position_embedding_type, m.attention_backend, m.layernorm_epsilon) == (
+        "rope", "sdpa", 1e-6
+    )  # fmt: skip
+    notice = capsys.readouterr().err
+    assert "--use-mcore-models" in notice and "--transformer-impl" in notice
+    assert "--norm-epsilon" not in notice  # a real setting, not ignored
+    for flags, message in [
+        ("--wandb-project p", "--wandb-project: Weights & Biases logging is not built in"),
+        ("--ckpt-format torch_dist", "--ckpt-format: invalid choice: 'torch_dist'"),
+        ("--no-position-embedding", "--no-position-embedding without --position-embedding-type rope"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_args(flags.split())
+        assert message in capsys.readouterr().err

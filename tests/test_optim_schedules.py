@@ -22,6 +22,7 @@ from megatron_lite.optim import (
     build_lr_scheduler,
     build_num_microbatches_calculator,
 )
+from megatron_lite.optim.optimizer import restore_param_groups
 
 MAX, MIN, WARM, DECAY = 1.0e-3, 1.0e-5, 10, 110
 
@@ -77,7 +78,8 @@ def test_scheduler_resumes_exactly_and_checks_settings():
         a.step(1)
     state = a.state_dict()  # Megatron's key names
     assert set(state) == {
-        "num_steps", "max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style"
+        "num_steps", "max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+        "start_wd", "end_wd", "wd_incr_style", "wd_incr_steps",
     }  # fmt: skip
     b = OptimizerParamScheduler(_opt(), MAX, MIN, WARM, DECAY, "cosine")
     b.load_state_dict(state)
@@ -215,3 +217,37 @@ def test_dynamic_loss_scaler_hysteresis_backoff_growth_and_floor():
     restored = DynamicGradScaler(1.0, min_scale=256.0, growth_interval=3, hysteresis=2)
     restored.load_state_dict(s.state_dict())
     assert restored.state_dict() == s.state_dict()
+
+
+def test_weight_decay_schedule_and_warmup_init_as_megatron():
+    cfg = Config(
+        optim=OptimConfig(
+            lr=MAX, lr_warmup_init=MAX / 10, lr_warmup_iters=4, lr_decay_style="constant",
+            start_weight_decay=0.0, end_weight_decay=0.1, weight_decay_incr_style="cosine",
+        ),
+        train=TrainConfig(global_batch_size=2, train_iters=10),
+    ).finalize(1)  # fmt: skip
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW(
+        [{"params": [p], "wd_mult": 1.0}, {"params": [torch.nn.Parameter(torch.zeros(1))], "wd_mult": 0.0}]
+    )  # fmt: skip
+    sched = build_lr_scheduler(cfg, opt)
+    assert opt.param_groups[0]["lr"] == pytest.approx(
+        MAX / 10
+    )  # warm-up starts at --lr-warmup-init
+    sched.step(4)  # 4 of 20 samples: half-way through warm-up
+    assert opt.param_groups[0]["lr"] == pytest.approx(MAX / 10 + (MAX - MAX / 10) / 2)
+    wd = [sched.step(2) and opt.param_groups[0]["weight_decay"] for _ in range(8)]
+    expected = [0.05 * (1 - math.cos(math.pi * n / 20)) for n in range(6, 21, 2)]
+    assert wd == pytest.approx(expected, rel=1e-12)
+    assert opt.param_groups[1]["weight_decay"] == 0.0  # biases and norms never decay
+    with pytest.raises(ConfigError, match="--weight-decay-incr-style linear or cosine"):
+        OptimConfig(start_weight_decay=0.0, end_weight_decay=0.1)
+
+
+def test_saved_param_groups_are_matched_by_kind_not_position():
+    # saved at dp 1 (decay + no-decay groups), loaded into a ZeRO-1 shard holding only biases
+    saved = [{"weight_decay": 0.1, "wd_mult": 1.0, "lr": 1.0}, {"weight_decay": 0.0, "wd_mult": 0.0, "lr": 1.0}]  # fmt: skip
+    shard = [{"params": [], "weight_decay": 0.5, "wd_mult": 0.0, "betas": (0.9, 0.99)}]
+    restore_param_groups(shard, saved)
+    assert shard[0]["weight_decay"] == 0.0 and shard[0]["betas"] == (0.9, 0.99)

@@ -15,6 +15,7 @@ import pytest
 from launch_utils import (
     ROOT,
     TINY_GPT,
+    build_corpus,
     eval_losses,
     layout_flags,
     losses,
@@ -30,54 +31,23 @@ PY = sys.executable
 @pytest.fixture(scope="module")
 def indexed_data(tmp_path_factory):
     """A small real corpus -> BPE tokenizer -> Megatron .bin/.idx, with the repository's tools."""
-    d = tmp_path_factory.mktemp("data")
-    run = lambda *a: subprocess.run([PY, *a], cwd=ROOT, check=True, capture_output=True)  # noqa: E731
-    run("tools/make_demo_corpus.py", "--output", d / "corpus.jsonl", "--max-mb", "0.5")
-    run(
-        "tools/train_tokenizer.py",
-        "--input",
-        d / "corpus.jsonl",
-        "--tokenizer-type",
-        "GPT2BPETokenizer",
-        "--vocab-size",
-        "400",
-        "--output-dir",
-        d / "tok",
-    )
-    run(
-        "tools/preprocess_data.py",
-        "--input",
-        d / "corpus.jsonl",
-        "--json-keys",
-        "text",
-        "--output-prefix",
-        d / "demo",
-        "--tokenizer-type",
-        "GPT2BPETokenizer",
-        "--vocab-file",
-        d / "tok/vocab.json",
-        "--merge-file",
-        d / "tok/merges.txt",
-        "--append-eod",
-        "--workers",
-        "1",
-    )
+    files = build_corpus(tmp_path_factory.mktemp("data"), "GPT2BPETokenizer")
     flags = [a for a in TINY_GPT if a not in ("--mock-data",)]
     i = flags.index("--tokenizer-type")
     del flags[i : i + 4]  # drop the NullTokenizer and its vocab size
     return flags + [
         "--data-path",
-        str(d / "demo_text_document"),
+        str(files["data_path"]),
         "--split",
         "90,8,2",
         "--data-cache-path",
-        str(d / "cache"),
+        str(files["data_path"].parent / "cache"),
         "--tokenizer-type",
         "GPT2BPETokenizer",
         "--vocab-file",
-        str(d / "tok/vocab.json"),
+        str(files["vocab_file"]),
         "--merge-file",
-        str(d / "tok/merges.txt"),
+        str(files["merge_file"]),
     ]
 
 
@@ -280,3 +250,12 @@ def test_nan_loss_is_counted_and_stops_with_check_for_nan(indexed_data):
     )
     assert out.returncode != 0
     assert "lm loss is nan/inf at iteration 2" in out.stdout
+
+
+def test_exit_on_missing_checkpoint_stops_instead_of_training_from_scratch(tmp_path):
+    missing = str(tmp_path)  # exists, holds no checkpoint (a directory that does not exist is
+    flags = [*TINY_GPT, "--train-iters", "2", "--load", missing]  # always an error)
+    out = run_pretrain(1, [*flags, "--exit-on-missing-checkpoint"], check=False, timeout=120)
+    assert out.returncode != 0
+    assert f"--load {missing}: no checkpoint there" in out.stdout
+    assert " iteration        1/" not in out.stdout

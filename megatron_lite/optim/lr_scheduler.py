@@ -7,6 +7,11 @@ samples. With linear warm-up over W steps and decay until D, at step n: lr = max
 n <= W; then, with
 r = (n - W) / (D - W), linear: min + (max - min)(1 - r); cosine: min + (max - min)(1 + cos(pi r)) / 2;
 inverse-square-root: max(min, max_lr sqrt(W) / sqrt(n)); constant: max_lr; after D: min_lr.
+
+Weight decay can change too (--start-weight-decay, --end-weight-decay, --weight-decay-incr-style
+linear | cosine over the whole run, in samples, as Megatron's): wd = start + c (end - start) with
+c = r (linear) or (1 - cos(pi r)) / 2 (cosine), r = n / run length. Groups that take no decay
+(biases, norm weights: `wd_mult` 0) keep 0.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class OptimizerParamScheduler:
         decay_style: str,
         *,
         init_lr: float = 0.0,
+        wd_schedule: tuple[float, float, str, int] | None = None,
         override: bool = False,
         use_checkpoint: bool = False,
     ) -> None:
@@ -49,9 +55,26 @@ class OptimizerParamScheduler:
             decay_steps,
             decay_style,
         )
+        # (start, end, style, samples) of the weight decay, or None: the groups' own values stay
+        self.start_wd, self.end_wd, self.wd_incr_style, self.wd_incr_steps = wd_schedule or (
+            None,
+            None,
+            "constant",
+            None,
+        )
         self.override, self.use_checkpoint = override, use_checkpoint
         self.num_steps = 0
         self.step(0)
+
+    def get_wd(self) -> float:
+        if self.wd_incr_style == "constant" or self.num_steps > self.wd_incr_steps:
+            return self.end_wd
+        ratio = self.num_steps / self.wd_incr_steps
+        if self.wd_incr_style == "linear":
+            coeff = ratio
+        else:  # cosine
+            coeff = 0.5 * (1.0 - math.cos(math.pi * ratio))
+        return self.start_wd + coeff * (self.end_wd - self.start_wd)
 
     def get_lr(self) -> float:
         n, warm = self.num_steps, self.warmup_steps
@@ -77,8 +100,11 @@ class OptimizerParamScheduler:
         """Advance by `increment` samples (the step's global batch); set and return the new lr."""
         self.num_steps += increment
         lr = self.get_lr()
+        wd = None if self.end_wd is None else self.get_wd()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if wd is not None:
+                group["weight_decay"] = wd * group.get("wd_mult", 1.0)
         return lr
 
     # checkpoint key (Megatron's name) -> attribute
@@ -88,6 +114,10 @@ class OptimizerParamScheduler:
         "lr_warmup_steps": "warmup_steps",
         "lr_decay_steps": "decay_steps",
         "lr_decay_style": "decay_style",
+        "start_wd": "start_wd",
+        "end_wd": "end_wd",
+        "wd_incr_style": "wd_incr_style",
+        "wd_incr_steps": "wd_incr_steps",
     }
 
     def state_dict(self) -> dict:
@@ -100,7 +130,7 @@ class OptimizerParamScheduler:
         """Resume; a setting that differs from the checkpoint's is an error unless overridden
         (--override-opt_param-scheduler keeps ours, --use-checkpoint-opt_param-scheduler theirs)."""
         for key, attr in self._CHECKED.items():
-            ours, theirs = getattr(self, attr), state[key]
+            ours, theirs = getattr(self, attr), state.get(key)
             if self.override or ours == theirs:
                 continue
             if self.use_checkpoint:
@@ -129,6 +159,12 @@ def build_lr_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
         if decay is None:
             raise ConfigError("--lr-warmup-fraction needs --lr-decay-iters or --train-iters")
         warmup = o.lr_warmup_fraction * decay
+    wd_schedule = None
+    if o.start_weight_decay is not None or o.end_weight_decay is not None:
+        start = o.weight_decay if o.start_weight_decay is None else o.start_weight_decay
+        end = o.weight_decay if o.end_weight_decay is None else o.end_weight_decay
+        run_samples = t.train_samples or (cfg.total_train_iters or 0) * t.global_batch_size
+        wd_schedule = (start, end, o.weight_decay_incr_style, run_samples)
     return OptimizerParamScheduler(
         optimizer,
         max_lr=o.lr,
@@ -136,6 +172,8 @@ def build_lr_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
         warmup_steps=warmup,
         decay_steps=decay,
         decay_style=o.lr_decay_style,
+        init_lr=o.lr_warmup_init,
+        wd_schedule=wd_schedule,
         override=getattr(o, "override_opt_param_scheduler", False),
         use_checkpoint=getattr(o, "use_checkpoint_opt_param_scheduler", False),
     )

@@ -107,13 +107,17 @@ class MegatronOptimizer(PerParamState):
         self.mixed_precision = any(pc.master is not pc.model for pc in self.pieces)
         decay = [pc.master for pc in self.pieces if not _no_weight_decay(pc)]
         no_decay = [pc.master for pc in self.pieces if _no_weight_decay(pc)]
+        # wd_mult (Megatron's key) marks the group that takes weight decay; the LR scheduler's
+        # weight-decay schedule and checkpoint loading go by it, not by the groups' order (a ZeRO-1
+        # shard may hold only one kind of parameter)
         groups = [
-            {"params": decay, "weight_decay": optim_cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},  # biases and norm weights
+            {"params": decay, "weight_decay": optim_cfg.weight_decay, "wd_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},  # biases and norm weights
         ]
         groups = [g for g in groups if g["params"]]
         if not groups:  # a ZeRO-1 shard of pure padding: keep a param group for the LR schedule
-            groups = [{"params": [torch.zeros(0, device=self.device)], "weight_decay": 0.0}]
+            empty = [torch.zeros(0, device=self.device)]
+            groups = [{"params": empty, "weight_decay": 0.0, "wd_mult": 0.0}]
         self.inner = _inner_optimizer(optim_cfg, groups)
         self.grad_scaler: ConstantGradScaler | None = build_grad_scaler(optim_cfg)
         self.num_steps = 0  # successful (not skipped) steps
@@ -246,12 +250,19 @@ class MegatronOptimizer(PerParamState):
     def load_state_dict(self, state: dict) -> None:
         self.num_steps = int(state["num_steps"])
         self.num_skipped = int(state.get("num_skipped", 0))
-        for g, saved in zip(self.inner.param_groups, state["param_groups"]):
-            for k, v in saved.items():
-                g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
+        restore_param_groups(self.inner.param_groups, state["param_groups"])
         if self.grad_scaler is not None and state.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self._set_step_counts()
+
+
+def restore_param_groups(groups: list[dict], saved: list[dict]) -> None:
+    """Saved hyper-parameters into `groups`, matched by `wd_mult`: the saving layout may have had
+    other groups (a ZeRO-1 shard with only biases and norms has just the no-decay one)."""
+    by_kind = {g.get("wd_mult"): g for g in saved}
+    for g in groups:
+        for k, v in by_kind.get(g["wd_mult"], {}).items():
+            g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
 
 
 def _no_weight_decay(pc: Piece) -> bool:
