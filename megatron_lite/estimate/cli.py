@@ -30,12 +30,16 @@ def build_estimate_parser() -> argparse.ArgumentParser:
     hw = Hardware()
 
     def add(flag: str, **kw) -> None:
+        if kw.get("action") is None and "choices" not in kw:
+            kw.setdefault("metavar", "N")
+            if kw.get("default") is not None and "default" not in kw["help"]:
+                kw["help"] += f" (default {kw['default']})"
         g.add_argument(flag, dest=_EST + flag[2:].replace("-", "_"), **kw)
 
     add("--world-size", type=int, help="GPUs (default tp x pp x --data-parallel-size)")
     add("--data-parallel-size", type=int, default=1, help="dp when --world-size is not given")
-    add("--gpu-memory-gb", type=float, default=hw.gpu_memory_gb, help="GiB per GPU (default 80)")
-    add("--gpus-per-node", type=int, default=hw.gpus_per_node, help="default 8")
+    add("--gpu-memory-gb", type=float, default=hw.gpu_memory_gb, help="GiB per GPU")
+    add("--gpus-per-node", type=int, default=hw.gpus_per_node, help="GPUs per node")
     add("--efficiency", type=float, default=hw.efficiency, help="share of peak the matmuls reach")
     add("--intra-node-bandwidth", type=float, default=hw.intra_node_gbs, help="GB/s per GPU")
     add("--inter-node-bandwidth", type=float, default=hw.inter_node_gbs, help="GB/s per GPU")
