@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
-# One node, 8 GPUs: tp=2 x pp=2 x dp=2, bf16, distributed optimizer, GPT-2 345M-like shape.
-#   bash examples/pretrain_gpt_single_node.sh DATA_PREFIX VOCAB_JSON MERGES_TXT CHECKPOINT_DIR
+# GPT-2 345M pretraining on one node with torchrun: GPUS_PER_NODE ranks as tp x pp x dp, bf16,
+# distributed optimizer, sequence parallelism.
+#
+#   DATA_PATH=data/my-corpus_text_document VOCAB_FILE=gpt2/vocab.json MERGE_FILE=gpt2/merges.txt \
+#   CHECKPOINT_PATH=runs/gpt-345m bash examples/pretrain_gpt_single_node.sh
+#
+# Required (checked before anything starts): DATA_PATH (prefix of PREFIX.bin/.idx from
+#   tools/preprocess_data.py), VOCAB_FILE, MERGE_FILE, CHECKPOINT_PATH (saved to and resumed from).
+# Optional, defaults below: GPUS_PER_NODE, TP, PP (dp = GPUS_PER_NODE / (TP x PP)), the model shape,
+#   batch sizes, TRAIN_ITERS, LR/MIN_LR/LR_WARMUP_ITERS, PRECISION (bf16 | fp16 | fp32), intervals,
+#   EXTRA_ARGS (more pretrain_gpt flags, last so they win).
+# Running it again resumes from the latest checkpoint in CHECKPOINT_PATH; TensorBoard logs go to
+# $CHECKPOINT_PATH/tensorboard. Several nodes: pretrain_gpt_multinode.sbatch.
 set -euo pipefail
-DATA=${1:?data prefix (from tools/preprocess_data.py)}; VOCAB=${2:?vocab.json}; MERGES=${3:?merges.txt}
-CKPT=${4:-checkpoints/gpt345m}
-GPUS=${GPUS:-8}
+EXAMPLE=pretrain_gpt_single_node.sh
 
-torchrun --nproc_per_node="$GPUS" -m megatron_lite.pretrain_gpt \
-  --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
-  --num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length 1024 \
-  --max-position-embeddings 1024 --micro-batch-size 4 --global-batch-size 256 \
-  --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2000 --train-iters 500000 \
-  --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --bf16 \
-  --use-distributed-optimizer --overlap-grad-reduce --sequence-parallel \
-  --data-path "$DATA" --split 969,30,1 --tokenizer-type GPT2BPETokenizer \
-  --vocab-file "$VOCAB" --merge-file "$MERGES" \
-  --save "$CKPT" --load "$CKPT" --save-interval 1000 --exit-signal-handler \
-  --log-interval 10 --eval-interval 1000 --eval-iters 10 --tensorboard-dir "$CKPT/tensorboard"
+: "${GPUS_PER_NODE:=8}" "${TP:=2}" "${PP:=2}"
+: "${NUM_LAYERS:=24}" "${HIDDEN_SIZE:=1024}" "${NUM_ATTENTION_HEADS:=16}" "${SEQ_LENGTH:=1024}"
+: "${MICRO_BATCH_SIZE:=4}" "${GLOBAL_BATCH_SIZE:=256}" "${TRAIN_ITERS:=500000}"
+: "${LR:=3e-4}" "${MIN_LR:=3e-5}" "${LR_WARMUP_ITERS:=2000}" "${PRECISION:=bf16}"
+: "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${EVAL_INTERVAL:=1000}" "${EVAL_ITERS:=10}"
+
+# shellcheck source=examples/_launch_common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/_launch_common.sh"
+require_paths gpt
+check_layout "$GPUS_PER_NODE"
+build_args gpt
+
+echo "$EXAMPLE: $GPUS_PER_NODE ranks = tp $TP x pp $PP x dp $DP, checkpoints $CHECKPOINT_PATH"
+torchrun --standalone --nproc_per_node="$GPUS_PER_NODE" -m megatron_lite.pretrain_gpt "${ARGS[@]}"

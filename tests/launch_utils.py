@@ -72,3 +72,32 @@ def losses(output: str) -> dict[int, float]:
 
 def eval_losses(output: str) -> list[tuple[str, int, float]]:
     return [(m.group(1), int(m.group(2)), float(m.group(3))) for m in VALID_RE.finditer(output)]
+
+
+def build_corpus(out: Path, tokenizer: str, vocab_size: int = 400, max_mb: float = 0.5) -> dict:
+    """A small real corpus (the Python standard library: no download) -> a `tokenizer`
+    (GPT2BPETokenizer or SentencePieceTokenizer) trained on it -> Megatron .bin/.idx, all with the
+    repository's tools. {"data_path": prefix, and "vocab_file" + "merge_file" or "tokenizer_model"}."""
+
+    def tool(*args) -> None:
+        subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, capture_output=True)
+
+    corpus, tok = out / "corpus.jsonl", out / tokenizer
+    if not corpus.exists():
+        tool("tools/make_demo_corpus.py", "--output", corpus, "--max-mb", max_mb)
+    tool(
+        "tools/train_tokenizer.py",
+        *("--input", corpus, "--tokenizer-type", tokenizer),
+        *("--vocab-size", vocab_size, "--output-dir", tok),
+    )
+    if tokenizer == "GPT2BPETokenizer":
+        files = {"vocab_file": tok / "vocab.json", "merge_file": tok / "merges.txt"}
+    else:
+        files = {"tokenizer_model": tok / "tokenizer.model"}
+    tool(
+        "tools/preprocess_data.py",
+        *("--input", corpus, "--json-keys", "text", "--output-prefix", out / tokenizer),
+        *("--tokenizer-type", tokenizer, "--append-eod", "--workers", 1),
+        *(a for k, v in files.items() for a in ("--" + k.replace("_", "-"), v)),
+    )
+    return {"data_path": out / f"{tokenizer}_text_document", **files}
