@@ -19,6 +19,15 @@ class ConfigError(ValueError):
     """An inconsistent or invalid setting; the message names the flag(s) and value(s)."""
 
 
+# --tokenizer-type values (the tools that tokenize accept the same ones)
+TOKENIZER_TYPES = (
+    "GPT2BPETokenizer",
+    "SentencePieceTokenizer",
+    "HuggingFaceTokenizer",
+    "NullTokenizer",
+)
+
+
 def flag(default: Any, help: str, *, name: str | None = None, **argparse_kwargs: Any) -> Any:
     """A dataclass field that is also a command-line flag (`name` defaults to --field-name)."""
     if isinstance(default, list):
@@ -237,12 +246,12 @@ class DataConfig:
     test_data_path: list[str] = flag([], "Test data only, optionally weighted.", nargs="*")
     data_cache_path: str | None = flag(None, "Where index caches go (default next to the data).")
     mock_data: bool = flag(False, "Synthetic tokens instead of --data-path.", action="store_true")
-    tokenizer_type: str | None = flag(
-        None, "Tokenizer.", choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "NullTokenizer"]
-    )
+    tokenizer_type: str | None = flag(None, "Tokenizer.", choices=list(TOKENIZER_TYPES))
     vocab_file: str | None = flag(None, "GPT-2 vocab.json.")
     merge_file: str | None = flag(None, "GPT-2 merges.txt.")
-    tokenizer_model: str | None = flag(None, "SentencePiece model file.")
+    tokenizer_model: str | None = flag(
+        None, "SentencePiece model file, or a HuggingFace tokenizer directory (or hub name)."
+    )
     vocab_size: int | None = flag(None, "Vocabulary size of the NullTokenizer.", type=int)
     eod_mask_loss: bool = flag(
         False, "Do not train on end-of-document tokens.", action="store_true"
@@ -282,10 +291,10 @@ class DataConfig:
                 self.vocab_file is not None and self.merge_file is not None,
                 "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file",
             )
-        if self.tokenizer_type == "SentencePieceTokenizer":
+        if self.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
             _require(
                 self.tokenizer_model is not None,
-                "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model",
+                f"--tokenizer-type {self.tokenizer_type} needs --tokenizer-model",
             )
         if self.tokenizer_type == "NullTokenizer":
             _require(

@@ -127,6 +127,8 @@ def _hf_tokenizer(path: str) -> dict:
         }
     if os.path.isfile(j("tokenizer.model")):
         return {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": j("tokenizer.model")}
+    if os.path.isfile(j("tokenizer.json")):  # a fast tokenizer only (Llama 3, ...)
+        return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": path}
     return {}
 
 

@@ -68,36 +68,43 @@ class SafetensorsWriter:
         return names
 
 
+_HF_TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
 def _tokenizer_files(cfg: dict, hf_dir: str | None) -> tuple[dict[str, str], int | None]:
     """{destination name: source path} of the tokenizer the checkpoint was trained with, and its
     end-of-document id, when known."""
-    from megatron_lite.data.tokenizer import build_tokenizer
 
     d = cfg.get("data", {})
-    files = {}
-    if hf_dir is not None:
-        for name in (
-            "vocab.json",
-            "merges.txt",
-            "tokenizer.model",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ):
-            if os.path.isfile(os.path.join(hf_dir, name)):
-                files[name] = os.path.join(hf_dir, name)
-        return files, None
     kind = d.get("tokenizer_type")
+    if hf_dir is not None or kind == "HuggingFaceTokenizer":
+        src = hf_dir if hf_dir is not None else d.get("tokenizer_model") or ""
+        files = {n: os.path.join(src, n) for n in _HF_TOKENIZER_FILES}
+        files = {n: p for n, p in files.items() if os.path.isfile(p)}
+        return files, None if hf_dir is not None else _eod(cfg, kind)
+    files = {}
     if kind == "GPT2BPETokenizer":
         files = {"vocab.json": d.get("vocab_file"), "merges.txt": d.get("merge_file")}
     elif kind == "SentencePieceTokenizer":
         files = {"tokenizer.model": d.get("tokenizer_model")}
     files = {k: v for k, v in files.items() if v and os.path.isfile(v)}
+    return files, _eod(cfg, kind)
+
+
+def _eod(cfg: dict, kind: str | None) -> int | None:
+    from megatron_lite.data.tokenizer import build_tokenizer
+
     try:
-        eod = build_tokenizer(Config.from_dict(cfg).data).eod if kind else None
+        return build_tokenizer(Config.from_dict(cfg).data).eod if kind else None
     except (ValueError, OSError):
-        eod = None  # tokenizer files moved: the config names no eos
-    return files, eod
+        return None  # tokenizer files moved: the config names no eos
 
 
 def export_hf(
@@ -138,7 +145,7 @@ def export_hf(
         json.dump(config, f, indent=2)
     for dest, src in tok_files.items():
         shutil.copyfile(src, os.path.join(out_dir, dest))
-    if tok_files and not is_hf:
+    if tok_files and not is_hf and "tokenizer_config.json" not in tok_files:
         cls = "GPT2Tokenizer" if "vocab.json" in tok_files else "LlamaTokenizer"
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": cls, "model_max_length": m["max_position_embeddings"]}, f)

@@ -266,3 +266,37 @@ def test_export_copies_the_gpt2_tokenizer_that_transformers_then_reads_alike(tmp
     text = "then the hen, then 42 ten!"
     assert theirs.encode(text) == tok.tokenize(text)
     assert len(tok.tokenize(text)) < len(text.encode())  # the merges did apply
+
+
+def test_export_and_generation_carry_a_huggingface_tokenizer_directory(tmp_path):
+    """A run tokenized with --tokenizer-type HuggingFaceTokenizer (a tokenizer.json directory, as
+    Llama 3 ships): the export copies its files, and generation from the export finds it."""
+    from megatron_lite.config import Config, DataConfig, ModelConfig
+    from megatron_lite.data.tokenizer import HuggingFaceTokenizer, bytes_to_unicode
+    from megatron_lite.generation import build_generation_tokenizer, load_model
+    from megatron_lite.model import build_model_chunks
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + ["he", "<|endoftext|>"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nh e\n")
+    hf_tok = tmp_path / "tok"
+    transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path)).save_pretrained(str(hf_tok))
+    data = DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf_tok))
+    tok = HuggingFaceTokenizer(data.tokenizer_model)
+    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2), data=data)
+    cfg.finalize(1)
+    ps = ParallelState.single()
+    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(tok.vocab_size))
+    ckpt.save_checkpoint(
+        str(tmp_path / "ck"), 1, chunks, None, None, cfg, ps, 0, vocab_size=tok.vocab_size
+    )
+    export_hf(ckpt.CheckpointReader(str(tmp_path / "ck")), str(tmp_path / "hf"), log=lambda s: None)
+    assert (tmp_path / "hf/tokenizer.json").read_text() == (hf_tok / "tokenizer.json").read_text()
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["eos_token_id"] == tok.eod
+    for name in ("vocab.json", "merges.txt"):  # only tokenizer.json describes it now
+        (tmp_path / "hf" / name).unlink(missing_ok=True)
+    found = build_generation_tokenizer(load_model(str(tmp_path / "hf")))
+    assert isinstance(found, HuggingFaceTokenizer)
+    assert found.tokenize("the hen") == tok.tokenize("the hen") and found.eod == tok.eod

@@ -1,15 +1,18 @@
 """Tokenizers trained here (no downloads): exact round trips, GPT-2 file formats, clear errors."""
 
 import json
+import os
 import random
 import types
 
 import pytest
 from datautil import TEXTS, corpus, run_tool, train_gpt2_tokenizer, write_jsonl
 
+from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.tokenizer import (
     EOD_TOKEN,
     GPT2BPETokenizer,
+    HuggingFaceTokenizer,
     NullTokenizer,
     SentencePieceTokenizer,
     build_tokenizer,
@@ -146,3 +149,34 @@ def test_train_tokenizer_tool_writes_usable_bpe(tmp_path):
     tok = GPT2BPETokenizer(str(tmp_path / "tok/vocab.json"), str(tmp_path / "tok/merges.txt"))
     assert tok.vocab_size == 300
     assert tok.detokenize(tok.tokenize(corpus(3)[2])) == corpus(3)[2]
+
+
+def test_huggingface_tokenizer_matches_ours_and_preprocesses(tmp_path, gpt2_files):
+    """--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR: a tokenizer.json-only directory
+    (as Llama 3 ships), made here by transformers from our GPT-2 files, tokenizes as ours and
+    drives preprocess_data.py."""
+    from transformers import GPT2TokenizerFast
+
+    v, m = gpt2_files
+    hf_dir = tmp_path / "hf_tok"
+    GPT2TokenizerFast.from_pretrained(os.path.dirname(v)).save_pretrained(hf_dir)
+    for name in ("vocab.json", "merges.txt"):  # leave only tokenizer.json + configs
+        (hf_dir / name).unlink(missing_ok=True)
+    ns = types.SimpleNamespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf_dir))
+    hf, ours = build_tokenizer(ns), GPT2BPETokenizer(v, m)
+    assert isinstance(hf, HuggingFaceTokenizer)
+    assert (hf.vocab_size, hf.eod) == (ours.vocab_size, ours.eod)
+    for text in TEXTS:
+        assert hf.tokenize(text) == ours.tokenize(text)
+        assert hf.detokenize(hf.tokenize(text)) == text
+    src = write_jsonl(str(tmp_path / "c.jsonl"), TEXTS)
+    out = str(tmp_path / "hfdata")
+    r = run_tool(
+        "preprocess_data.py", "--input", src, "--output-prefix", out, "--append-eod",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ds = IndexedDataset(out + "_text_document")
+    assert ds[1].tolist() == ours.tokenize(TEXTS[1]) + [ours.eod]
+    with pytest.raises(ValueError, match=r"--tokenizer-model .*nowhere: no HuggingFace tokenizer"):
+        HuggingFaceTokenizer(str(tmp_path / "nowhere"))

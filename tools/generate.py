@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch.distributed as dist  # noqa: E402
 
 from megatron_lite.checkpointing import CheckpointError  # noqa: E402
+from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
 from megatron_lite.generation import (  # noqa: E402
     SamplingParams,
     build_generation_tokenizer,
@@ -47,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stop-at-eod", action="store_true", help="Go on past end-of-document.")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     tok = p.add_argument_group("tokenizer (default: the checkpoint's)")
-    tok.add_argument(
-        "--tokenizer-type", choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "NullTokenizer"]
-    )
+    tok.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES)
     tok.add_argument("--vocab-file")
     tok.add_argument("--merge-file")
     tok.add_argument("--tokenizer-model")

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
 from megatron_lite.data.corpus import BadLineError, iter_lines, parse_json_line  # noqa: E402
 from megatron_lite.data.indexed_dataset import (  # noqa: E402
     IndexedDatasetBuilder,
@@ -195,11 +196,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--tokenizer-type",
         required=True,
-        choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "NullTokenizer"],
+        choices=TOKENIZER_TYPES,
     )
     g.add_argument("--vocab-file", help="GPT-2 vocab.json")
     g.add_argument("--merge-file", help="GPT-2 merges.txt")
-    g.add_argument("--tokenizer-model", help="SentencePiece model")
+    g.add_argument(
+        "--tokenizer-model", help="SentencePiece model, or HuggingFace tokenizer directory"
+    )
     g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
     g.add_argument("--append-eod", action="store_true", help="End each document with eod")
     g = p.add_argument_group("output data")

@@ -1,4 +1,5 @@
-"""Tokenizers selected by --tokenizer-type: GPT-2 byte-level BPE, SentencePiece, and a null one.
+"""Tokenizers selected by --tokenizer-type: GPT-2 byte-level BPE, SentencePiece, a HuggingFace
+tokenizer (through `transformers`, e.g. Llama 3's tokenizer.json), and a null one.
 
 Each exposes `vocab_size`, `tokenize(text) -> list[int]`, `detokenize(ids) -> str` and `eod` (the
 end-of-document id that `--append-eod` adds and `--eod-mask-loss` masks).
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import regex
+
+from megatron_lite.config import TOKENIZER_TYPES
 
 # GPT-2's pre-tokenization: contractions, letter runs, digit runs, other symbols, whitespace.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -163,6 +166,43 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
+class HuggingFaceTokenizer:
+    """Any tokenizer `transformers.AutoTokenizer` loads from --tokenizer-model (a directory, or a hub
+    name where the network allows). As Megatron's: `tokenize` adds the tokenizer's own special
+    tokens (Llama's BOS, say); end of document is its eos token."""
+
+    def __init__(self, name_or_path: str) -> None:
+        if name_or_path is None:
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ImportError(
+                "--tokenizer-type HuggingFaceTokenizer needs transformers (pip install transformers)"
+            ) from None
+        local = os.path.isdir(name_or_path)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+        except (OSError, ValueError) as e:
+            where = "directory" if local else "name (not a local directory)"
+            raise ValueError(
+                f"--tokenizer-model {name_or_path}: no HuggingFace tokenizer at this {where}: {e}"
+            ) from None
+        if self.hf.eos_token_id is None:
+            raise ValueError(f"--tokenizer-model {name_or_path}: the tokenizer has no eos token")
+        self.eod = int(self.hf.eos_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.hf(text)["input_ids"])
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+
 class NullTokenizer:
     """Text is space-separated ids; `eod` is `--vocab-size` itself, so vocab_size = that + 1 (as
     Megatron's null tokenizer)."""
@@ -186,7 +226,7 @@ class NullTokenizer:
         return " ".join(str(int(i)) for i in ids)
 
 
-Tokenizer = GPT2BPETokenizer | SentencePieceTokenizer | NullTokenizer
+Tokenizer = GPT2BPETokenizer | SentencePieceTokenizer | HuggingFaceTokenizer | NullTokenizer
 
 
 def build_tokenizer(data_cfg) -> Tokenizer:
@@ -199,9 +239,8 @@ def build_tokenizer(data_cfg) -> Tokenizer:
         return GPT2BPETokenizer(data_cfg.vocab_file, data_cfg.merge_file)
     if kind == "SentencePieceTokenizer":
         return SentencePieceTokenizer(data_cfg.tokenizer_model)
+    if kind == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(data_cfg.tokenizer_model)
     if kind == "NullTokenizer":
         return NullTokenizer(data_cfg.vocab_size)
-    raise ValueError(
-        f"--tokenizer-type {kind!r} is not one of GPT2BPETokenizer, SentencePieceTokenizer, "
-        "NullTokenizer"
-    )
+    raise ValueError(f"--tokenizer-type {kind!r} is not one of {', '.join(TOKENIZER_TYPES)}")
