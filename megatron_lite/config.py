@@ -419,6 +419,11 @@ class CheckpointConfig:
     finetune: bool = flag(
         False, "Load weights only; restart iteration count and optimizer.", action="store_true"
     )
+    use_checkpoint_args: bool = flag(
+        False,
+        "Take the model's shape and the tokenizer (unless given) from the --load checkpoint.",
+        action="store_true",
+    )
     exit_on_missing_checkpoint: bool = flag(
         False, "With --load: stop with an error when it holds no checkpoint.", action="store_true"
     )

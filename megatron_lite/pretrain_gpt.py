@@ -13,13 +13,66 @@ SLURM_LOCALID, master address from the node list), or as one plain process.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 
 from megatron_lite.arguments import parse_args
+from megatron_lite.config import Config
+
+# --use-checkpoint-args takes these model settings from the checkpoint (as Megatron's
+# load_args_from_checkpoint): whatever decides a parameter's shape or the model's numerics
+CHECKPOINT_MODEL_ARGS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "group_query_attention",
+    "num_query_groups",
+    "kv_channels",
+    "ffn_hidden_size",
+    "swiglu",
+    "openai_gelu",
+    "normalization",
+    "layernorm_epsilon",
+    "position_embedding_type",
+    "rotary_base",
+    "max_position_embeddings",
+    "untie_embeddings_and_output_weights",
+    "add_bias_linear",
+    "make_vocab_size_divisible_by",
+)
+TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
+
+
+def with_checkpoint_args(cfg: Config) -> Config:
+    """--use-checkpoint-args: the model settings of the --load checkpoint, and its tokenizer when
+    the command line names none."""
+    from megatron_lite.checkpointing import CheckpointReader
+
+    if cfg.checkpoint.load is None:
+        raise SystemExit("error: --use-checkpoint-args needs --load")
+    saved = CheckpointReader(cfg.checkpoint.load).config
+    d = cfg.to_dict()
+    d["model"].update({k: saved["model"][k] for k in CHECKPOINT_MODEL_ARGS if k in saved["model"]})
+    if cfg.data.tokenizer_type is None:
+        d["data"].update({k: saved["data"].get(k) for k in TOKENIZER_ARGS})
+    new = Config.from_dict(d)
+    changed = [
+        f"{f.name}={getattr(new.model, f.name)}"
+        for f in dataclasses.fields(new.model)
+        if getattr(new.model, f.name) != getattr(cfg.model, f.name)
+    ]
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"> --use-checkpoint-args: from {cfg.checkpoint.load}: {', '.join(changed) or 'no change'}"
+        )
+    return new
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv, prog="python -m megatron_lite.pretrain_gpt")
+    if cfg.checkpoint.use_checkpoint_args:
+        cfg = with_checkpoint_args(cfg)
     if cfg.train.train_iters is None and cfg.train.train_samples is None:
         print("error: give --train-iters or --train-samples", file=sys.stderr)
         return 2

@@ -65,6 +65,12 @@ def test_resume_gives_bitwise_identical_losses(indexed_data, reference, tmp_path
     first = run_pretrain(2, [*flags, "--exit-interval", "4"])
     assert "exiting at iteration 4 (exit-interval)" in first.stdout
     assert read_latest_iteration(str(tmp_path)) == 4
+    # --use-checkpoint-args: the model's shape comes from the checkpoint, not these wrong flags
+    shape = ["--num-layers", "2", "--hidden-size", "32", "--use-checkpoint-args"]
+    nosave = flags[:-2]
+    third = run_pretrain(2, [*nosave, *shape, "--load", str(tmp_path), "--exit-interval", "5"])
+    assert "--use-checkpoint-args: from" in third.stdout and "num_layers=4" in third.stdout
+    assert losses(third.stdout) == {5: reference[5]}
     second = run_pretrain(2, [*flags, "--load", str(tmp_path)])
     assert "loaded checkpoint" in second.stdout
     resumed = losses(second.stdout)
