@@ -123,6 +123,7 @@ build_args() { # gpt | llama: ARGS, every flag of the run (EXTRA_ARGS last, so t
 
 slurm_launch() { # one torchrun agent per node, c10d rendezvous on the first node; then maybe requeue
   local master port log rc latest
+  [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM job: submit this script with sbatch"
   master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
   port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   mkdir -p "$CHECKPOINT_PATH/logs"

@@ -16,6 +16,7 @@ within 1e-5 relative. CPU/gloo and fp32 throughout (SBATCH_GPUS_PER_NODE=0 drops
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -161,6 +162,20 @@ def test_example_fails_at_once_naming_a_missing_or_wrong_path(
     assert not (tmp_path / "ckpt").exists() or var == "CHECKPOINT_PATH"
 
 
+@pytest.mark.parametrize("script", SCRIPTS.values(), ids=SCRIPTS.keys())
+def test_sbatch_example_away_from_the_checkout_says_to_set_megatron_lite_dir(script, tmp_path):
+    """sbatch runs a spooled copy of the script: it finds the checkout through the submit directory
+    (SLURM_SUBMIT_DIR) or MEGATRON_LITE_DIR."""
+    env = clean_env(**_dummy_paths(tmp_path), SLURM_SUBMIT_DIR=str(tmp_path))
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert "submit from the megatron_lite checkout, or set MEGATRON_LITE_DIR to it" in out.stderr
+    env["MEGATRON_LITE_DIR"] = str(ROOT)  # found; every variable is right, but this is no job
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert "not inside a SLURM job: submit this script with sbatch" in out.stderr
+
+
 @pytest.mark.parametrize(
     "variables, message",
     [
@@ -221,13 +236,14 @@ def wait_for_job(cluster, job: str, state: str) -> str:
 
 @contextmanager
 def sbatch_then_sigterm(cluster, script: Path, out: Path, env: dict):
-    """`sbatch --wait` the example; once its log shows iteration 3, `scancel --signal=TERM` the job
+    """`sbatch --wait` the example from the checkout (the scripts find examples/_launch_common.sh in
+    the submit directory); once its log shows iteration 3, `scancel --signal=TERM` the job
     (what SLURM does before the time limit: every process of its steps gets SIGTERM). Yields the
     sbatch process and the job id; kills sbatch (not the job) on the way out if it still runs."""
     jobid = out.with_suffix(".jobid")
     with open(jobid, "w") as f:
         cmd = cluster.sbatch_command(script, out, parsable=True)
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
         logged = lambda: out.exists() and re.search(r" iteration\s+3/", out.read_text())  # noqa: E731
         _wait_for(logged, "iteration 3", proc)
@@ -282,20 +298,21 @@ def test_gpt_sbatch_saves_on_sigterm_and_a_resubmission_resumes(
 
     # the same script, submitted again: resumes from CHECKPOINT_PATH and trains to the end
     cmd = slurm_cluster.sbatch_command(SCRIPTS["gpt"], tmp_path / "2.out", parsable=True)
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, (tmp_path / "2.out").read_text()[-4000:]
     second = ckpt / "logs" / f"gpt-pretrain-{again.stdout.split()[0]}-restart0.log"
     assert_resumed_to_the_end(second, ckpt, saved, reference["gpt"], tp=2, pp=2)
 
 
-def test_llama_sbatch_requeues_itself_after_sigterm_and_resumes(
-    slurm_cluster, corpus, reference, tmp_path
-):
-    ckpt = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def llama_job(slurm_cluster, corpus, tmp_path_factory):
+    """The Llama example with AUTO_REQUEUE=1, SIGTERM at iteration 3: (checkpoint dir, job id, the
+    job's final `scontrol show job` line)."""
+    tmp = tmp_path_factory.mktemp("llama-job")
+    ckpt = tmp / "ckpt"
     variables = example_vars("llama", corpus["llama"], ckpt, GPUS_PER_NODE="2", TP="1", PP="2")
     env = slurm_cluster.job_env(**variables, SBATCH_GPUS_PER_NODE="0", AUTO_REQUEUE="1")
-    out = tmp_path / "job.out"
-    with sbatch_then_sigterm(slurm_cluster, SCRIPTS["llama"], out, env) as (_, job):
+    with sbatch_then_sigterm(slurm_cluster, SCRIPTS["llama"], tmp / "job.out", env) as (_, job):
         # The job requeues itself. SLURM holds a requeued job for its credential lifetime (2 min by
         # default): start it sooner, but not within the second its credential was revoked in (the
         # nodes would refuse it: "Job credential revoked"). `sbatch --wait` may return at the
@@ -304,6 +321,11 @@ def test_llama_sbatch_requeues_itself_after_sigterm_and_resumes(
         time.sleep(2)
         slurm_cluster.client("scontrol", "update", f"JobId={job}", "StartTime=now")
         final = wait_for_job(slurm_cluster, job, r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT)")
+    return ckpt, job, final
+
+
+def test_llama_sbatch_requeues_itself_after_sigterm_and_resumes(llama_job, reference):
+    ckpt, job, final = llama_job
     assert re.search(r"JobState=COMPLETED .*Restarts=1 .*ExitCode=0:0", final), final
     first, second = (ckpt / "logs" / f"llama-pretrain-{job}-restart{n}.log" for n in (0, 1))
     text = first.read_text()
@@ -313,3 +335,20 @@ def test_llama_sbatch_requeues_itself_after_sigterm_and_resumes(
     assert f"job {job} (restart 1)" in second.read_text()
     assert_resumed_to_the_end(second, ckpt, saved, reference["llama"], tp=1, pp=2)
     assert "AUTO_REQUEUE" not in second.read_text()  # done: not requeued again
+
+
+def test_llama_checkpoint_exports_to_hf_and_generates(llama_job, tmp_path):
+    """README "Running on a cluster", the last steps: convert to Hugging Face, then generate."""
+    ckpt = llama_job[0]
+    convert = [sys.executable, "tools/checkpoint/convert.py", "--saver", "hf"]
+    convert += ["--load-dir", str(ckpt), "--save-dir", str(tmp_path / "hf"), "--check"]
+    out = subprocess.run(convert, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "check passed" in out.stdout
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    generate = [sys.executable, "tools/generate.py", "--load", str(ckpt), "--prompt", "def main("]
+    generate += ["--max-new-tokens", "8", "--greedy"]
+    out = subprocess.run(generate, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["finish_reason"] in ("length", "eod") and 0 < len(result["tokens"]) <= 8
