@@ -2,10 +2,11 @@
 # Shared by the launch examples (sourced, never run): checks of the variables a user sets, the
 # pretrain_gpt flags they map to, and the SLURM launch (srun + one torchrun agent per node).
 # An example sets EXAMPLE (its name, for messages) and its model's defaults, then calls, in order:
-#   require_paths gpt|llama; check_layout WORLD_SIZE; build_args gpt|llama; then
+#   require_paths gpt|llama; check_layout NODES; build_args gpt|llama; then
 #   torchrun ... -m megatron_lite.pretrain_gpt "${ARGS[@]}"   or   slurm_launch.
-# Every check runs before anything starts, so a wrong variable fails in a second, not in the queue's
-# next slot after a torch import.
+# Every check runs before anything is launched, so a wrong variable fails in a second, not after
+# a torch import on every node. `bash SCRIPT.sbatch` with the job's variables runs the checks
+# before queueing: with every variable right it stops at "not inside a SLURM job".
 
 die() {
   echo "$EXAMPLE: $*" >&2
@@ -64,11 +65,12 @@ require_int() { # VAR: a positive integer
   [[ ${!1:-} =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, not '${!1:-}'"
 }
 
-check_layout() { # WORLD_SIZE: sets DP = WORLD_SIZE / (TP x PP), refusing a remainder
-  local world=$1 var
+check_layout() { # NODES: sets DP = NODES x GPUS_PER_NODE / (TP x PP), refusing a remainder
+  local var world
   for var in GPUS_PER_NODE TP PP MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS; do
     require_int "$var"
   done
+  world=$(($1 * GPUS_PER_NODE))
   if ((world % (TP * PP) != 0)); then
     die "the world size ($world GPUs) must be divisible by TP x PP ($TP x $PP = $((TP * PP)));" \
       "change GPUS_PER_NODE, TP or PP"

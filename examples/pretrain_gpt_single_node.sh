@@ -24,7 +24,7 @@ EXAMPLE=pretrain_gpt_single_node.sh
 # shellcheck source=examples/_launch_common.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/_launch_common.sh"
 require_paths gpt
-check_layout "$GPUS_PER_NODE"
+check_layout 1
 build_args gpt
 
 echo "$EXAMPLE: $GPUS_PER_NODE ranks = tp $TP x pp $PP x dp $DP, checkpoints $CHECKPOINT_PATH"

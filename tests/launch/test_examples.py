@@ -1,12 +1,14 @@
 """The launch examples, run unchanged and configured by variables only, as a user runs them.
 
-* Each fails at once, naming the variable, when a required path is missing or wrong (bash only).
+* Each fails at once, naming the variable, when a required path is missing or wrong, and refuses a bad
+  layout (bash only); an sbatch script finds the checkout and, run by bash, stops at "not in a job".
 * examples/pretrain_gpt_single_node.sh: torchrun on this machine, 2 ranks (tp 2), tiny GPT.
 * examples/pretrain_gpt_multinode.sbatch on the local two-node SLURM cluster (tests/launch/slurm_ci.sh),
   2 nodes x 2 ranks = tp 2 x pp 2: SIGTERM mid-run (what SLURM sends before the time limit) saves a
   checkpoint and the job ends 0; the same script submitted again resumes from it to the end.
 * examples/pretrain_llama_multinode.sbatch, tp 1 x pp 2 x dp 2, AUTO_REQUEUE=1: SIGTERM mid-run saves,
-  the job requeues itself (same job id, restart 1) and resumes to the end.
+  the job requeues itself (same job id, restart 1) and resumes to the end; its checkpoint exports to
+  Hugging Face (tools/checkpoint/convert.py --check) and generates (tools/generate.py).
 
 Data: a small corpus of the Python standard library, tokenized with a GPT-2 BPE and a SentencePiece
 model trained here (tools/train_tokenizer.py, tools/preprocess_data.py). Every launch's losses equal,
@@ -163,7 +165,7 @@ def test_example_fails_at_once_naming_a_missing_or_wrong_path(
 
 
 @pytest.mark.parametrize("script", SCRIPTS.values(), ids=SCRIPTS.keys())
-def test_sbatch_example_away_from_the_checkout_says_to_set_megatron_lite_dir(script, tmp_path):
+def test_sbatch_example_run_by_bash_finds_the_checkout_and_stops_outside_a_job(script, tmp_path):
     """sbatch runs a spooled copy of the script: it finds the checkout through the submit directory
     (SLURM_SUBMIT_DIR) or MEGATRON_LITE_DIR."""
     env = clean_env(**_dummy_paths(tmp_path), SLURM_SUBMIT_DIR=str(tmp_path))
