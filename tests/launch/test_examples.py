@@ -348,9 +348,21 @@ def test_llama_checkpoint_exports_to_hf_and_generates(llama_job, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "check passed" in out.stdout
     assert (tmp_path / "hf" / "model.safetensors").exists()
-    generate = [sys.executable, "tools/generate.py", "--load", str(ckpt), "--prompt", "def main("]
-    generate += ["--max-new-tokens", "8", "--greedy"]
-    out = subprocess.run(generate, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["finish_reason"] in ("length", "eod") and 0 < len(result["tokens"]) <= 8
+    assert (tmp_path / "hf" / "tokenizer.model").exists()  # the run's SentencePiece model
+    results = []
+    for load in (ckpt, tmp_path / "hf"):  # the checkpoint, and the export with its tokenizer
+        generate = [
+            sys.executable,
+            "tools/generate.py",
+            "--load",
+            str(load),
+            "--prompt",
+            "def main(",
+        ]
+        generate += ["--max-new-tokens", "8", "--greedy"]
+        out = subprocess.run(generate, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        assert results[-1]["finish_reason"] in ("length", "eod")
+        assert 0 < len(results[-1]["tokens"]) <= 8
+    assert results[0]["tokens"] == results[1]["tokens"]  # greedy: the same model either way
