@@ -233,10 +233,26 @@ def test_impossible_target_layout_is_refused_with_the_reason(trained, tmp_path, 
     assert not (tmp_path / "x" / "latest_checkpointed_iteration.txt").exists()
 
 
-def test_export_copies_the_gpt2_tokenizer_that_transformers_then_reads_alike(tmp_path):
-    from megatron_lite.config import Config, DataConfig, ModelConfig
-    from megatron_lite.data.tokenizer import GPT2BPETokenizer, bytes_to_unicode
+def _export_a_tiny_model_tokenized_by(data, vocab_size: int, tmp_path) -> dict:
+    """Save a 1-layer model whose config names the tokenizer `data`, export it to tmp_path/hf;
+    returns the exported config.json."""
+    from megatron_lite.config import Config, ModelConfig
     from megatron_lite.model import build_model_chunks
+
+    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2), data=data)
+    cfg.finalize(1)
+    ps = ParallelState.single()
+    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(vocab_size))
+    ckpt.save_checkpoint(
+        str(tmp_path / "ck"), 1, chunks, None, None, cfg, ps, 0, vocab_size=vocab_size
+    )
+    export_hf(ckpt.CheckpointReader(str(tmp_path / "ck")), str(tmp_path / "hf"), log=lambda s: None)
+    return json.loads((tmp_path / "hf/config.json").read_text())
+
+
+def test_export_copies_the_gpt2_tokenizer_that_transformers_then_reads_alike(tmp_path):
+    from megatron_lite.config import DataConfig
+    from megatron_lite.data.tokenizer import GPT2BPETokenizer, bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "n")]
@@ -251,16 +267,8 @@ def test_export_copies_the_gpt2_tokenizer_that_transformers_then_reads_alike(tmp
         merge_file=str(tmp_path / "merges.txt"),
     )
     tok = GPT2BPETokenizer(data.vocab_file, data.merge_file)
-    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2), data=data)
-    cfg.finalize(1)
-    ps = ParallelState.single()
-    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(tok.vocab_size))
-    ckpt.save_checkpoint(
-        str(tmp_path / "ck"), 1, chunks, None, None, cfg, ps, 0, vocab_size=tok.vocab_size
-    )
-    export_hf(ckpt.CheckpointReader(str(tmp_path / "ck")), str(tmp_path / "hf"), log=lambda s: None)
+    config = _export_a_tiny_model_tokenized_by(data, tok.vocab_size, tmp_path)
     assert (tmp_path / "hf/merges.txt").read_text() == (tmp_path / "merges.txt").read_text()
-    config = json.loads((tmp_path / "hf/config.json").read_text())
     assert config["eos_token_id"] == tok.eod and config["vocab_size"] == tok.vocab_size
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     text = "then the hen, then 42 ten!"
@@ -271,10 +279,9 @@ def test_export_copies_the_gpt2_tokenizer_that_transformers_then_reads_alike(tmp
 def test_export_and_generation_carry_a_huggingface_tokenizer_directory(tmp_path):
     """A run tokenized with --tokenizer-type HuggingFaceTokenizer (a tokenizer.json directory, as
     Llama 3 ships): the export copies its files, and generation from the export finds it."""
-    from megatron_lite.config import Config, DataConfig, ModelConfig
+    from megatron_lite.config import DataConfig
     from megatron_lite.data.tokenizer import HuggingFaceTokenizer, bytes_to_unicode
     from megatron_lite.generation import build_generation_tokenizer, load_model
-    from megatron_lite.model import build_model_chunks
 
     symbols = list(bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols + ["he", "<|endoftext|>"])}
@@ -284,16 +291,8 @@ def test_export_and_generation_carry_a_huggingface_tokenizer_directory(tmp_path)
     transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path)).save_pretrained(str(hf_tok))
     data = DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf_tok))
     tok = HuggingFaceTokenizer(data.tokenizer_model)
-    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2), data=data)
-    cfg.finalize(1)
-    ps = ParallelState.single()
-    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(tok.vocab_size))
-    ckpt.save_checkpoint(
-        str(tmp_path / "ck"), 1, chunks, None, None, cfg, ps, 0, vocab_size=tok.vocab_size
-    )
-    export_hf(ckpt.CheckpointReader(str(tmp_path / "ck")), str(tmp_path / "hf"), log=lambda s: None)
+    config = _export_a_tiny_model_tokenized_by(data, tok.vocab_size, tmp_path)
     assert (tmp_path / "hf/tokenizer.json").read_text() == (hf_tok / "tokenizer.json").read_text()
-    config = json.loads((tmp_path / "hf/config.json").read_text())
     assert config["eos_token_id"] == tok.eod
     for name in ("vocab.json", "merges.txt"):  # only tokenizer.json describes it now
         (tmp_path / "hf" / name).unlink(missing_ok=True)
