@@ -51,7 +51,15 @@ require_checkpoint_dir() { # CHECKPOINT_PATH: saved to and loaded from; created,
 require_paths() { # gpt | llama: the data, the tokenizer files of that flavour, the checkpoint dir
   require_data_prefix
   if [ "$1" = llama ]; then
-    require_file TOKENIZER_MODEL "a SentencePiece model (tools/train_tokenizer.py writes tokenizer.model)"
+    [ -n "${TOKENIZER_MODEL:-}" ] || die "TOKENIZER_MODEL is not set: it must name a SentencePiece" \
+      "model (tools/train_tokenizer.py writes tokenizer.model) or a HuggingFace tokenizer directory"
+    if [ -d "$TOKENIZER_MODEL" ]; then
+      [ -f "$TOKENIZER_MODEL/tokenizer.json" ] || [ -f "$TOKENIZER_MODEL/tokenizer_config.json" ] ||
+        die "TOKENIZER_MODEL=$TOKENIZER_MODEL: a directory without tokenizer.json or" \
+          "tokenizer_config.json (expected a HuggingFace tokenizer directory)"
+    else
+      require_file TOKENIZER_MODEL "a SentencePiece model or a HuggingFace tokenizer directory"
+    fi
   else
     require_file VOCAB_FILE "a GPT-2 BPE vocab.json"
     require_file MERGE_FILE "a GPT-2 BPE merges.txt"
@@ -113,8 +121,12 @@ build_args() { # gpt | llama: ARGS, every flag of the run (EXTRA_ARGS last, so t
       --untie-embeddings-and-output-weights --group-query-attention
       --num-query-groups "$NUM_QUERY_GROUPS" --ffn-hidden-size "$FFN_HIDDEN_SIZE"
       --hidden-dropout 0 --attention-dropout 0
-      --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
     )
+    if [ -d "$TOKENIZER_MODEL" ]; then # e.g. Llama 3's tokenizer.json
+      ARGS+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+    else
+      ARGS+=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+    fi
   else # GPT-2: learned positions, LayerNorm, GeLU, biases, tied output
     ARGS+=(--tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB_FILE" --merge-file "$MERGE_FILE")
   fi

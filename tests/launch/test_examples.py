@@ -133,7 +133,10 @@ GPT_BAD = [
     ("VOCAB_FILE", None, "VOCAB_FILE is not set: it must name a GPT-2 BPE vocab.json"),
     ("MERGE_FILE", "{tmp}/nomerges.txt", "MERGE_FILE={tmp}/nomerges.txt: no such file"),
 ]
-LLAMA_BAD = [("TOKENIZER_MODEL", None, "TOKENIZER_MODEL is not set: it must name a SentencePiece")]
+LLAMA_BAD = [
+    ("TOKENIZER_MODEL", None, "TOKENIZER_MODEL is not set: it must name a SentencePiece"),
+    ("TOKENIZER_MODEL", "{tmp}", "TOKENIZER_MODEL={tmp}: a directory without tokenizer.json"),
+]
 FAIL_CASES = [
     (script, *case)
     for script, cases in (
