@@ -11,7 +11,8 @@ bookkeeping covers fp32 CPU runs, dropout off (no masks), SDPA/flash (no s x s t
 unfused softmax (s x s probabilities), RMSNorm's fp32 copies, SwiGLU, GQA's expanded keys and values
 (`repeat_interleave`), rotary copies and biases. Two differences from the paper's model: our column-
 parallel linears keep their all-gathered input (full s, not s/t) under sequence parallelism, and
-SDPA keeps its output besides q, k, v. Data-loader inputs (tokens, labels, masks) are not counted.
+SDPA keeps its output besides q, k, v. A chunk that sends its output down the pipeline keeps it until
+its backward. Data-loader inputs (tokens, labels, masks) are not counted.
 """
 
 from __future__ import annotations
@@ -184,6 +185,9 @@ def chunk_bytes(cfg: Config, padded_vocab: int, pp_rank: int, device: str = "cud
             total += sum(embedding_terms(cfg, device).values())
         if post:
             total += sum(output_terms(cfg, padded_vocab).values())
+        else:  # the chunk's output: the executor keeps it from F to B (the root of its backward)
+            x = dims(cfg, device)
+            total += x.a * x.sl * x.b * x.h
         out.append(total)
     return out
 
