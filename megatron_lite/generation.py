@@ -5,10 +5,12 @@
     out = generate(lm, tok.tokenize("Hello"), 32, SamplingParams(temperature=0.8, top_p=0.9),
                    eod=tok.eod)
 
-The model is built at this process's tp (every tp rank calls the same functions with the same
-arguments; `ParallelState.build(tp=world, pp=1)` under torchrun) and pp = 1: generation runs one
-token at a time, so pipeline stages would only take turns. Logits are gathered over tp, the next
-token is chosen on tp rank 0 and broadcast, so every rank extends the same sequence.
+The model is built at this process's tp x pp (every rank calls the same functions with the same
+arguments; `ParallelState.build(tp, pp)` under torchrun). Each step runs the new tokens through the
+stages in turn (hidden states sent stage to stage; one token at a time leaves nothing to overlap,
+so pipeline parallelism here is for models too big for one tp group). The last stage gathers the
+logits over tp and samples; the token is broadcast to every rank of the model, so all extend the
+same sequence.
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ from megatron_lite.hf_checkpoint import (
     training_dtype,
 )
 from megatron_lite.model import GPTModel, InferenceParams
+from megatron_lite.model.gpt import chunk_layer_numbers
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 
-def inference_config(config: dict, tp: int) -> Config:
-    """The saved config at tp x pp=1, without dropout or recomputation."""
+def inference_config(config: dict, tp: int, pp: int = 1) -> Config:
+    """The saved config at tp x pp, without dropout or recomputation."""
     d = copy.deepcopy(config)
-    d["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}
+    d["parallel"] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     d["model"].update(
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -74,12 +77,27 @@ class LanguageModel:
     @torch.no_grad()
     def logits(
         self, tokens: torch.Tensor, inference_params: InferenceParams | None = None
-    ) -> torch.Tensor:
-        """Full logits [b, s, vocab] (gathered over tp) of `tokens` [b, s]."""
-        dev = next(self.model.parameters()).device
-        out = self.model(tokens.to(dev), inference_params=inference_params)  # [b, s, V/tp]
-        out = gather_from_tensor_model_parallel_region(out, self.ps.tp_group)
+    ) -> torch.Tensor | None:
+        """Full logits [b, s, vocab] (gathered over tp) of `tokens` [b, s] on the last pipeline
+        stage; None on the others (they pass their hidden states on)."""
+        ps, param = self.ps, next(self.model.parameters())
+        if not ps.is_first_stage:  # the previous stage's hidden states [s, b, h]
+            shape = (tokens.shape[1], tokens.shape[0], self.cfg.model.hidden_size)
+            hidden = torch.empty(shape, dtype=param.dtype, device=self._p2p_device)
+            dist.recv(hidden, ps.prev_rank)
+            self.model.set_input_tensor(hidden.to(param.device))
+        out = self.model(tokens.to(param.device), inference_params=inference_params)
+        if not ps.is_last_stage:
+            dist.send(out.to(self._p2p_device).contiguous(), ps.next_rank)
+            return None
+        out = gather_from_tensor_model_parallel_region(out, ps.tp_group)  # [b, s, V/tp] -> V
         return out[..., : self.vocab_size]
+
+    @property
+    def _p2p_device(self) -> torch.device:
+        if self.ps.backend == "gloo":
+            return torch.device("cpu")
+        return next(self.model.parameters()).device
 
 
 def _saved_dtype(reader) -> torch.dtype:
@@ -96,15 +114,24 @@ def load_model(
     iteration: int | None = None,
     device: torch.device | None = None,
 ) -> LanguageModel:
-    """Build the model at `ps`'s tp (pp must be 1) and load `path` into it (any saved layout, or a
-    HF directory) through the checkpoint loader's reshard path. `dtype` "auto": as saved."""
+    """Build this rank's stage of the model at `ps`'s tp x pp and load `path` into it (any saved
+    layout, or a HF directory) through the checkpoint loader's reshard path. `dtype` "auto": as
+    saved."""
     ps = ps or ParallelState.single()
-    if ps.pp_size != 1:
-        raise ValueError(f"generation runs at pp = 1, got a ParallelState with pp = {ps.pp_size}")
+    if ps.dp_size != 1:
+        raise ValueError(f"generation runs one model replica: dp must be 1, got {ps.dp_size}")
     reader = open_checkpoint(path, iteration)
-    cfg = inference_config(reader.config, ps.tp_size)
+    cfg = inference_config(reader.config, ps.tp_size, ps.pp_size)
     vocab = reader.vocab_size or reader.full_tensor(WORD_EMBEDDING).shape[0]
-    model = GPTModel(cfg, ps, cfg.padded_vocab_size(vocab), range(cfg.model.num_layers))
+    layers = chunk_layer_numbers(cfg.model.num_layers, ps.pp_size, ps.pp_rank, 1, 0)
+    model = GPTModel(
+        cfg,
+        ps,
+        cfg.padded_vocab_size(vocab),
+        layers,
+        pre_process=ps.is_first_stage,
+        post_process=ps.is_last_stage,
+    )
     load_weights(reader, [model], ps)
     if dtype == "auto":
         dtype = _saved_dtype(reader)
@@ -189,21 +216,22 @@ def sample(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _broadcast_tp(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
-    """tp rank 0's `t` on every tp rank (the sampled token: each rank must extend the same text)."""
-    if ps.tp_size > 1:
-        dev = torch.device("cpu") if ps.backend == "gloo" else device_mod.get_device()
-        buf = t.to(dev)
-        dist.broadcast(buf, ps.tp_ranks[0], group=ps.tp_group)
-        t = buf.cpu()
-    return t
+def _broadcast_token(t: torch.Tensor | None, ps: ParallelState) -> torch.Tensor:
+    """The token sampled on the last stage's tp rank 0, on every rank of the model (each rank must
+    extend the same text); other ranks pass None."""
+    if ps.tp_size * ps.pp_size == 1:
+        return t
+    dev = torch.device("cpu") if ps.backend == "gloo" else device_mod.get_device()
+    buf = t.to(dev) if t is not None else torch.zeros(1, dtype=torch.long, device=dev)
+    dist.broadcast(buf, ps.mp_ranks[(ps.pp_size - 1) * ps.tp_size], group=ps.mp_group)
+    return buf.cpu()
 
 
 @dataclass
 class GenerationOutput:
     tokens: list[int]  # the new tokens (the end-of-document token included when it stopped there)
     finish_reason: str  # "eod" or "length"
-    step_logits: list[torch.Tensor] | None = None  # [vocab] fp32 per step, with return_logits
+    step_logits: list[torch.Tensor] | None = None  # [vocab] fp32 per step (last stage), on request
 
 
 @torch.no_grad()
@@ -239,12 +267,16 @@ def generate(
     new, logged, reason = [], [], "length"
     step_input = seq
     for _ in range(max_new_tokens):
-        logits = lm.logits(step_input if use_cache else seq, cache)[:, -1]  # [1, vocab]
+        logits = lm.logits(step_input if use_cache else seq, cache)  # [1, s, vocab] | None
         if cache is not None:
             cache.sequence_len_offset += step_input.shape[1]
-        if return_logits:
-            logged.append(logits[0].float().cpu())
-        token = _broadcast_tp(sample(logits, params, generator), lm.ps)
+        token = None
+        if logits is not None:  # the last pipeline stage
+            logits = logits[:, -1]
+            if return_logits:
+                logged.append(logits[0].float().cpu())
+            token = sample(logits, params, generator)
+        token = _broadcast_token(token, lm.ps)
         new.append(int(token[0]))
         if eod is not None and new[-1] == eod:
             reason = "eod"

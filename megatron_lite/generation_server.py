@@ -8,8 +8,9 @@
 Bad requests get a 4xx with {"error": "<what was wrong>"}: 400 malformed JSON, a missing or empty
 prompt, unknown fields, bad parameter values; 411 no Content-Length; 413 a body over
 `max_request_bytes` or a prompt over `max_prompt_tokens`; 404/405 other paths and methods.
-Requests are served one at a time (generation holds the model). Under tensor parallelism tp rank 0
-serves HTTP and broadcasts each request to the other tp ranks, which run `follow` in a loop.
+Requests are served one at a time (generation holds the model). Split over several ranks (tp x pp),
+the model's first rank serves HTTP and broadcasts each request to the others, which run `follow` in
+a loop.
 """
 
 from __future__ import annotations
@@ -113,23 +114,30 @@ def run_request(lm: LanguageModel, tokenizer, req: dict) -> dict:
     }
 
 
+def is_serving_rank(ps) -> bool:
+    """The rank that serves HTTP: the model's first rank (first stage, tp rank 0)."""
+    return ps.rank == ps.mp_ranks[0]
+
+
 def _broadcast_request(req: dict | None, lm: LanguageModel) -> dict | None:
-    """tp rank 0's request (None = stop) on every tp rank, as JSON bytes (no pickling)."""
+    """The serving rank's request (None = stop) on every rank of the model, as JSON bytes (no
+    pickling)."""
     ps = lm.ps
-    if ps.tp_size == 1:
+    if ps.tp_size * ps.pp_size == 1:
         return req
-    data = json.dumps(req).encode() if ps.tp_rank == 0 else b""
+    src, serving = ps.mp_ranks[0], is_serving_rank(ps)
+    data = json.dumps(req).encode() if serving else b""
     size = torch.tensor([len(data)], dtype=torch.int64)
-    dist.broadcast(size, ps.tp_ranks[0], group=ps.tp_group)
+    dist.broadcast(size, src, group=ps.mp_group)
     buf = torch.zeros(int(size), dtype=torch.uint8)
-    if ps.tp_rank == 0:
+    if serving:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buf, ps.tp_ranks[0], group=ps.tp_group)
+    dist.broadcast(buf, src, group=ps.mp_group)
     return json.loads(buf.numpy().tobytes().decode())
 
 
 def follow(lm: LanguageModel, tokenizer) -> None:
-    """Loop of tp ranks > 0: run each request tp rank 0 broadcasts, until it broadcasts a stop."""
+    """Loop of the other ranks: run each request the serving rank broadcasts, until a stop."""
     while (req := _broadcast_request(None, lm)) is not None:
         run_request(lm, tokenizer, req)
 
@@ -222,7 +230,7 @@ class GenerationServer:
         finally:
             self.httpd.server_close()
             with self._lock:
-                _broadcast_request(None, self.lm)  # the following tp ranks stop too
+                _broadcast_request(None, self.lm)  # the following ranks stop too
 
     def shutdown(self) -> None:
         self.httpd.shutdown()

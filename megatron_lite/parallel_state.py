@@ -74,6 +74,7 @@ class ParallelState:
     pp_ranks: list[int]
     dp_ranks: list[int]
     embedding_ranks: list[int]
+    mp_ranks: list[int] = field(default_factory=lambda: [0])  # this replica: pp-major, tp-minor
     vpp_size: int | None = None  # virtual pipeline chunks per rank (interleaved schedule)
     backend: str = "gloo"
 
@@ -135,6 +136,7 @@ class ParallelState:
             pp_ranks=mine["pp"][0],
             dp_ranks=mine["dp"][0],
             embedding_ranks=mine["embedding"][0],
+            mp_ranks=mine["mp"][0],
             vpp_size=vpp_size,
             backend=dist.get_backend(),
         )

@@ -2,7 +2,7 @@
 
 Small random GPT-2-flavour and Llama-flavour (GQA) models are saved as megatron_lite checkpoints and
 exported to HF format; generation with the KV cache must equal full recomputation, greedy decoding
-must equal `transformers`' on the export, tp = 2 must equal tp = 1, and the server must answer good
+must equal `transformers`' on the export, tp / pp splits must equal one process, and the server must answer good
 requests and refuse bad ones with a 4xx.
 """
 
@@ -14,13 +14,12 @@ import threading
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_lite.checkpointing import save_checkpoint
 from megatron_lite.config import Config, DataConfig, ModelConfig
 from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.generation import SamplingParams, generate, load_model, sample
-from megatron_lite.generation_server import GenerationServer
+from megatron_lite.generation_server import GenerationServer, follow, is_serving_rank
 from megatron_lite.hf_checkpoint import open_checkpoint
 from megatron_lite.hf_export import export_hf
 from megatron_lite.model import build_model_chunks
@@ -116,20 +115,32 @@ def test_greedy_output_equals_transformers_greedy_on_the_export(models, lms, fla
     assert generate(hf_lm, PROMPT, 16, SamplingParams(temperature=0), eod=EOD).tokens == ours
 
 
-def _tp2_generate(path):
-    ps = ParallelState.build(dist.get_world_size(), 1)
-    lm = load_model(path, ps, dtype=torch.float32, device=CPU)
-    greedy = generate(lm, PROMPT, 12, SamplingParams(temperature=0)).tokens
-    return greedy, generate(lm, PROMPT, 12, SAMPLED, seed=3).tokens
+def _split_generate(paths, layouts):
+    """Greedy and sampled tokens of every model at each (tp, pp) layout of this world, in order."""
+    out = []
+    for tp, pp in layouts:
+        ps = ParallelState.build(tp, pp)
+        for path in paths:
+            lm = load_model(path, ps, dtype=torch.float32, device=CPU)
+            greedy = generate(lm, PROMPT, 12, SamplingParams(temperature=0)).tokens
+            out.append((greedy, generate(lm, PROMPT, 12, SAMPLED, seed=3).tokens))
+    return out
 
 
-def test_tensor_parallel_generation_equals_single_process(models, lms):
-    lm = lms["llama"]
-    want = (
-        generate(lm, PROMPT, 12, SamplingParams(temperature=0)).tokens,
-        generate(lm, PROMPT, 12, SAMPLED, seed=3).tokens,
-    )
-    for got in run_distributed(_tp2_generate, 2, models["llama"][0], timeout=120):
+def test_tensor_and_pipeline_parallel_generation_equal_single_process(models, lms):
+    """tp 2, pp 2 and tp 2 x pp 2 (hidden states sent stage to stage, the tied embedding's copy on
+    the last stage, the token broadcast from it) give one process's tokens, for both flavours."""
+    want = [
+        (
+            generate(lms[f], PROMPT, 12, SamplingParams(temperature=0)).tokens,
+            generate(lms[f], PROMPT, 12, SAMPLED, seed=3).tokens,
+        )
+        for f in FLAVOURS
+    ]
+    paths = [models[f][0] for f in FLAVOURS]
+    for got in run_distributed(_split_generate, 2, paths, [(2, 1), (1, 2)], timeout=120):
+        assert got == want * 2
+    for got in run_distributed(_split_generate, 4, paths, [(2, 2)], timeout=120):
         assert got == want
 
 
@@ -209,6 +220,30 @@ def test_server_answers_a_request_and_rejects_malformed_ones(lms):
     assert not thread.is_alive()
 
 
+def _serve_split_model(path):
+    """pp = 2: the first rank serves one request over HTTP, the other follows; both stop."""
+    ps = ParallelState.build(1, 2)
+    lm, tok = load_model(path, ps, dtype=torch.float32, device=CPU), NullTokenizer(EOD)
+    if not is_serving_rank(ps):
+        follow(lm, tok)
+        return None
+    server = GenerationServer(lm, tok, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        body = {"prompt": "5 17 42 8 3", "max_new_tokens": 6, "temperature": 0}
+        return _request(server.address, "POST", "/generate", body)
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def test_server_over_two_pipeline_stages_answers_as_one_process(models, lms):
+    served, followed = run_distributed(_serve_split_model, 2, models["gpt2"][0], timeout=120)
+    want = generate(lms["gpt2"], PROMPT, 6, SamplingParams(temperature=0), eod=EOD)
+    assert followed is None and served[0] == 200 and served[1]["tokens"] == want.tokens
+
+
 def test_generate_cli_prints_the_greedy_completion(models, lms):
     cmd = [sys.executable, str(ROOT / "tools/generate.py"), "--load", models["llama"][0]]
     cmd += ["--prompt", "5 17 42 8 3", "--greedy", "--max-new-tokens", "6", "--dtype", "fp32"]
@@ -218,3 +253,18 @@ def test_generate_cli_prints_the_greedy_completion(models, lms):
     want = generate(lms["llama"], PROMPT, 6, SamplingParams(temperature=0), eod=EOD)
     assert result["tokens"] == want.tokens
     assert result["finish_reason"] == want.finish_reason
+    # the same under torchrun with two pipeline stages; a stage count that does not divide the
+    # ranks is refused
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = subprocess.run(
+        [*torchrun, *cmd[1:], "--pipeline-model-parallel-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["tokens"] == want.tokens
+    bad = subprocess.run(
+        [*cmd, "--pipeline-model-parallel-size", "3"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "--pipeline-model-parallel-size (3) must divide" in bad.stderr

@@ -5,10 +5,12 @@
     python tools/generate.py --load ckpt --greedy --prompt "..."        # argmax decoding
     python tools/generate.py --load ckpt --server --port 5000            # HTTP JSON on 127.0.0.1
     torchrun --nproc_per_node=2 tools/generate.py --load ckpt --prompt "..."   # tp = 2
+    torchrun --nproc_per_node=4 tools/generate.py --load ckpt --pipeline-model-parallel-size 2 ...
 
-Under torchrun the model is split over all ranks with tensor parallelism (pp = 1); rank 0 prints (or
-serves HTTP). The tokenizer is the one the checkpoint was trained with (a HF directory: its
-vocab.json/merges.txt or tokenizer.model); the tokenizer flags override it.
+Under torchrun the model is split over all ranks: pp = --pipeline-model-parallel-size stages of
+tp = world / pp ranks; rank 0 prints (or serves HTTP). The tokenizer is the one the checkpoint was
+trained with (a HF directory: its vocab.json/merges.txt, tokenizer.model or tokenizer.json); the
+tokenizer flags override it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import torch.distributed as dist  # noqa: E402
 
 from megatron_lite.checkpointing import CheckpointError  # noqa: E402
 from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="Checkpoint or HF model directory.")
     p.add_argument("--iteration", type=int, help="Checkpoint iteration (default: the latest).")
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="Pipeline stages under torchrun (tp = world size / this).",
+    )
     p.add_argument("--prompt", help="Text to continue (not with --server).")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy.")
@@ -63,11 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parallel_state() -> ParallelState:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def _parallel_state(pp: int) -> ParallelState:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if pp < 1 or world % pp:
+        raise ValueError(
+            f"--pipeline-model-parallel-size ({pp}) must divide the number of ranks ({world})"
+        )
+    if world <= 1:
         return ParallelState.single()
     init_distributed()
-    return ParallelState.build(tp=dist.get_world_size(), pp=1)
+    return ParallelState.build(tp=world // pp, pp=pp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +93,7 @@ def _main(args: argparse.Namespace) -> int:
     if not args.server and args.prompt is None:
         print("error: give --prompt, or --server", file=sys.stderr)
         return 2
-    ps = _parallel_state()
+    ps = _parallel_state(args.pipeline_model_parallel_size)
     lm = load_model(args.load, ps, dtype=args.dtype, iteration=args.iteration)
     tokenizer = build_generation_tokenizer(
         lm,
@@ -93,9 +104,9 @@ def _main(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
     )
     if args.server:
-        from megatron_lite.generation_server import GenerationServer, follow
+        from megatron_lite.generation_server import GenerationServer, follow, is_serving_rank
 
-        if ps.tp_rank != 0:
+        if not is_serving_rank(ps):
             follow(lm, tokenizer)
             return 0
         server = GenerationServer(
@@ -109,7 +120,10 @@ def _main(args: argparse.Namespace) -> int:
             default_new_tokens=args.max_new_tokens,
         )
         host, port = server.address
-        print(f"serving POST http://{host}:{port}/generate (tp={ps.tp_size})", flush=True)
+        print(
+            f"serving POST http://{host}:{port}/generate (tp={ps.tp_size}, pp={ps.pp_size})",
+            flush=True,
+        )
         try:
             server.serve_forever()
         except KeyboardInterrupt:
