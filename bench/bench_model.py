@@ -43,10 +43,16 @@ def _median_time(fn, reps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+SOFTMAX_SHAPES = ((8, 8, 512, 512), (4, 16, 1024, 1024))
+# --smoke: tiny shapes, to check the script runs (tests/test_bench_smoke.py); its figures mean nothing
+SMOKE = {"SOFTMAX_SHAPES": ((2, 2, 32, 32),), "N_LAYER": 1, "N_HEAD": 2, "HIDDEN": 32, "SEQ": 32,
+         "MICRO_BATCH": 2, "VOCAB": 512}  # fmt: skip
+
+
 def bench_softmax(device: torch.device, reps: int = 5) -> None:
     print(f"fused scaled masked softmax, forward + backward, {device.type}, median of {reps}")
     print(f"{'shape':>22} {'dtype':>9} {'mask':>8} {'torch ms':>9} {'fused ms':>9} {'ratio':>6}")
-    for shape in ((8, 8, 512, 512), (4, 16, 1024, 1024)):
+    for shape in SOFTMAX_SHAPES:
         b, _, sq, sk = shape
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape, device=device).to(dtype)
@@ -178,7 +184,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["all", "softmax", "train"], default="all")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: only checks that it runs")
     args = ap.parse_args()
+    if args.smoke:
+        globals().update(SMOKE)
     device = dev.get_device()
     if args.part in ("all", "softmax"):
         bench_softmax(device)

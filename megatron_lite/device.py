@@ -44,6 +44,12 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((tflops for key, tflops in _PEAK_TFLOPS if key in name), None)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def set_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)

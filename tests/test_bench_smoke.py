@@ -1,0 +1,49 @@
+"""`make bench` keeps working: every benchmark script runs at tiny sizes and prints its figures.
+
+The figures at these sizes mean nothing (and tests never assert wall-clock times); what is checked is
+that each script runs to its last line, so an API change cannot silently break a benchmark.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# script -> (tiny arguments, a line its output must contain)
+SMOKE = {
+    "bench_checkpoint.py": (
+        ["--layers", "1", "--hidden", "64", "--repeats", "1"],
+        "stream every full tensor",
+    ),
+    "bench_data.py": (["--corpus-mb", "0.2"], "build_sample_idx"),
+    "bench_ddp.py": (
+        ["--layers", "1", "--hidden", "32", "--vocab", "512", "--steps", "2"],
+        "ratio",
+    ),
+    "bench_model.py": (["--smoke", "--steps", "1"], "ratio vs plain"),
+    "bench_pipeline.py": ([], "ZB-H1 / 1F1B bubble"),
+    "bench_pretrain.py": (["--iters", "7", "--layouts", "1x1x1"], "tokens/s"),
+}
+
+
+def test_every_benchmark_is_covered():
+    assert sorted(p.name for p in (ROOT / "bench").glob("bench_*.py")) == sorted(SMOKE)
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_runs_at_tiny_sizes(script, tmp_path):
+    args, expected = SMOKE[script]
+    if script == "bench_checkpoint.py":
+        args = [*args, "--dir", str(tmp_path / "ckpt")]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert expected in out.stdout, out.stdout[-2000:]
