@@ -7,8 +7,9 @@ Prints, for the real GPT under our DDP (forked gloo ranks, one thread each):
    and without the distributed optimizer, fp32 and bf16 weights, and the ratio to dp = 1;
 2. collectives and bytes reduced per step at dp = 2 with 4 microbatches, for several bucket sizes
    (gradient accumulation must not multiply them: one reduction per bucket per step);
-3. one training step's time at dp = 2 with --overlap-grad-reduce off and on (median of --steps after
-   a warm-up step) and the ratio. Timings on 2 shared cores are noisy; the counts are exact.
+3. one training step's time at dp = 2 under the distributed optimizer: no overlap,
+   --overlap-grad-reduce, and that plus --overlap-param-gather (median of --steps after a warm-up
+   step), with the ratios. Timings on 2 shared cores are noisy; the counts are exact.
 """
 
 from __future__ import annotations
@@ -108,10 +109,19 @@ def _collectives(args, bucket: int | None):
     return out, sum(len(b.buckets) for c in model for b in c.buffers)
 
 
-def _timing(args, overlap: bool):
+TIMED = {  # label -> (--overlap-grad-reduce, --overlap-param-gather)
+    "no overlap": (False, False),
+    "overlap grad reduce": (True, False),
+    "overlap grad reduce + param gather": (True, True),
+}
+
+
+def _timing(args, label: str):
+    grad, param = TIMED[label]
     ps, cfg, model, opt = _setup(
         args,
-        overlap_grad_reduce=overlap,
+        overlap_grad_reduce=grad,
+        overlap_param_gather=param,
         ddp_bucket_size=args.bucket,
         use_distributed_optimizer=True,
     )
@@ -152,12 +162,12 @@ def _print_timing(args) -> None:
         f"\n3. step time at dp=2, distributed optimizer, bucket {args.bucket} (median of {args.steps})"
     )
     med = {}
-    for overlap in (False, True):
-        times = run_distributed(_timing, 2, args, overlap, timeout=600)
+    for label in TIMED:
+        times = run_distributed(_timing, 2, args, label, timeout=600)
         per_step = [max(ts) for ts in zip(*times)]  # a step ends when the slowest rank ends
-        med[overlap] = statistics.median(per_step)
-        print(f"   overlap {'on ' if overlap else 'off'}: {med[overlap] * 1e3:8.1f} ms")
-    print(f"   ratio off/on: {med[False] / med[True]:.3f} (> 1: overlap helps)")
+        med[label] = statistics.median(per_step)
+        ratio = med["no overlap"] / med[label]
+        print(f"   {label:>34}: {med[label] * 1e3:8.1f} ms   ratio no overlap / this {ratio:.3f}")
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ IGNORED_FLAGS = {
     "--no-gradient-accumulation-fusion": (0, "weight gradients accumulate with torch ops"),
     "--no-async-tensor-model-parallel-allreduce": (0, "tp all-reduces are synchronous"),
     "--attention-softmax-in-fp32": (0, "every attention backend computes softmax in fp32"),
-    "--overlap-param-gather": (0, "the distributed optimizer all-gathers right after its step"),
     "--log-throughput": (0, "tokens/s and TFLOP/s are always logged"),
     "--log-validation-ppl-to-tensorboard": (0, "validation perplexity is always logged"),
     "--log-timers-to-tensorboard": (0, "no per-region timers"),

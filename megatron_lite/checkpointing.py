@@ -321,6 +321,8 @@ def save_checkpoint(
     can load the embedding; it defaults to `cfg.data.vocab_size`. `extra`: plain data to keep.
     """
     ck = cfg.checkpoint
+    for chunk in model_chunks:  # parameters still arriving (--overlap-param-gather): land them
+        getattr(chunk, "finish_param_sync", lambda: None)()
     # Collectives first, on every rank: the distributed optimizer gathers its dp shards, RNG states
     # go to dp rank 0.
     optim = None

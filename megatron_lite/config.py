@@ -211,6 +211,11 @@ class ParallelConfig:
     overlap_grad_reduce: bool = flag(
         False, "Start each bucket's gradient reduction during backward.", action="store_true"
     )
+    overlap_param_gather: bool = flag(
+        False,
+        "Distributed optimizer: all-gather the updated parameters during the next forward.",
+        action="store_true",
+    )
     ddp_bucket_size: int | None = flag(
         None, "Elements per gradient bucket (default: max(40M, 1M x dp)).", type=int
     )
@@ -229,6 +234,11 @@ class ParallelConfig:
         )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             self.sequence_parallel = False  # nothing to shard over, as Megatron does
+        _require(
+            not self.overlap_param_gather or self.use_distributed_optimizer,
+            "--overlap-param-gather needs --use-distributed-optimizer (only its parameters are "
+            "all-gathered)",
+        )
 
 
 @dataclass

@@ -134,15 +134,19 @@ def _dp4_checks(steps: int, micro: int):
     ps = ParallelState.build(1, 1)
     ref, ref_norms, _ = reference(steps, ps.dp_size * micro)
     runs = {}
-    for dist_opt, overlap, bucket in [
-        (False, False, 200),
-        (False, True, 200),
-        (True, False, 200),
-        (True, True, 200),
-        (True, True, None),
+    for dist_opt, overlap, bucket, gather in [
+        (False, False, 200, False),
+        (False, True, 200, False),
+        (True, False, 200, False),
+        (True, True, 200, False),
+        (True, True, None, False),
+        (True, True, 200, True),  # --overlap-param-gather
     ]:
         cfg = make_cfg(
-            use_distributed_optimizer=dist_opt, overlap_grad_reduce=overlap, ddp_bucket_size=bucket
+            use_distributed_optimizer=dist_opt,
+            overlap_grad_reduce=overlap,
+            ddp_bucket_size=bucket,
+            overlap_param_gather=gather,
         )
         model, opt = build(cfg, ps)
         n_buckets = sum(len(b.buckets) for b in model.buffers)
@@ -152,18 +156,29 @@ def _dp4_checks(steps: int, micro: int):
             assert ok
             norms.append(norm)
             calls.append(collectives)
-        what = f"dist_opt={dist_opt} overlap={overlap} bucket={bucket}"
+        what = f"dist_opt={dist_opt} overlap={overlap} bucket={bucket} gather={gather}"
+        if gather:  # the last step's all-gathers are still in flight, one per bucket ...
+            assert model.params_in_flight() == n_buckets > 1, what
+            tokens, _ = toys.batch(0, 1)
+            model(tokens)  # ... and a forward lands them (its modules' pre-hooks wait)
+            assert model.params_in_flight() == 0, what
         assert_matches_reference(model, ps, ref, what=what)
         assert norms == pytest.approx(ref_norms, rel=1e-5), what
         # each bucket reduced exactly once per step, whatever the number of microbatches
         assert calls == [n_buckets] * steps, (what, calls, n_buckets)
-        runs[(dist_opt, overlap, bucket)] = (model, opt, n_buckets)
+        if gather:
+            runs["gather"] = (model, opt, n_buckets)
+        else:
+            runs[(dist_opt, overlap, bucket)] = (model, opt, n_buckets)
 
     # overlap changes when, not what: bit-identical parameters
-    for dist_opt in (False, True):
-        a, b = runs[(dist_opt, False, 200)], runs[(dist_opt, True, 200)]
+    for a, b in [
+        (runs[(False, False, 200)], runs[(False, True, 200)]),
+        (runs[(True, False, 200)], runs[(True, True, 200)]),
+        (runs[(True, True, 200)], runs["gather"]),
+    ]:
         for (n, x), (_, y) in zip(params_of(a[0]).items(), params_of(b[0]).items()):
-            assert torch.equal(x, y), f"overlap changed {n} (dist_opt={dist_opt})"
+            assert torch.equal(x, y), f"overlap changed {n}"
     assert runs[(False, True, 200)][2] > 1  # the small bucket size really split the model
 
     # ZeRO-1: optimizer state per rank is 1/dp of the replicated optimizer's (up to padding)

@@ -43,7 +43,11 @@ def test_virtual_pipeline_and_zero_bubble_match_single_process(reference_losses)
             assert got[it] == pytest.approx(ref, rel=1e-5), (extra, it, got[it], ref)
 
 
-def test_distributed_optimizer_and_sequence_parallel_match_single_process(reference_losses):
+def test_distributed_optimizer_and_sequence_parallel_match_single_process(
+    reference_losses, tmp_path
+):
+    """tp2 x dp2, ZeRO-1 with both overlaps and sequence parallelism; saved half-way (parameter
+    all-gathers still in flight land first) and resumed."""
     flags = [
         *TINY_GPT,
         "--train-iters",
@@ -51,9 +55,14 @@ def test_distributed_optimizer_and_sequence_parallel_match_single_process(refere
         *layout_flags(2, 1),
         "--use-distributed-optimizer",
         "--overlap-grad-reduce",
+        "--overlap-param-gather",
         "--sequence-parallel",
     ]
-    got = losses(run_pretrain(4, flags).stdout)
+    half = ITERS // 2
+    ckpt = ["--save", str(tmp_path), "--load", str(tmp_path)]
+    got = losses(run_pretrain(4, [*flags, *ckpt, "--exit-interval", str(half)]).stdout)
+    got.update(losses(run_pretrain(4, [*flags, *ckpt]).stdout))
+    assert sorted(got) == sorted(reference_losses)
     for it, ref in reference_losses.items():
         assert got[it] == pytest.approx(ref, rel=1e-5), (it, got[it], ref)
 

@@ -15,6 +15,14 @@ Not torch's DistributedDataParallel, so the distributed optimizer can share its 
 
 Each bucket is scaled by 1/dp and summed (all-reduce, or reduce-scatter under the distributed
 optimizer, after which each rank's `main_grad` is valid on its own shard only).
+
+After the distributed optimizer's step, `all_gather_params()` refreshes every parameter from the shard
+each dp rank updated: at once, or with `overlap_param_gather` asynchronously, one all-gather per
+bucket, each waited for by a forward pre-hook of the first module that uses one of its parameters
+(so the next forward's first layers run while the later buckets are still arriving). Contract: a
+parameter is used inside the forward of the module holding it (or, for a container without a
+forward, of its nearest ancestor with one), as every megatron_lite layer does.
+`finish_param_sync()` waits for the rest (before reading parameters outside a forward: a save).
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ class DistributedDataParallel(torch.nn.Module):
             for buf in self.buffers
             for p in buf.params
         ]
+        self.overlap_param_gather = p.overlap_param_gather and self.use_distributed_optimizer
+        if self.overlap_param_gather:
+            self._register_param_gather_hooks()
 
     def _build_buffers(self, grads_in_fp32: bool) -> list[ParamAndGradBuffer]:
         groups: dict[tuple[torch.dtype, torch.dtype], list[torch.nn.Parameter]] = {}
@@ -164,9 +175,46 @@ class DistributedDataParallel(torch.nn.Module):
             p.grad = None
 
     def all_gather_params(self) -> None:
-        """Distributed optimizer: refresh every parameter from the shard each dp rank updated."""
+        """Distributed optimizer: refresh every parameter from the shard each dp rank updated
+        (left in flight under `overlap_param_gather`: the next forward waits bucket by bucket)."""
         for buf in self.buffers:
-            buf.all_gather_params(self.dp_group, self.dp_rank)
+            buf.all_gather_params(self.dp_group, self.dp_rank, self.overlap_param_gather)
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather still in flight."""
+        for buf in self.buffers:
+            for b in buf.buckets:
+                buf.wait_params(b)
+
+    def params_in_flight(self) -> int:
+        """Buckets whose parameter all-gather has not been waited for."""
+        return sum(b.param_work is not None for buf in self.buffers for b in buf.buckets)
+
+    def _register_param_gather_hooks(self) -> None:
+        """A forward pre-hook on each module that uses parameters, waiting for their buckets. A
+        parameter held by a module without a forward of its own (a plain container) is used by an
+        ancestor's forward: that ancestor waits for it."""
+        parent = {c: m for m in self.module.modules() for c in m.children()}
+        waits: dict[torch.nn.Module, set[Bucket]] = {}
+        for m in self.module.modules():
+            user = m
+            while type(user).forward is torch.nn.Module.forward and user in parent:
+                user = parent[user]
+            for q in m.parameters(recurse=False):
+                if id(q) in self._bucket_of:
+                    waits.setdefault(user, set()).add(self._bucket_of[id(q)][1])
+        buffer_of = {b: buf for buf in self.buffers for b in buf.buckets}
+
+        def hook_for(buckets: set[Bucket]):
+            def hook(module, args) -> None:
+                for b in buckets:
+                    if b.param_work is not None:
+                        buffer_of[b].wait_params(b)
+
+            return hook
+
+        for user, buckets in waits.items():
+            user.register_forward_pre_hook(hook_for(buckets))
 
 
 def wrap_model_chunks(cfg, chunks: list[torch.nn.Module], ps) -> list[DistributedDataParallel]:

@@ -35,6 +35,10 @@ class Bucket:
     work: object | None = None  # async handle while the reduction is in flight
     shard_out: torch.Tensor | None = None  # reduce-scatter destination until it lands
     launched: bool = False
+    param_work: object | None = (
+        None  # async parameter all-gather in flight (--overlap-param-gather)
+    )
+    param_shard_in: torch.Tensor | None = None  # its input, kept alive until it lands
 
     def shard_range(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
         """Buffer range [start, end) of dp rank `dp_rank`'s shard of this bucket."""
@@ -155,13 +159,22 @@ class ParamAndGradBuffer:
             self.grad_data[s0:s1].copy_(bucket.shard_out)
         bucket.work, bucket.shard_out = None, None
 
-    def all_gather_params(self, group, dp_rank: int) -> None:
-        """After the step: every rank's updated shard to every rank (distributed optimizer)."""
+    def all_gather_params(self, group, dp_rank: int, async_op: bool = False) -> None:
+        """After the step: every rank's updated shard to every rank (distributed optimizer);
+        `async_op` leaves each bucket's all-gather in flight until `wait_params(bucket)`."""
         if self.dp_size == 1:
             return
         for b in self.buckets:
             s0, s1 = b.shard_range(dp_rank, self.dp_size)
-            comm.all_gather(b.param_data, self.param_data[s0:s1].clone(), group)
+            b.param_shard_in = self.param_data[s0:s1].clone()
+            b.param_work = comm.all_gather(b.param_data, b.param_shard_in, group, async_op)
+            if not async_op:
+                b.param_work = b.param_shard_in = None
+
+    def wait_params(self, bucket: Bucket) -> None:
+        if bucket.param_work is not None:
+            bucket.param_work.wait()
+        bucket.param_work = bucket.param_shard_in = None
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -176,6 +176,9 @@ class MegatronOptimizer(PerParamState):
     def step(self) -> tuple[bool, float | None]:
         """-> (stepped, grad norm); a step with inf/nan grads is skipped (norm None)."""
         self.num_zeros_in_grad = None
+        if self.distributed:  # the last step's parameter all-gathers (--overlap-param-gather)
+            for c in self.chunks:
+                c.finish_param_sync()
         grads = self._masters_take_grads()
         if self.grad_scaler is not None:
             found_inf = self._unscale_and_check(grads)
