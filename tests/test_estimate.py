@@ -319,6 +319,21 @@ def test_recompute_trades_activations_for_flops():
     assert plain.model_flops == sel.model_flops == full.model_flops
 
 
+def test_overlaps_shorten_only_the_modelled_data_parallel_time():
+    zero = ["--use-distributed-optimizer"]
+    plain, grad, both = (
+        estimate(parse_args([*GPT_345M, *zero, *f]).finalize(64), 50304)
+        for f in (
+            [],
+            ["--overlap-grad-reduce"],
+            ["--overlap-grad-reduce", "--overlap-param-gather"],
+        )
+    )
+    assert plain.times["dp comm"] > grad.times["dp comm"] > both.times["dp comm"]
+    assert plain.peak_memory == grad.peak_memory == both.peak_memory
+    assert plain.times["compute"] == both.times["compute"]
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, str(ROOT / "tools" / "estimate.py"), *args],

@@ -12,7 +12,8 @@ The throughput model (README, "Estimating memory and throughput") is a model, no
   compute = (model + recompute FLOPs) / (world x peak x efficiency)
   tp_comm = 4 (6 with full recompute) ring all-reduces of [s, b, h] per layer and microbatch
   dp_comm = gradient all-reduce (ZeRO-1: reduce-scatter + parameter all-gather); under
-            --overlap-grad-reduce minus the last microbatch's backward (2/3 of its compute)
+            --overlap-grad-reduce minus the last microbatch's backward (2/3 of its compute), under
+            --overlap-param-gather the all-gather minus the first microbatch's forward (1/3)
   pp_comm = one activation and one gradient transfer per microbatch and chunk
 Ring collectives move 2 (n - 1) / n (all-reduce) or (n - 1) / n (reduce-scatter, all-gather) of the
 buffer per GPU; a group inside one node runs at the intra-node bandwidth, else at the inter-node one.
@@ -198,13 +199,17 @@ def _times(est: Estimate, hw: Hardware) -> dict[str, float]:
     # dp ranks of one (tp, pp) position sit tp apart: one node holds them when tp x dp <= gpn
     dp_bw = hw.intra_node_gbs if tp * dp <= gpn else hw.inter_node_gbs
     worst = max(est.stages, key=lambda s: s.static.grads)
+    gather = 0.0
     if p.use_distributed_optimizer:
         dp_comm = _ring(dp, worst.static.grads, dp_bw, False)
-        dp_comm += _ring(dp, worst.static.params, dp_bw, False)
+        gather = _ring(dp, worst.static.params, dp_bw, False)
     else:
         dp_comm = _ring(dp, worst.static.grads, dp_bw)
     if p.overlap_grad_reduce:  # hidden behind the last microbatch's backward (2/3 of its compute)
         dp_comm = max(0.0, dp_comm - 2 / 3 * compute / m)
+    if p.overlap_param_gather:  # hidden behind the first microbatch's forward (1/3 of its compute)
+        gather = max(0.0, gather - 1 / 3 * compute / m)
+    dp_comm += gather
     pp_bw = hw.intra_node_gbs if tp * dp * pp <= gpn else hw.inter_node_gbs
     pp_comm = 0.0
     if pp > 1:
