@@ -22,6 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import torch.distributed as dist  # noqa: E402
+
 from megatron_lite.checkpointing import CheckpointError  # noqa: E402
 from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
 from megatron_lite.generation import (  # noqa: E402
@@ -83,10 +85,15 @@ def _parallel_state(pp: int) -> ParallelState:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(build_parser().parse_args(argv))
+        rc = _main(build_parser().parse_args(argv))
     except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad flags, files, lengths
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
+    if dist.is_initialized():  # every rank done before the groups go (else gloo may abort at exit)
+        if rc == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    return rc
 
 
 def _main(args: argparse.Namespace) -> int:
