@@ -450,6 +450,9 @@ class LoggingConfig:
     log_memory: bool = flag(
         True, "Do not report memory use.", name="--no-log-memory", action="store_false"
     )
+    log_params_norm: bool = flag(
+        False, "Log the L2 norm of all parameters (each counted once).", action="store_true"
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "log_interval", "peak_tflops")

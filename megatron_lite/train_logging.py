@@ -46,6 +46,7 @@ def format_log_line(
     tokens_per_sec: float,
     tflops_per_device: float,
     mfu: float | None,
+    params_norm: float | None = None,
 ) -> str:
     """Megatron's training log line (existing log parsers read it), plus throughput fields."""
     line = f" iteration {iteration:8d}/{train_iters:8d} |"
@@ -62,6 +63,8 @@ def format_log_line(
     line += f" loss scale: {loss_scale:.1f} |"
     if grad_norm is not None:
         line += f" grad norm: {grad_norm:.3f} |"
+    if params_norm is not None:
+        line += f" params norm: {params_norm:.3f} |"
     line += f" number of skipped iterations: {skipped:3d} |"
     line += f" number of nan iterations: {nans:3d} |"
     return line

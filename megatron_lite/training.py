@@ -325,6 +325,7 @@ def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, lo
         losses={"lm loss": loss},
         loss_scale=loss_scale,
         grad_norm=None if grad_norm is None else float(grad_norm),
+        params_norm=step.get("params_norm"),
         skipped=run.skipped_iters,
         nans=run.nan_iters,
         tokens_per_sec=tokens / elapsed,
@@ -342,6 +343,8 @@ def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, lo
     }
     if grad_norm is not None:
         scalars["grad-norm"] = float(grad_norm)
+    if step.get("params_norm") is not None:
+        scalars["params-norm"] = step["params_norm"]
     tb.add_scalars(scalars, run.iteration)
 
 
@@ -397,6 +400,8 @@ def train(run: Run, train_iterators, valid_iterators, tb: TensorBoard) -> str:
         if run.iteration % cfg.logging.log_interval == 0:
             mean_loss = _average_over_last_stage(run, loss_sum)
             mean_loss = float("nan") if mean_loss is None else mean_loss  # every iteration nan
+            if cfg.logging.log_params_norm:  # a collective: every rank, before the log rank's line
+                step["params_norm"] = run.optimizer.params_norm()
             if run.is_logging_rank:
                 _log(run, tb, step, time.time() - last_log, since_log, mean_loss)
             last_log, since_log, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)

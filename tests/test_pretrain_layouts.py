@@ -10,26 +10,40 @@ from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
 
 ITERS = 10
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
+PARAMS_NORM_RE = re.compile(r" params norm: ([0-9.]+) \|")
 
 
 @pytest.fixture(scope="module")
-def reference_losses():
-    out = run_pretrain(1, [*TINY_GPT, "--train-iters", str(ITERS), *layout_flags(1, 1)])
+def reference_run():
+    out = run_pretrain(
+        1, [*TINY_GPT, "--train-iters", str(ITERS), *layout_flags(1, 1), "--log-params-norm"]
+    )
     ref = losses(out.stdout)
     assert sorted(ref) == list(range(1, ITERS + 1)), out.stdout[-3000:]
     assert ref[ITERS] < ref[1]  # it learns
-    return ref
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def reference_losses(reference_run):
+    return losses(reference_run)
+
+
+def params_norms(output: str) -> list[float]:
+    return [float(v) for v in PARAMS_NORM_RE.findall(output)]
 
 
 @pytest.mark.parametrize("tp,pp,dp", LAYOUTS, ids=[f"tp{t}pp{p}dp{d}" for t, p, d in LAYOUTS])
-def test_layout_matches_single_process_losses(reference_losses, tp, pp, dp):
-    out = run_pretrain(
-        tp * pp * dp, [*TINY_GPT, "--train-iters", str(ITERS), *layout_flags(tp, pp)]
-    )
+def test_layout_matches_single_process_losses(reference_run, reference_losses, tp, pp, dp):
+    """... and --log-params-norm's values: each parameter counted once, whatever the split."""
+    flags = [*TINY_GPT, "--train-iters", str(ITERS), *layout_flags(tp, pp), "--log-params-norm"]
+    out = run_pretrain(tp * pp * dp, flags)
     got = losses(out.stdout)
     assert sorted(got) == sorted(reference_losses), out.stdout[-3000:]
     for it, ref in reference_losses.items():
         assert got[it] == pytest.approx(ref, rel=1e-5), (it, got[it], ref)
+    want = params_norms(reference_run)
+    assert len(want) == ITERS and params_norms(out.stdout) == pytest.approx(want, abs=2e-3)
 
 
 def test_virtual_pipeline_and_zero_bubble_match_single_process(reference_losses):
@@ -44,7 +58,7 @@ def test_virtual_pipeline_and_zero_bubble_match_single_process(reference_losses)
 
 
 def test_distributed_optimizer_and_sequence_parallel_match_single_process(
-    reference_losses, tmp_path
+    reference_run, reference_losses, tmp_path
 ):
     """tp2 x dp2, ZeRO-1 with both overlaps and sequence parallelism; saved half-way (parameter
     all-gathers still in flight land first) and resumed."""
@@ -57,12 +71,16 @@ def test_distributed_optimizer_and_sequence_parallel_match_single_process(
         "--overlap-grad-reduce",
         "--overlap-param-gather",
         "--sequence-parallel",
+        "--log-params-norm",
     ]
     half = ITERS // 2
     ckpt = ["--save", str(tmp_path), "--load", str(tmp_path)]
-    got = losses(run_pretrain(4, [*flags, *ckpt, "--exit-interval", str(half)]).stdout)
-    got.update(losses(run_pretrain(4, [*flags, *ckpt]).stdout))
+    first = run_pretrain(4, [*flags, *ckpt, "--exit-interval", str(half)]).stdout
+    second = run_pretrain(4, [*flags, *ckpt]).stdout
+    got = {**losses(first), **losses(second)}
     assert sorted(got) == sorted(reference_losses)
+    norms = params_norms(first) + params_norms(second)  # ZeRO-1: each rank's shard counted once
+    assert norms == pytest.approx(params_norms(reference_run), abs=2e-3)
     for it, ref in reference_losses.items():
         assert got[it] == pytest.approx(ref, rel=1e-5), (it, got[it], ref)
 

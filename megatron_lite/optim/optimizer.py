@@ -205,6 +205,12 @@ class MegatronOptimizer(PerParamState):
                 c.all_gather_params()
         return True, grad_norm
 
+    def params_norm(self) -> float:
+        """L2 norm of every parameter, each counted once like the gradient norm (fp32 masters;
+        collective over the model-parallel, and under ZeRO-1 the dp, group)."""
+        counted = [pc.master for pc in self.pieces if pc.counted]
+        return clip_grads.global_norm(counted, self._norm_groups, self.device)
+
     # --- step internals --------------------------------------------------------------------
     def _masters_take_grads(self) -> list[torch.Tensor]:
         grads = []
