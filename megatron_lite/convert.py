@@ -160,19 +160,19 @@ def reshard(
         src_file = reader.file(0, min(pp_rank, reader.pp - 1))
         for tp_rank in range(tp):
             state = _rank_state(reader, skeleton, tp_rank, cfg, dtype, keep_optim, src_file)
-            state = ckpt._plain(state, "converted checkpoint")
+            state = ckpt.plain(state, "converted checkpoint")
             d = os.path.join(tmp, ckpt.mp_rank_name(tp_rank, pp_rank, pp))
             os.makedirs(d, exist_ok=True)
-            ckpt._write_durably(
+            ckpt.write_durably(
                 os.path.join(d, ckpt.MODEL_FILE), lambda f, s=state: torch.save(s, f)
             )
-            ckpt._fsync_dir(d)
+            ckpt.fsync_dir(d)
             log(f"  wrote {os.path.relpath(d, save_dir)} ({len(state['model'][0])} tensors)")
             del state
-    ckpt._fsync_dir(tmp)
+    ckpt.fsync_dir(tmp)
     os.rename(tmp, final)
-    ckpt._fsync_dir(save_dir)
-    ckpt._write_latest(save_dir, reader.iteration)
+    ckpt.fsync_dir(save_dir)
+    ckpt.write_latest(save_dir, reader.iteration)
     what = "with optimizer state" if keep_optim else "weights only (load with --finetune)"
     log(f"saved iteration {reader.iteration} at tp={tp} pp={pp}, {what}, to {save_dir}")
     return final

@@ -134,7 +134,7 @@ class ToyOptimizer:
 
     def __init__(self, chunks, ps, seed):
         self.state = {}
-        for name, p in ckpt._chunk_params(chunks).items():
+        for name, p in ckpt.chunk_params(chunks).items():
             vocab = "word_embeddings" in name or "output_layer" in name
             self.state[name] = {
                 k: megatron_shard(
@@ -184,8 +184,8 @@ def _global_shape(p, ps):
 def assert_holds(chunks, optimizer, ps, seed):
     """Every local parameter and optimizer state is the shard of `seed`'s full tensor."""
     fresh_chunks = toy_chunks(_cfg_of(chunks), ps, seed)
-    want = ckpt._chunk_params(fresh_chunks)
-    got = ckpt._chunk_params(chunks)
+    want = ckpt.chunk_params(fresh_chunks)
+    got = ckpt.chunk_params(chunks)
     assert sorted(want) == sorted(got)
     for name, p in got.items():
         assert torch.equal(p.data, want[name].data), name
@@ -346,8 +346,8 @@ def test_finetune_loads_weights_only_from_iteration_zero(tmp_path):
     *_, chunks, opt, sched, out = _load_single(str(tmp_path), finetune=True)
     assert (out["iteration"], out["consumed_samples"], out["optimizer_loaded"]) == (0, 0, False)
     assert opt.scalars["step"] == 11 and sched.num_steps == 11  # untouched
-    fresh = ckpt._chunk_params(toy_chunks(make_cfg(), ParallelState.single(), 1))
-    for name, p in ckpt._chunk_params(chunks).items():
+    fresh = ckpt.chunk_params(toy_chunks(make_cfg(), ParallelState.single(), 1))
+    for name, p in ckpt.chunk_params(chunks).items():
         assert torch.equal(p.data, fresh[name].data)
 
 

@@ -1,50 +1,33 @@
-"""Checkpoints in Megatron's directory layout: atomic saves, safe loads, any layout into any other.
-
-    <save>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt   (_PPP only when pp > 1)
-    <save>/latest_checkpointed_iteration.txt                  (written last)
-
-Each file is written by dp rank 0 of its (tp, pp) place and holds that place's tensors, keyed by global
-parameter names, with a `shard_info` entry per tensor saying where the shard sits in the full tensor.
-Loading reassembles each full tensor from the source shards and slices out this rank's shard, so a
-checkpoint saved with any tp x pp x dp (distributed optimizer or not) loads into any other layout of
-the same model. Files hold only tensors and plain Python types and are read with
-`torch.load(weights_only=True)`: a file with a pickled object is refused.
-
-A save goes to `iter_XXXXXXX.tmp`, every file and directory is fsynced, the directory is renamed into
-place, and only then is the latest-iteration file replaced (atomically): a job killed at any point
-leaves the previous checkpoint whole and named by the latest file.
-"""
+"""Load: full tensors from any saved layout, this rank's shards of them, exact resume."""
 
 from __future__ import annotations
 
-import glob
-import io
 import os
-import pickle
-import random
 import re
-import shutil
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from megatron_lite import device
+from megatron_lite.checkpointing.files import (
+    FORMAT_VERSION,
+    LATEST_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    barrier,
+    chunk_params,
+    chunk_tensors,
+    iteration_dir,
+    mp_rank_name,
+    read_latest_iteration,
+    safe_load,
+    shard_info_of,
+)
+from megatron_lite.checkpointing.rng import set_rng_state
 from megatron_lite.config import Config, ModelConfig, _flag_name
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.tensor_parallel.random import get_rng_tracker
 from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of
-
-FORMAT_VERSION = 1
-LATEST_FILE = "latest_checkpointed_iteration.txt"
-MODEL_FILE = "model_optim_rng.pt"
-# Test-only: "before_rename" or "before_latest" makes rank 0 write `<save>/.paused` and wait there,
-# so a test can kill the process at a known point of a save.
-PAUSE_ENV = "MEGATRON_LITE_CKPT_TEST_PAUSE"
 
 # Model settings that change a parameter's shape (or existence): a checkpoint must agree on all of them.
 SHAPE_FIELDS = (
@@ -61,54 +44,6 @@ SHAPE_FIELDS = (
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unsafe or does not fit this run; the message says which and why."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Paths
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def mp_rank_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_size > 1 else "")
-
-
-def read_latest_iteration(root: str) -> int | None:
-    """The iteration named by `<root>/latest_checkpointed_iteration.txt`, or None when there is none."""
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path} should hold an iteration number, found {text!r}")
-    return int(text)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shards: where a rank's piece sits in the full tensor
-
-
-def shard_info_of(t: torch.Tensor, tp_rank: int, tp_size: int) -> dict:
-    """Read the parameter tags (see docs/internals.md) into a plain dict."""
-    split = bool(getattr(t, "tensor_model_parallel", False))
-    dim = int(getattr(t, "partition_dim", -1)) if split else -1
-    shape = list(t.shape)
-    if dim >= 0:
-        shape[dim] *= tp_size
-    return {
-        "global_shape": shape,
-        "partition_dim": dim,
-        "partition_stride": int(getattr(t, "partition_stride", 1)) if split else 1,
-        "tp_rank": tp_rank if dim >= 0 else 0,
-        "tp_size": tp_size if dim >= 0 else 1,
-    }
 
 
 # The shard rule (Megatron's partition_stride) lives once, with the layers that shard.
@@ -133,259 +68,6 @@ def _fit_shape(full: torch.Tensor, shape: list[int], name: str, vocab_size: int 
     out = full.new_zeros(shape)
     out[:rows] = full[:rows]
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Plain data, files, fsync
-
-
-def _plain(obj: Any, where: str) -> Any:
-    """`obj` as tensors and plain Python types only, or a CheckpointError naming the offender."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
-        # a view into a bigger buffer (DDP, distributed optimizer) would save the whole buffer
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
-            t = t.clone()
-        return t
-    if type(obj) in (int, float, bool, str, bytes, type(None)):
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if type(k) not in (str, int):
-                raise CheckpointError(f"{where} has a key of type {type(k).__name__}: {k!r}")
-            out[k] = _plain(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(obj, (list, tuple)):
-        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    raise CheckpointError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints hold only "
-        "tensors and plain Python types (they are loaded with weights_only=True)"
-    )
-
-
-def safe_load(path: str) -> dict:
-    """`torch.load(path, weights_only=True)`, memory-mapped; clear errors for missing/unsafe files."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(
-            f"refusing to load {path}: it holds a pickled Python object, not only tensors and "
-            f"plain types (torch.load weights_only=True said: {first})"
-        ) from None
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: str, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_latest(root: str, iteration: int) -> None:
-    tmp = os.path.join(root, LATEST_FILE + ".tmp")
-    _write_durably(tmp, lambda f: f.write(f"{iteration}\n".encode()))
-    os.replace(tmp, os.path.join(root, LATEST_FILE))
-    _fsync_dir(root)
-
-
-def _test_pause(point: str, root: str) -> None:
-    if os.environ.get(PAUSE_ENV) == point:
-        with open(os.path.join(root, ".paused"), "w") as f:
-            f.write(point)
-        while True:
-            time.sleep(0.1)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------------
-# RNG states (every rank's: tp ranks differ in the tracker, dp ranks may differ too)
-
-
-def get_rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "random": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)],
-        **device.rng_state(),
-    }
-    state["tp_tracker"] = get_rng_tracker().get_states()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_tuples(state["random"]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
-    device.set_rng_state(state)
-    if "tp_tracker" in state:
-        get_rng_tracker().set_states(state["tp_tracker"])
-
-
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _gather_rng_states(ps: ParallelState) -> list[dict] | None:
-    """Every dp rank's RNG state, in dp-rank order, on dp rank 0 (None elsewhere).
-
-    States travel as torch.save bytes (read back with weights_only=True), not as pickled objects.
-    """
-    state = _plain(get_rng_state(), "rng_state")
-    if ps.dp_size == 1 or ps.dp_group is None:
-        return [state]
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    dev = device.get_device() if ps.backend == "nccl" else torch.device("cpu")
-    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(ps.dp_size)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], device=dev), group=ps.dp_group)
-    longest = int(max(sizes).item())
-    padded = torch.zeros(longest, dtype=torch.uint8, device=dev)
-    padded[: data.numel()] = data.to(dev)
-    blobs = [torch.empty_like(padded) for _ in range(ps.dp_size)]
-    dist.all_gather(blobs, padded, group=ps.dp_group)  # a few KiB per rank
-    if ps.dp_rank != 0:
-        return None
-    return [
-        torch.load(io.BytesIO(b[: int(n.item())].cpu().numpy().tobytes()), weights_only=True)
-        for b, n in zip(blobs, sizes)
-    ]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Save
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP-style wrappers (`.module`), whose names are the global names."""
-    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
-        chunk = chunk.module
-    return chunk
-
-
-def _chunk_tensors(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return _unwrap(chunk).state_dict(keep_vars=True)  # keep_vars: parameters keep their tags
-
-
-def _chunk_params(chunks: list[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
-    return {n: p for c in chunks for n, p in _unwrap(c).named_parameters()}
-
-
-def _model_state(chunks: list[torch.nn.Module], ps: ParallelState) -> tuple[list[dict], dict]:
-    models, shard_info = [], {}
-    for i, chunk in enumerate(chunks):
-        tensors = _chunk_tensors(chunk)
-        models.append(_plain(dict(tensors), f"model chunk {i}"))
-        for name, t in tensors.items():
-            shard_info[name] = shard_info_of(t, ps.tp_rank, ps.tp_size)
-    return models, shard_info
-
-
-def save_checkpoint(
-    save_dir: str,
-    iteration: int,
-    model_chunks: list[torch.nn.Module],
-    optimizer: Any,
-    opt_param_scheduler: Any,
-    cfg: Config,
-    ps: ParallelState,
-    consumed_samples: int,
-    extra: dict | None = None,
-    *,
-    vocab_size: int | None = None,
-) -> str:
-    """Save on every rank (collective); returns the iteration directory.
-
-    `vocab_size` is the true (unpadded) vocabulary, recorded so that a layout with another padding
-    can load the embedding; it defaults to `cfg.data.vocab_size`. `extra`: plain data to keep.
-    """
-    ck = cfg.checkpoint
-    for chunk in model_chunks:  # parameters still arriving (--overlap-param-gather): land them
-        getattr(chunk, "finish_param_sync", lambda: None)()
-    # Collectives first, on every rank: the distributed optimizer gathers its dp shards, RNG states
-    # go to dp rank 0.
-    optim = None
-    if optimizer is not None and not ck.no_save_optim:
-        optim = {
-            "param_state": optimizer.per_param_state_dict(),
-            "state_dict": optimizer.state_dict(),
-        }
-    rng = _gather_rng_states(ps) if not ck.no_save_rng else None
-
-    final = iteration_dir(save_dir, iteration)
-    tmp = final + ".tmp"
-    if ps.rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        os.makedirs(tmp)
-    _barrier()
-    if ps.dp_rank == 0:
-        models, shard_info = _model_state(model_chunks, ps)
-        state = {
-            "format_version": FORMAT_VERSION,
-            "iteration": int(iteration),
-            "consumed_samples": int(consumed_samples),
-            "config": cfg.to_dict(),
-            "layout": {
-                "tp": ps.tp_size,
-                "pp": ps.pp_size,
-                "dp": ps.dp_size,
-                "vpp": len(model_chunks) if len(model_chunks) > 1 else None,
-                "use_distributed_optimizer": cfg.parallel.use_distributed_optimizer,
-            },
-            "vocab_size": vocab_size if vocab_size is not None else cfg.data.vocab_size,
-            "model": models,
-            "shard_info": shard_info,
-            "optimizer": _plain(optim, "optimizer"),
-            "opt_param_scheduler": _plain(
-                opt_param_scheduler.state_dict() if opt_param_scheduler is not None else None,
-                "opt_param_scheduler",
-            ),
-            "rng_state": rng,
-            "extra": _plain(extra, "extra"),
-        }
-        d = os.path.join(tmp, mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
-        os.makedirs(d)
-        _write_durably(os.path.join(d, MODEL_FILE), lambda f: torch.save(state, f))
-        _fsync_dir(d)
-    _barrier()
-    if ps.rank == 0:
-        _fsync_dir(tmp)
-        _test_pause("before_rename", save_dir)
-        old = final + ".old"
-        if os.path.exists(final):  # saving the same iteration again: keep the old one until renamed
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(save_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        _test_pause("before_latest", save_dir)
-        _write_latest(save_dir, iteration)
-        for stale in glob.glob(os.path.join(save_dir, "iter_*.tmp")):  # from saves that were killed
-            shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
-    return final
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -586,7 +268,7 @@ def weight_key(reader, src: str) -> str | None:
 def load_weights(reader, chunks: list[torch.nn.Module], ps: ParallelState) -> None:
     """Copy this rank's shard of every model tensor from `reader` (weights only, no collectives)."""
     for chunk in chunks:
-        for name, t in _chunk_tensors(chunk).items():
+        for name, t in chunk_tensors(chunk).items():
             src = source_name(reader, name, t)
             t.copy_(_my_shard(reader, src, t, ps, weight_key(reader, src)))
 
@@ -598,7 +280,7 @@ def _load_optimizer(reader: CheckpointReader, optimizer, chunks, ps: ParallelSta
             "load it with --no-load-optim or --finetune"
         )
     per_param = {}
-    for name, p in _chunk_params(chunks).items():
+    for name, p in chunk_params(chunks).items():
         src = source_name(reader, name, p)
         keys = reader.optimizer_state_keys(src)
         per_param[name] = {k: _my_shard(reader, src, p, ps, k) for k in keys}
@@ -669,7 +351,7 @@ def load_checkpoint(
     if load_optim and opt_param_scheduler is not None and sched is not None:
         opt_param_scheduler.load_state_dict(sched)
     rng_restored = _load_rng(reader, ps) if load_rng else False
-    _barrier()
+    barrier()
     return {
         "iteration": 0 if finetune else reader.iteration,
         "consumed_samples": 0 if finetune else reader.consumed_samples,

@@ -1,0 +1,169 @@
+"""The checkpoint's files: names, plain-data and safe-load rules, durable writes, shard tags."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+# Test-only: "before_rename" or "before_latest" makes rank 0 write `<save>/.paused` and wait there,
+# so a test can kill the process at a known point of a save.
+PAUSE_ENV = "MEGATRON_LITE_CKPT_TEST_PAUSE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unsafe or does not fit this run; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paths
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def mp_rank_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_size > 1 else "")
+
+
+def read_latest_iteration(root: str) -> int | None:
+    """The iteration named by `<root>/latest_checkpointed_iteration.txt`, or None when there is none."""
+    path = os.path.join(root, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} should hold an iteration number, found {text!r}")
+    return int(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shards: where a rank's piece sits in the full tensor
+
+
+def shard_info_of(t: torch.Tensor, tp_rank: int, tp_size: int) -> dict:
+    """Read the parameter tags (see docs/internals.md) into a plain dict."""
+    split = bool(getattr(t, "tensor_model_parallel", False))
+    dim = int(getattr(t, "partition_dim", -1)) if split else -1
+    shape = list(t.shape)
+    if dim >= 0:
+        shape[dim] *= tp_size
+    return {
+        "global_shape": shape,
+        "partition_dim": dim,
+        "partition_stride": int(getattr(t, "partition_stride", 1)) if split else 1,
+        "tp_rank": tp_rank if dim >= 0 else 0,
+        "tp_size": tp_size if dim >= 0 else 1,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain data, files, fsync
+
+
+def plain(obj: Any, where: str) -> Any:
+    """`obj` as tensors and plain Python types only, or a CheckpointError naming the offender."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        # a view into a bigger buffer (DDP, distributed optimizer) would save the whole buffer
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+            t = t.clone()
+        return t
+    if type(obj) in (int, float, bool, str, bytes, type(None)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise CheckpointError(f"{where} has a key of type {type(k).__name__}: {k!r}")
+            out[k] = plain(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise CheckpointError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints hold only "
+        "tensors and plain Python types (they are loaded with weights_only=True)"
+    )
+
+
+def safe_load(path: str) -> dict:
+    """`torch.load(path, weights_only=True)`, memory-mapped; clear errors for missing/unsafe files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"refusing to load {path}: it holds a pickled Python object, not only tensors and "
+            f"plain types (torch.load weights_only=True said: {first})"
+        ) from None
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_latest(root: str, iteration: int) -> None:
+    tmp = os.path.join(root, LATEST_FILE + ".tmp")
+    write_durably(tmp, lambda f: f.write(f"{iteration}\n".encode()))
+    os.replace(tmp, os.path.join(root, LATEST_FILE))
+    fsync_dir(root)
+
+
+def pause_for_test(point: str, root: str) -> None:
+    if os.environ.get(PAUSE_ENV) == point:
+        with open(os.path.join(root, ".paused"), "w") as f:
+            f.write(point)
+        while True:
+            time.sleep(0.1)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model chunks
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP-style wrappers (`.module`), whose names are the global names."""
+    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+def chunk_tensors(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return unwrap(chunk).state_dict(keep_vars=True)  # keep_vars: parameters keep their tags
+
+
+def chunk_params(chunks: list[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    return {n: p for c in chunks for n, p in unwrap(c).named_parameters()}

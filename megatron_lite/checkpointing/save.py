@@ -1,0 +1,124 @@
+"""Save: every rank's part of the model, optimizer, schedule and RNG, written atomically."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from megatron_lite.checkpointing.files import (
+    FORMAT_VERSION,
+    MODEL_FILE,
+    barrier,
+    chunk_tensors,
+    fsync_dir,
+    iteration_dir,
+    mp_rank_name,
+    pause_for_test,
+    plain,
+    shard_info_of,
+    write_durably,
+    write_latest,
+)
+from megatron_lite.checkpointing.rng import gather_rng_states
+from megatron_lite.config import Config
+from megatron_lite.parallel_state import ParallelState
+
+
+def _model_state(chunks: list[torch.nn.Module], ps: ParallelState) -> tuple[list[dict], dict]:
+    models, shard_info = [], {}
+    for i, chunk in enumerate(chunks):
+        tensors = chunk_tensors(chunk)
+        models.append(plain(dict(tensors), f"model chunk {i}"))
+        for name, t in tensors.items():
+            shard_info[name] = shard_info_of(t, ps.tp_rank, ps.tp_size)
+    return models, shard_info
+
+
+def save_checkpoint(
+    save_dir: str,
+    iteration: int,
+    model_chunks: list[torch.nn.Module],
+    optimizer: Any,
+    opt_param_scheduler: Any,
+    cfg: Config,
+    ps: ParallelState,
+    consumed_samples: int,
+    extra: dict | None = None,
+    *,
+    vocab_size: int | None = None,
+) -> str:
+    """Save on every rank (collective); returns the iteration directory.
+
+    `vocab_size` is the true (unpadded) vocabulary, recorded so that a layout with another padding
+    can load the embedding; it defaults to `cfg.data.vocab_size`. `extra`: plain data to keep.
+    """
+    ck = cfg.checkpoint
+    for chunk in model_chunks:  # parameters still arriving (--overlap-param-gather): land them
+        getattr(chunk, "finish_param_sync", lambda: None)()
+    # Collectives first, on every rank: the distributed optimizer gathers its dp shards, RNG states
+    # go to dp rank 0.
+    optim = None
+    if optimizer is not None and not ck.no_save_optim:
+        optim = {
+            "param_state": optimizer.per_param_state_dict(),
+            "state_dict": optimizer.state_dict(),
+        }
+    rng = gather_rng_states(ps) if not ck.no_save_rng else None
+
+    final = iteration_dir(save_dir, iteration)
+    tmp = final + ".tmp"
+    if ps.rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(tmp)
+    barrier()
+    if ps.dp_rank == 0:
+        models, shard_info = _model_state(model_chunks, ps)
+        state = {
+            "format_version": FORMAT_VERSION,
+            "iteration": int(iteration),
+            "consumed_samples": int(consumed_samples),
+            "config": cfg.to_dict(),
+            "layout": {
+                "tp": ps.tp_size,
+                "pp": ps.pp_size,
+                "dp": ps.dp_size,
+                "vpp": len(model_chunks) if len(model_chunks) > 1 else None,
+                "use_distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+            },
+            "vocab_size": vocab_size if vocab_size is not None else cfg.data.vocab_size,
+            "model": models,
+            "shard_info": shard_info,
+            "optimizer": plain(optim, "optimizer"),
+            "opt_param_scheduler": plain(
+                opt_param_scheduler.state_dict() if opt_param_scheduler is not None else None,
+                "opt_param_scheduler",
+            ),
+            "rng_state": rng,
+            "extra": plain(extra, "extra"),
+        }
+        d = os.path.join(tmp, mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
+        os.makedirs(d)
+        write_durably(os.path.join(d, MODEL_FILE), lambda f: torch.save(state, f))
+        fsync_dir(d)
+    barrier()
+    if ps.rank == 0:
+        fsync_dir(tmp)
+        pause_for_test("before_rename", save_dir)
+        old = final + ".old"
+        if os.path.exists(final):  # saving the same iteration again: keep the old one until renamed
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(save_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        pause_for_test("before_latest", save_dir)
+        write_latest(save_dir, iteration)
+        for stale in glob.glob(os.path.join(save_dir, "iter_*.tmp")):  # from saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
