@@ -44,6 +44,11 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((tflops for key, tflops in _PEAK_TFLOPS if key in name), None)
 
 
+def comm_device(backend: str) -> torch.device:
+    """Where a tensor for a collective must live: the CPU under gloo, this rank's GPU under NCCL."""
+    return torch.device("cpu") if backend == "gloo" else get_device()
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (timing); nothing to wait for on the CPU."""
     if device.type == "cuda":

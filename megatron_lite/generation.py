@@ -83,21 +83,17 @@ class LanguageModel:
         ps, param = self.ps, next(self.model.parameters())
         if not ps.is_first_stage:  # the previous stage's hidden states [s, b, h]
             shape = (tokens.shape[1], tokens.shape[0], self.cfg.model.hidden_size)
-            hidden = torch.empty(shape, dtype=param.dtype, device=self._p2p_device)
+            hidden = torch.empty(
+                shape, dtype=param.dtype, device=device_mod.comm_device(ps.backend)
+            )
             dist.recv(hidden, ps.prev_rank)
             self.model.set_input_tensor(hidden.to(param.device))
         out = self.model(tokens.to(param.device), inference_params=inference_params)
         if not ps.is_last_stage:
-            dist.send(out.to(self._p2p_device).contiguous(), ps.next_rank)
+            dist.send(out.to(device_mod.comm_device(ps.backend)).contiguous(), ps.next_rank)
             return None
         out = gather_from_tensor_model_parallel_region(out, ps.tp_group)  # [b, s, V/tp] -> V
         return out[..., : self.vocab_size]
-
-    @property
-    def _p2p_device(self) -> torch.device:
-        if self.ps.backend == "gloo":
-            return torch.device("cpu")
-        return next(self.model.parameters()).device
 
 
 def _saved_dtype(reader) -> torch.dtype:
@@ -221,7 +217,7 @@ def _broadcast_token(t: torch.Tensor | None, ps: ParallelState) -> torch.Tensor:
     extend the same text); other ranks pass None."""
     if ps.tp_size * ps.pp_size == 1:
         return t
-    dev = torch.device("cpu") if ps.backend == "gloo" else device_mod.get_device()
+    dev = device_mod.comm_device(ps.backend)
     buf = t.to(dev) if t is not None else torch.zeros(1, dtype=torch.long, device=dev)
     dist.broadcast(buf, ps.mp_ranks[(ps.pp_size - 1) * ps.tp_size], group=ps.mp_group)
     return buf.cpu()

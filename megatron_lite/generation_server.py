@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import torch
 import torch.distributed as dist
 
+from megatron_lite import device
 from megatron_lite.generation import LanguageModel, SamplingParams, generate
 
 FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
@@ -126,14 +127,15 @@ def _broadcast_request(req: dict | None, lm: LanguageModel) -> dict | None:
     if ps.tp_size * ps.pp_size == 1:
         return req
     src, serving = ps.mp_ranks[0], is_serving_rank(ps)
+    dev = device.comm_device(ps.backend)  # NCCL broadcasts only GPU tensors
     data = json.dumps(req).encode() if serving else b""
-    size = torch.tensor([len(data)], dtype=torch.int64)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
     dist.broadcast(size, src, group=ps.mp_group)
-    buf = torch.zeros(int(size), dtype=torch.uint8)
+    buf = torch.zeros(int(size), dtype=torch.uint8, device=dev)
     if serving:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buf, src, group=ps.mp_group)
-    return json.loads(buf.numpy().tobytes().decode())
+    return json.loads(buf.cpu().numpy().tobytes().decode())
 
 
 def follow(lm: LanguageModel, tokenizer) -> None:

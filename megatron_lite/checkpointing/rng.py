@@ -49,7 +49,7 @@ def gather_rng_states(ps: ParallelState) -> list[dict] | None:
         return [state]
     buf = io.BytesIO()
     torch.save(state, buf)
-    dev = device.get_device() if ps.backend == "nccl" else torch.device("cpu")
+    dev = device.comm_device(ps.backend)
     data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(ps.dp_size)]
     dist.all_gather(sizes, torch.tensor([data.numel()], device=dev), group=ps.dp_group)
