@@ -20,34 +20,13 @@ import sys
 from megatron_lite.arguments import parse_args
 from megatron_lite.config import Config
 
-# --use-checkpoint-args takes these model settings from the checkpoint (as Megatron's
-# load_args_from_checkpoint): whatever decides a parameter's shape or the model's numerics
-CHECKPOINT_MODEL_ARGS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "group_query_attention",
-    "num_query_groups",
-    "kv_channels",
-    "ffn_hidden_size",
-    "swiglu",
-    "openai_gelu",
-    "normalization",
-    "layernorm_epsilon",
-    "position_embedding_type",
-    "rotary_base",
-    "max_position_embeddings",
-    "untie_embeddings_and_output_weights",
-    "add_bias_linear",
-    "make_vocab_size_divisible_by",
-)
 TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
 
 
 def with_checkpoint_args(cfg: Config) -> Config:
     """--use-checkpoint-args: the model settings of the --load checkpoint, and its tokenizer when
     the command line names none."""
-    from megatron_lite.checkpointing import CheckpointReader
+    from megatron_lite.checkpointing import CHECKPOINT_MODEL_ARGS, CheckpointReader
 
     if cfg.checkpoint.load is None:
         raise SystemExit("error: --use-checkpoint-args needs --load")

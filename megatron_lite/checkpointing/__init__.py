@@ -33,6 +33,7 @@ from megatron_lite.checkpointing.files import (
     write_latest,
 )
 from megatron_lite.checkpointing.load import (
+    CHECKPOINT_MODEL_ARGS,
     SHAPE_FIELDS,
     CheckpointReader,
     assemble_full_tensor,
@@ -50,10 +51,10 @@ from megatron_lite.checkpointing.rng import get_rng_state, set_rng_state
 from megatron_lite.checkpointing.save import save_checkpoint
 
 __all__ = [
-    "FORMAT_VERSION", "LATEST_FILE", "MODEL_FILE", "PAUSE_ENV", "SHAPE_FIELDS", "CheckpointError",
-    "CheckpointReader", "assemble_full_tensor", "check_same_model", "chunk_params", "fsync_dir",
-    "get_rng_state", "iter_full_state", "iteration_dir", "load_checkpoint", "load_full_state",
-    "load_weights", "mp_rank_name", "plain", "read_latest_iteration", "safe_load", "save_checkpoint",
-    "set_rng_state", "shard_from_reader", "shard_info_of", "slice_shard", "source_name",
-    "weight_key", "write_durably", "write_latest",
+    "CHECKPOINT_MODEL_ARGS", "FORMAT_VERSION", "LATEST_FILE", "MODEL_FILE", "PAUSE_ENV",
+    "SHAPE_FIELDS", "CheckpointError", "CheckpointReader", "assemble_full_tensor",
+    "check_same_model", "chunk_params", "fsync_dir", "get_rng_state", "iter_full_state",
+    "iteration_dir", "load_checkpoint", "load_full_state", "load_weights", "mp_rank_name", "plain",
+    "read_latest_iteration", "safe_load", "save_checkpoint", "set_rng_state", "shard_from_reader",
+    "shard_info_of", "slice_shard", "source_name", "weight_key", "write_durably", "write_latest",
 ]  # fmt: skip

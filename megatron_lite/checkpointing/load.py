@@ -44,6 +44,16 @@ SHAPE_FIELDS = (
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
 )
+# --use-checkpoint-args takes these from a checkpoint (as Megatron's load_args_from_checkpoint):
+# the shape-defining settings and those that decide the model's numerics
+CHECKPOINT_MODEL_ARGS = (
+    *SHAPE_FIELDS,
+    "group_query_attention",
+    "openai_gelu",
+    "layernorm_epsilon",
+    "rotary_base",
+    "make_vocab_size_divisible_by",
+)
 
 
 # The shard rule (Megatron's partition_stride) lives once, with the layers that shard.
