@@ -195,21 +195,19 @@ class DistributedDataParallel(torch.nn.Module):
         parameter held by a module without a forward of its own (a plain container) is used by an
         ancestor's forward: that ancestor waits for it."""
         parent = {c: m for m in self.module.modules() for c in m.children()}
-        waits: dict[torch.nn.Module, set[Bucket]] = {}
+        waits: dict[torch.nn.Module, set[tuple[ParamAndGradBuffer, Bucket]]] = {}
         for m in self.module.modules():
             user = m
             while type(user).forward is torch.nn.Module.forward and user in parent:
                 user = parent[user]
             for q in m.parameters(recurse=False):
                 if id(q) in self._bucket_of:
-                    waits.setdefault(user, set()).add(self._bucket_of[id(q)][1])
-        buffer_of = {b: buf for buf in self.buffers for b in buf.buckets}
+                    waits.setdefault(user, set()).add(self._bucket_of[id(q)])
 
-        def hook_for(buckets: set[Bucket]):
+        def hook_for(buckets: set[tuple[ParamAndGradBuffer, Bucket]]):
             def hook(module, args) -> None:
-                for b in buckets:
-                    if b.param_work is not None:
-                        buffer_of[b].wait_params(b)
+                for buf, b in buckets:
+                    buf.wait_params(b)  # a no-op once it has landed
 
             return hook
 
