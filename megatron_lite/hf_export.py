@@ -81,7 +81,6 @@ _HF_TOKENIZER_FILES = (
 def _tokenizer_files(cfg: dict, hf_dir: str | None) -> tuple[dict[str, str], int | None]:
     """{destination name: source path} of the tokenizer the checkpoint was trained with, and its
     end-of-document id, when known."""
-
     d = cfg.get("data", {})
     kind = d.get("tokenizer_type")
     if hf_dir is not None or kind == "HuggingFaceTokenizer":

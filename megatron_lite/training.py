@@ -153,7 +153,7 @@ def setup(cfg: Config) -> Run:
         elif cfg.checkpoint.exit_on_missing_checkpoint:
             raise FileNotFoundError(
                 f"--load {cfg.checkpoint.load}: no checkpoint there (no "
-                "latest_checkpointed_iteration.txt) and --exit-on-missing-checkpoint is set"
+                f"{checkpointing.LATEST_FILE}) and --exit-on-missing-checkpoint is set"
             )
         elif run.is_logging_rank:
             print_rank(f"> no checkpoint in {cfg.checkpoint.load}: training from scratch")

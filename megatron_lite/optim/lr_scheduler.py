@@ -3,10 +3,10 @@
 Steps are samples, as in Megatron-LM: after each successful optimizer step the schedule advances by
 that step's global batch size, so a --rampup-batch-size run warms up and decays by samples seen.
 --train-iters runs give their lengths in iterations (x --global-batch-size), --train-samples runs in
-samples. With linear warm-up over W steps and decay until D, at step n: lr = max_lr * n / W while
-n <= W; then, with
-r = (n - W) / (D - W), linear: min + (max - min)(1 - r); cosine: min + (max - min)(1 + cos(pi r)) / 2;
-inverse-square-root: max(min, max_lr sqrt(W) / sqrt(n)); constant: max_lr; after D: min_lr.
+samples. With linear warm-up over W steps (from --lr-warmup-init, i0) and decay until D, at step n:
+lr = i0 + (max_lr - i0) n / W while n <= W; then, with r = (n - W) / (D - W), linear:
+min + (max - min)(1 - r); cosine: min + (max - min)(1 + cos(pi r)) / 2; inverse-square-root:
+max(min, max_lr sqrt(W) / sqrt(n)); constant: max_lr; after D: min_lr.
 
 Weight decay can change too (--start-weight-decay, --end-weight-decay, --weight-decay-incr-style
 linear | cosine over the whole run, in samples, as Megatron's): wd = start + c (end - start) with
