@@ -31,6 +31,7 @@ from megatron_lite.distributed import wrap_model_chunks  # noqa: E402
 from megatron_lite.model.gpt import build_model_chunks  # noqa: E402
 from megatron_lite.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from megatron_lite.parallel_state import ParallelState  # noqa: E402
+from megatron_lite.training import optimizer_step  # noqa: E402
 
 VOCAB = 50257
 
@@ -72,7 +73,7 @@ def main() -> None:
     for c in chunks:  # one real step: Adam moments become non-zero
         for p in c.module.parameters():
             p.main_grad.normal_(0, 1e-3)
-    opt.step()
+    optimizer_step(chunks, opt)
     sched.step(cfg.train.global_batch_size)
     print(
         f"model: {args.layers} layers x hidden {args.hidden}, vocab {VOCAB}: "

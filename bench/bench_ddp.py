@@ -31,12 +31,19 @@ from megatron_lite.config import (  # noqa: E402
     ParallelConfig,
     TrainConfig,
 )
-from megatron_lite.distributed import comm, finalize_model_grads, wrap_model_chunks  # noqa: E402
+from megatron_lite.device import params_dtype  # noqa: E402
+from megatron_lite.distributed import (  # noqa: E402
+    comm,
+    finalize_model_grads,
+    wrap_model_chunks,
+    zero_grad_buffers,  # noqa: E402
+)
+from megatron_lite.distributed.testing import run_distributed  # noqa: E402
 from megatron_lite.model import build_model_chunks  # noqa: E402
 from megatron_lite.optim import build_optimizer  # noqa: E402
 from megatron_lite.parallel_state import ParallelState  # noqa: E402
 from megatron_lite.pipeline import get_forward_backward_func  # noqa: E402
-from megatron_lite.testing import run_distributed  # noqa: E402
+from megatron_lite.training import optimizer_step  # noqa: E402
 
 SEQ, MBS, MICRO = 128, 2, 4
 
@@ -68,11 +75,10 @@ def _setup(args, **par):
     ps = ParallelState.build(1, 1)
     cfg = make_cfg(args, **par)
     cfg.finalize(ps.world_size)
-    dtype = torch.bfloat16 if cfg.optim.bf16 else None
-    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(args.vocab))
-    if dtype is not None:
-        for c in chunks:
-            c.to(dtype)
+    chunks = [
+        c.to(params_dtype(cfg.optim))
+        for c in build_model_chunks(cfg, ps, cfg.padded_vocab_size(args.vocab))
+    ]
     model = wrap_model_chunks(cfg, chunks, ps)
     return ps, cfg, model, build_optimizer(cfg, model, ps)
 
@@ -86,12 +92,12 @@ def _step(args, ps, model, opt, fb, step: int) -> tuple[float, int, int]:
     ]
     torch.distributed.barrier()
     start = time.perf_counter()
-    opt.zero_grad()
+    zero_grad_buffers(model)
     comm.stats.reset()
     fb(forward_step, iter(data), model, MICRO, SEQ, MBS)
     finalize_model_grads(model, ps)
     calls, nbytes = comm.stats.calls, comm.stats.bytes
-    opt.step()
+    optimizer_step(model, opt)
     return time.perf_counter() - start, calls, nbytes
 
 

@@ -313,6 +313,11 @@ class DataConfig:
             )
 
 
+def precision_of(bf16: bool, fp16: bool) -> str:
+    """'bf16', 'fp16' or 'fp32' from --bf16/--fp16 (the one rule for the model weights' dtype)."""
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
 @dataclass
 class OptimConfig:
     optimizer: str = flag("adam", "Optimizer (adam is AdamW).", choices=["adam", "sgd"])
@@ -378,6 +383,11 @@ class OptimConfig:
         name="--use-checkpoint-opt_param-scheduler",
         action="store_true",
     )
+
+    @property
+    def precision(self) -> str:
+        """The model weights' precision, 'bf16', 'fp16' or 'fp32' (fp32 masters either way)."""
+        return precision_of(self.bf16, self.fp16)
 
     def __post_init__(self) -> None:
         _require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")

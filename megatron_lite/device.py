@@ -6,6 +6,13 @@ import os
 
 import torch
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def params_dtype(optim_cfg) -> torch.dtype:
+    """The model weights' torch dtype for an OptimConfig (--bf16 / --fp16 / neither)."""
+    return PRECISION_DTYPES[optim_cfg.precision]
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()

@@ -28,8 +28,8 @@ from megatron_lite.config import (
     ParallelConfig,
     TrainConfig,
 )
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.testing import run_distributed
 
 VOCAB = 100  # true vocabulary; padded to 104 (tp1), 112 (tp2), 128 (tp4) with divisible-by 8
 

@@ -18,13 +18,14 @@ from megatron_lite.config import (
     ParallelConfig,
     TrainConfig,
 )
-from megatron_lite.distributed import wrap_model_chunks
+from megatron_lite.distributed import wrap_model_chunks, zero_grad_buffers
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model.gpt import build_model_chunks
 from megatron_lite.optim import build_lr_scheduler, build_optimizer
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.random import get_rng_tracker, set_random_seed
 from megatron_lite.tensor_parallel.utils import full_from_shards, full_shape, name_seed, shard_of
-from megatron_lite.testing import run_distributed
+from megatron_lite.training import optimizer_step
 
 VOCAB = 100  # padded to 104 (tp1), 112 (tp2), 128 (tp4)
 
@@ -78,7 +79,7 @@ def _snapshot(ps, chunks, opt, sched):
 def _train_and_save(root, tp, pp, dp_opt=False, bf16=False):
     cfg, ps, chunks, opt, sched = _setup(tp, pp, dp_opt, bf16)
     for step in range(2):
-        opt.zero_grad()
+        zero_grad_buffers(chunks)
         for c in chunks:
             for name, p in c.module.named_parameters():
                 # a gradient that depends only on the (tied-)name: every layout sees the same model
@@ -86,7 +87,7 @@ def _train_and_save(root, tp, pp, dp_opt=False, bf16=False):
                 full = torch.randn(full_shape(p, ps.tp_size), generator=gen)
                 dim = p.partition_dim
                 p.main_grad.copy_(shard_of(full, dim, p.partition_stride, ps.tp_rank, ps.tp_size))
-        assert opt.step()[0]
+        assert optimizer_step(chunks, opt)[0]
         sched.step(cfg.train.global_batch_size)
     ckpt.save_checkpoint(root, 2, chunks, opt, sched, cfg, ps, 16)
     return _snapshot(ps, chunks, opt, sched)

@@ -16,12 +16,12 @@ import torch
 from launch_utils import ROOT, TINY_GPT, layout_flags, losses, run_pretrain
 
 from megatron_lite import checkpointing as ckpt
-from megatron_lite.convert import probe_tokens, reshard
-from megatron_lite.generation import load_model
-from megatron_lite.hf_checkpoint import HFReader
-from megatron_lite.hf_export import export_hf
+from megatron_lite.checkpointing.hf_export import export_hf
+from megatron_lite.checkpointing.hf_reader import HFReader
+from megatron_lite.checkpointing.reshard import probe_tokens, reshard
+from megatron_lite.distributed.testing import run_distributed
+from megatron_lite.inference.generation import load_model
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.testing import run_distributed
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra (installed by `make test`)
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -281,7 +281,7 @@ def test_export_and_generation_carry_a_huggingface_tokenizer_directory(tmp_path)
     Llama 3 ships): the export copies its files, and generation from the export finds it."""
     from megatron_lite.config import DataConfig
     from megatron_lite.data.tokenizer import HuggingFaceTokenizer, bytes_to_unicode
-    from megatron_lite.generation import build_generation_tokenizer, load_model
+    from megatron_lite.inference.generation import build_generation_tokenizer, load_model
 
     symbols = list(bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols + ["he", "<|endoftext|>"])}

@@ -14,7 +14,7 @@ from megatron_lite.data import build_train_valid_test_datasets, train_valid_test
 from megatron_lite.data.gpt_dataset import GPTDataset, ltor_masks_and_position_ids, split_ranges
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.tokenizer import NullTokenizer
-from megatron_lite.testing import run_distributed
+from megatron_lite.distributed.testing import run_distributed
 
 EOD = 1000
 TOK = NullTokenizer(EOD)  # eod id 1000; document i holds tokens 1 + i

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from megatron_lite.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
-from megatron_lite.distributed import finalize_model_grads, wrap_model_chunks
+from megatron_lite.distributed import finalize_model_grads, wrap_model_chunks, zero_grad_buffers
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model import build_model_chunks
 from megatron_lite.optim import build_optimizer
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.pipeline import get_forward_backward_func
 from megatron_lite.tensor_parallel.utils import shard_of
-from megatron_lite.testing import run_distributed
+from megatron_lite.training import optimizer_step
 
 VOCAB, SEQ, MBS, MICRO, STEPS = 100, 8, 1, 4, 3
 PADDED = 128  # 100 padded to a multiple of 64 x tp, for tp = 1 and 2 alike
@@ -90,13 +91,13 @@ def _gpt_checks(tp: int, pp: int, variants: list[dict]):
         norms = []
         for step in range(STEPS):
             mine = global_batch(step, ps.dp_size * MICRO)[ps.dp_rank * MICRO :][:MICRO]
-            opt.zero_grad()
+            zero_grad_buffers(model)
             fb(forward_step, iter(mine), model, MICRO, SEQ, MBS, grad_scale_func=opt.scale_loss)
             if par.get("overlap_grad_reduce") and step > 0:  # step 1 learns, then buckets start
                 started = [b.launched for c in model for buf in c.buffers for b in buf.buckets]
                 assert any(started), (par, step)  # during backward, before finalize
             finalize_model_grads(model, ps)
-            ok, norm = opt.step()
+            ok, norm = optimizer_step(model, opt)
             assert ok
             norms.append(norm)
         assert norms == pytest.approx(ref_norms, rel=1e-4), par

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.testing import run_distributed
 from tests.test_ddp_optimizer import (
     CLIP,
     assert_matches_reference,

@@ -15,10 +15,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, OptimConfig, ParallelConfig
-from megatron_lite.distributed import DistributedDataParallel, comm, finalize_model_grads
+from megatron_lite.distributed import (
+    DistributedDataParallel,
+    comm,
+    finalize_model_grads,
+    zero_grad_buffers,
+)
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.optim import build_optimizer
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.testing import run_distributed
+from megatron_lite.training import optimizer_step
 from tests import ddp_toys as toys
 
 LR, WD, CLIP = 1e-2, 0.1, 0.5
@@ -67,7 +73,7 @@ def train_step(model, opt, ps, step: int, micro: int, mb: int = 1, inject_inf: b
     tokens, labels = toys.batch(step, ps.dp_size * micro * mb)
     mine = slice(ps.dp_rank * micro * mb, (ps.dp_rank + 1) * micro * mb)
     tokens, labels = tokens[:, mine], labels[:, mine]
-    opt.zero_grad()
+    zero_grad_buffers([model])
     comm.stats.reset()
     loss_sum = 0.0
     for i in range(micro):
@@ -82,7 +88,7 @@ def train_step(model, opt, ps, step: int, micro: int, mb: int = 1, inject_inf: b
     collectives = comm.stats.calls
     if inject_inf:
         opt.pieces[0].grad[0] = float("inf")
-    success, norm = opt.step()
+    success, norm = optimizer_step([model], opt)
     return success, norm, loss_sum, collectives
 
 
@@ -204,10 +210,10 @@ def _dp4_checks(steps: int, micro: int):
     model = DistributedDataParallel(tiny, make_cfg(use_distributed_optimizer=True), ps)
     opt = build_optimizer(make_cfg(use_distributed_optimizer=True), [model], ps)
     assert (len(opt.pieces) == 0) == (ps.dp_rank > 0)
-    opt.zero_grad()
+    zero_grad_buffers([model])
     tiny(torch.ones(1, 2)).sum().backward()
     finalize_model_grads([model], ps)
-    assert opt.step() == (True, pytest.approx(3**0.5))
+    assert optimizer_step([model], opt) == (True, pytest.approx(3**0.5))
     # AdamW's first step: decoupled decay, then -lr (scale-free, so clipping does not show)
     assert torch.allclose(tiny.weight, torch.full((1, 2), 0.5 * (1 - LR * WD) - LR))
     # tensors cross the pipe as plain pickles (torch's shared-memory pickling needs the rank alive)

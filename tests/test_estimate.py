@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.arguments import parse_args
+from megatron_lite.device import params_dtype
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.estimate import chunk_bytes, estimate, static_memory
-from megatron_lite.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 4
@@ -154,7 +155,7 @@ def _measure_activations(flags, tp):
     ps = ParallelState.build(tp, 1)
     set_random_seed(1, ps.tp_rank)
     model = build_model_chunks(cfg, ps, cfg.padded_vocab_size(1001))[0]
-    model.to(torch.bfloat16 if cfg.optim.bf16 else torch.float32).train()
+    model.to(params_dtype(cfg.optim)).train()
     g = torch.Generator().manual_seed(0)
     b, s = cfg.train.micro_batch_size, cfg.model.seq_length
     tokens, labels = (torch.randint(0, 1000, (b, s), generator=g) for _ in range(2))

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from megatron_lite.checkpointing import save_checkpoint
+from megatron_lite.checkpointing.hf_export import export_hf
+from megatron_lite.checkpointing.hf_reader import open_checkpoint
 from megatron_lite.config import Config, DataConfig, ModelConfig
 from megatron_lite.data.tokenizer import NullTokenizer
-from megatron_lite.generation import SamplingParams, generate, load_model, sample
-from megatron_lite.generation_server import GenerationServer, follow, is_serving_rank
-from megatron_lite.hf_checkpoint import open_checkpoint
-from megatron_lite.hf_export import export_hf
+from megatron_lite.distributed.testing import run_distributed
+from megatron_lite.inference.generation import SamplingParams, generate, load_model, sample
+from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.testing import run_distributed
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra (installed by `make test`)
 

@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel import full_from_shards, set_random_seed
-from megatron_lite.testing import run_distributed
 
 VOCAB, SEQ, BATCH = 100, 8, 2
 FLAVOURS = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_lite.testing import DistributedError, run_distributed
+from megatron_lite.distributed.testing import DistributedError, run_distributed
 
 
 def _sum_of_ranks():

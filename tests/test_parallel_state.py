@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import ConfigError
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.parallel_state import ParallelState, first_slurm_host, group_ranks, launch_env
-from megatron_lite.testing import run_distributed
 
 
 def layouts(world):

@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState, free_port
 from megatron_lite.pipeline import allreduce_embedding_grads
 from megatron_lite.pipeline import get_forward_backward_func as get_fb
 from megatron_lite.tensor_parallel import WeightGradStore
-from megatron_lite.testing import run_distributed
 
 VOCAB, SEQ, MBS, STEPS = 100, 8, 2, 2
 EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"

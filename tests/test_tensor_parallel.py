@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_lite.config import Config, ModelConfig, ParallelConfig
+from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel import (
@@ -23,7 +24,6 @@ from megatron_lite.tensor_parallel import (
     shard_of,
     vocab_parallel_cross_entropy,
 )
-from megatron_lite.testing import run_distributed
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

@@ -26,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_lite.checkpointing import CheckpointError  # noqa: E402
 from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
-from megatron_lite.generation import (  # noqa: E402
+from megatron_lite.inference.generation import (  # noqa: E402
     SamplingParams,
     build_generation_tokenizer,
     generate,
@@ -111,7 +111,7 @@ def _main(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
     )
     if args.server:
-        from megatron_lite.generation_server import GenerationServer, follow, is_serving_rank
+        from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
 
         if not is_serving_rank(ps):
             follow(lm, tokenizer)

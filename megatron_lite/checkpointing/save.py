@@ -57,8 +57,12 @@ def save_checkpoint(
     can load the embedding; it defaults to `cfg.data.vocab_size`. `extra`: plain data to keep.
     """
     ck = cfg.checkpoint
-    for chunk in model_chunks:  # parameters still arriving (--overlap-param-gather): land them
-        getattr(chunk, "finish_param_sync", lambda: None)()
+    in_flight = sum(getattr(c, "params_in_flight", lambda: 0)() for c in model_chunks)
+    if in_flight:  # a save reads parameters outside a forward: the step must have landed them
+        raise RuntimeError(
+            f"save_checkpoint: {in_flight} parameter all-gathers still in flight "
+            "(--overlap-param-gather); call distributed.finish_param_gather(model) first"
+        )
     # Collectives first, on every rank: the distributed optimizer gathers its dp shards, RNG states
     # go to dp rank 0.
     optim = None

@@ -1,6 +1,19 @@
 """Data parallelism: our DDP wrapper (bucketed, overlapped gradient reduction) and grad finalization."""
 
-from megatron_lite.distributed.ddp import DistributedDataParallel, wrap_model_chunks
+from megatron_lite.distributed.ddp import (
+    DistributedDataParallel,
+    finish_param_gather,
+    start_param_gather,
+    wrap_model_chunks,
+    zero_grad_buffers,
+)
 from megatron_lite.distributed.finalize import finalize_model_grads
 
-__all__ = ["DistributedDataParallel", "finalize_model_grads", "wrap_model_chunks"]
+__all__ = [
+    "DistributedDataParallel",
+    "finalize_model_grads",
+    "finish_param_gather",
+    "start_param_gather",
+    "wrap_model_chunks",
+    "zero_grad_buffers",
+]

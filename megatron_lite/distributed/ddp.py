@@ -215,6 +215,27 @@ class DistributedDataParallel(torch.nn.Module):
             user.register_forward_pre_hook(hook_for(buckets))
 
 
+# --- the step's lifecycle, called in this order by training.train_step ---------------------------
+def zero_grad_buffers(chunks: list[DistributedDataParallel]) -> None:
+    """Before the step's first forward: every `main_grad` to zero."""
+    for c in chunks:
+        c.zero_grad_buffer()
+
+
+def finish_param_gather(chunks: list[DistributedDataParallel]) -> None:
+    """Land the previous step's parameter all-gathers still in flight (--overlap-param-gather)
+    before the optimizer writes the parameters again, or anything reads them outside a forward."""
+    for c in chunks:
+        c.finish_param_sync()
+
+
+def start_param_gather(chunks: list[DistributedDataParallel]) -> None:
+    """After the distributed optimizer's step: every dp rank's updated shard to every rank."""
+    for c in chunks:
+        if c.use_distributed_optimizer:
+            c.all_gather_params()
+
+
 def wrap_model_chunks(cfg, chunks: list[torch.nn.Module], ps) -> list[DistributedDataParallel]:
     """One DDP wrapper per model chunk, configured from `cfg.parallel`."""
     return [DistributedDataParallel(c, cfg, ps) for c in chunks]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_lite.config import Config
-from megatron_lite.estimate.memory import DTYPE_BYTES, chunk_layouts, param_dtype
+from megatron_lite.estimate.memory import DTYPE_BYTES, chunk_layouts
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,12 @@ def dims(cfg: Config, device: str = "cuda") -> Dims:
         h=m.hidden_size,
         t=t,
         sl=m.seq_length // t if p.sequence_parallel else m.seq_length,
-        a=DTYPE_BYTES[param_dtype(cfg)],
+        a=DTYPE_BYTES[cfg.optim.precision],
         nq=m.num_attention_heads // t,
         ng=m.num_query_groups // t,
         d=m.kv_channels,
         f=m.ffn_hidden_size // t,
-        mask=1 if device == "cuda" else DTYPE_BYTES[param_dtype(cfg)],
+        mask=1 if device == "cuda" else DTYPE_BYTES[cfg.optim.precision],
     )
 
 

@@ -69,7 +69,7 @@ def _gib(n: float) -> str:
 
 def describe(est: Estimate, hw: Hardware, vocab: int, vocab_src: str, device: str) -> str:
     cfg, m = est.cfg, est.cfg.model
-    prec = "bf16" if cfg.optim.bf16 else "fp16" if cfg.optim.fp16 else "fp32"
+    prec = cfg.optim.precision
     lines = [
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
         f"{m.num_attention_heads} (query groups {m.num_query_groups}), seq {m.seq_length}, vocab "

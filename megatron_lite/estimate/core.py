@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from megatron_lite.config import Config
 from megatron_lite.estimate.activations import chunk_bytes, dims
 from megatron_lite.estimate.memory import StaticMemory, static_memory
-from megatron_lite.train_logging import model_flops_per_token
+from megatron_lite.training.log import model_flops_per_token
 
 GIB = 2**30
 

@@ -32,10 +32,6 @@ class ParamSpec:
     shared_embedding: bool = False  # tied word embedding / output weight when pp > 1
 
 
-def param_dtype(cfg: Config) -> str:
-    return "bf16" if cfg.optim.bf16 else "fp16" if cfg.optim.fp16 else "fp32"
-
-
 def _layer_params(cfg: Config, i: int) -> list[ParamSpec]:
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     h, d = m.hidden_size, m.kv_channels
@@ -156,7 +152,7 @@ def chunk_layouts(cfg: Config, pp_rank: int) -> list[tuple[range, bool, bool]]:
 def static_memory(cfg: Config, padded_vocab: int, pp_rank: int, dp_rank: int = 0) -> StaticMemory:
     """Parameters, gradient buffers and optimizer state of (pp_rank, any tp rank, dp_rank)."""
     dp = cfg.data_parallel_size or 1
-    dtype = param_dtype(cfg)
+    dtype = cfg.optim.precision
     pbytes = DTYPE_BYTES[dtype]
     fp32_grads = cfg.parallel.accumulate_allreduce_grads_in_fp32 or dtype == "bf16"
     gbytes = 4 if fp32_grads else pbytes

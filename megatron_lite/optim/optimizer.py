@@ -165,20 +165,14 @@ class MegatronOptimizer(PerParamState):
         """Multiply the loss by the current loss scale before backward (fp16)."""
         return loss if self.grad_scaler is None else loss * self.grad_scaler.scale
 
-    def zero_grad(self) -> None:
-        """Zero the DDP gradient buffers (call before each step's first forward)."""
-        for c in self.chunks:
-            c.zero_grad_buffer()
-        for pc in self.pieces:
-            pc.master.grad = None
-
     @torch.no_grad()
     def step(self) -> tuple[bool, float | None]:
-        """-> (stepped, grad norm); a step with inf/nan grads is skipped (norm None)."""
+        """-> (stepped, grad norm); a step with inf/nan grads is skipped (norm None).
+
+        Reads the reduced `main_grad`s and writes this rank's parameters (its shard under ZeRO-1);
+        the DDP side of the step (zeroing, reduction, parameter all-gather) is `train_step`'s.
+        """
         self.num_zeros_in_grad = None
-        if self.distributed:  # the last step's parameter all-gathers (--overlap-param-gather)
-            for c in self.chunks:
-                c.finish_param_sync()
         grads = self._masters_take_grads()
         if self.grad_scaler is not None:
             found_inf = self._unscale_and_check(grads)
@@ -200,9 +194,6 @@ class MegatronOptimizer(PerParamState):
             for pc in self.pieces:
                 if pc.master is not pc.model:
                     pc.model.copy_(pc.master)
-        if self.distributed:
-            for c in self.chunks:
-                c.all_gather_params()
         return True, grad_norm
 
     def params_norm(self) -> float:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from megatron_lite import device
 from megatron_lite.pipeline import p2p
 from megatron_lite.pipeline.actions import Action, build_actions, forward_only, num_chunks
 from megatron_lite.pipeline.comm_plan import Message, build_plan, virtual_stage
@@ -39,9 +40,7 @@ def schedule_name(cfg: Any, pp_size: int) -> str:
 
 
 def pipeline_dtype(cfg: Any) -> torch.dtype:
-    if cfg.optim.bf16:
-        return torch.bfloat16
-    return torch.float16 if cfg.optim.fp16 else torch.float32
+    return device.params_dtype(cfg.optim)
 
 
 def get_forward_backward_func(cfg: Any, ps: Any) -> Callable[..., list[dict]]:

@@ -25,15 +25,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader  # noqa: E402
-from megatron_lite.config import ConfigError  # noqa: E402
-from megatron_lite.convert import check_logits, reshard  # noqa: E402
-from megatron_lite.hf_checkpoint import (  # noqa: E402
+from megatron_lite.checkpointing.hf_export import export_hf  # noqa: E402
+from megatron_lite.checkpointing.hf_reader import (  # noqa: E402
     DTYPES,
     HFReader,
     model_flags,
     parse_dtype,
 )
-from megatron_lite.hf_export import export_hf  # noqa: E402
+from megatron_lite.checkpointing.reshard import check_logits, reshard  # noqa: E402
+from megatron_lite.config import ConfigError  # noqa: E402
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 

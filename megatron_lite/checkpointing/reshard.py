@@ -19,14 +19,14 @@ from collections.abc import Callable
 import torch
 
 from megatron_lite import checkpointing as ckpt
-from megatron_lite.config import Config
-from megatron_lite.hf_checkpoint import (
+from megatron_lite.checkpointing.hf_reader import (
     WORD_EMBEDDING,
     dtype_name,
     is_hf_dir,
     open_checkpoint,
     training_dtype,
 )
+from megatron_lite.config import Config
 from megatron_lite.model.gpt import GPTModel, chunk_layer_numbers
 from megatron_lite.parallel_state import ParallelState
 
@@ -203,7 +203,7 @@ def logits_of(path: str, tokens: torch.Tensor, iteration: int | None = None) -> 
             return _transformers_logits(path, tokens)
         except ImportError:
             pass  # no transformers: our model on the HF weights
-    from megatron_lite.generation import load_model
+    from megatron_lite.inference.generation import load_model
 
     lm = load_model(path, dtype=torch.float32, iteration=iteration)
     return lm.logits(tokens).float().cpu()

@@ -12,8 +12,7 @@ from collections.abc import Callable
 import torch
 
 from megatron_lite.checkpointing import weight_key
-from megatron_lite.config import Config
-from megatron_lite.hf_checkpoint import (
+from megatron_lite.checkpointing.hf_reader import (
     OUTPUT_WEIGHT,
     SPECIAL_TOKENS,
     WORD_EMBEDDING,
@@ -24,6 +23,7 @@ from megatron_lite.hf_checkpoint import (
     to_hf_tensors,
     training_dtype,
 )
+from megatron_lite.config import Config
 
 
 class SafetensorsWriter:

@@ -24,7 +24,8 @@ from collections.abc import Callable
 import torch
 
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader
-from megatron_lite.config import Config, ModelConfig
+from megatron_lite.config import Config, ModelConfig, precision_of
+from megatron_lite.device import PRECISION_DTYPES
 
 GPT2, LLAMA = "gpt2", "llama"
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -44,7 +45,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 def training_dtype(cfg: dict) -> torch.dtype:
     """The model weights' dtype in a run of this config (masters stay fp32)."""
     o = cfg.get("optim", {})
-    return torch.bfloat16 if o.get("bf16") else torch.float16 if o.get("fp16") else torch.float32
+    return PRECISION_DTYPES[precision_of(o.get("bf16", False), o.get("fp16", False))]
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

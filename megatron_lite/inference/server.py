@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite import device
-from megatron_lite.generation import LanguageModel, SamplingParams, generate
+from megatron_lite.inference.generation import LanguageModel, SamplingParams, generate
 
 FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
 

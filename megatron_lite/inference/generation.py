@@ -26,17 +26,17 @@ import torch.distributed as dist
 
 from megatron_lite import device as device_mod
 from megatron_lite.checkpointing import load_weights
-from megatron_lite.config import Config
-from megatron_lite.data.tokenizer import (
-    Tokenizer,
-    build_tokenizer,
-)
-from megatron_lite.hf_checkpoint import (
+from megatron_lite.checkpointing.hf_reader import (
     WORD_EMBEDDING,
     HFReader,
     open_checkpoint,
     parse_dtype,
     training_dtype,
+)
+from megatron_lite.config import Config
+from megatron_lite.data.tokenizer import (
+    Tokenizer,
+    build_tokenizer,
 )
 from megatron_lite.model import GPTModel, InferenceParams
 from megatron_lite.model.gpt import chunk_layer_numbers

@@ -1,0 +1,1 @@
+"""Inference: loading any checkpoint for generation (any tp x pp, or a HF directory), and the server."""

@@ -1,0 +1,130 @@
+"""One training iteration and one evaluation pass, across every pipeline stage of this rank.
+
+The DDP lifecycle of a step is driven from here and nowhere else, in Megatron's order:
+zero the gradient buffers -> forward/backward over the microbatches (the pipeline schedule) ->
+finalize the gradients (dp reduction, sequence-parallel and tied-embedding all-reduces) -> land the
+previous step's parameter all-gathers -> optimizer step -> start this step's parameter all-gathers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.distributed import (
+    DistributedDataParallel,
+    finalize_model_grads,
+    finish_param_gather,
+    start_param_gather,
+    zero_grad_buffers,
+)
+from megatron_lite.optim import MegatronOptimizer
+from megatron_lite.pipeline import get_forward_backward_func
+from megatron_lite.training.setup import Run
+
+
+def _to_device(batch: dict, dev: torch.device) -> dict:
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def forward_step(data_iterator, model: torch.nn.Module, poison_loss: bool = False):
+    """Megatron's forward step: one microbatch through this chunk; the loss function on the last.
+    `poison_loss` makes the loss nan (the fault tests' injected nan)."""
+    batch = _to_device(next(data_iterator), next(model.parameters()).device)
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )
+    loss_mask = batch["loss_mask"].float()
+
+    def loss_func(per_token_loss: torch.Tensor):
+        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        if poison_loss:
+            loss = loss * float("nan")
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+def _mean_reported(losses: list[dict], key: str = "lm loss") -> float | None:
+    if not losses:
+        return None
+    return float(torch.stack([d[key].float() for d in losses]).mean())
+
+
+def train_step(run: Run, data_iterators) -> dict:
+    """Forward and backward over all microbatches, gradient sync, one optimizer step."""
+    cfg, iteration = run.cfg, run.iteration + 1
+    run.microbatches.update(run.consumed_samples)
+    run.faults.raise_if_due(iteration, run.ps.rank)
+    zero_grad_buffers(run.model)
+    forward_backward = get_forward_backward_func(cfg, run.ps)
+    losses = forward_backward(
+        forward_step_func=functools.partial(
+            forward_step, poison_loss=run.faults.nan_loss_at(iteration)
+        ),
+        data_iterator=data_iterators,
+        model=run.model,
+        num_microbatches=run.microbatches.get(),
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=False,
+        grad_scale_func=run.optimizer.scale_loss,
+    )
+    finalize_model_grads(run.model, run.ps)
+    success, grad_norm = optimizer_step(run.model, run.optimizer)
+    if success:
+        run.scheduler.step(run.microbatches.get_current_global_batch_size())  # counts samples
+    return {"loss": _mean_reported(losses), "success": success, "grad_norm": grad_norm}
+
+
+def optimizer_step(
+    model: list[DistributedDataParallel], optimizer: MegatronOptimizer
+) -> tuple[bool, float | None]:
+    """Land the last step's parameter all-gathers, step, start this step's (ZeRO-1).
+    -> (stepped, grad norm), as `MegatronOptimizer.step`."""
+    finish_param_gather(model)
+    success, grad_norm = optimizer.step()
+    if success:
+        start_param_gather(model)
+    return success, grad_norm
+
+
+def land_params(run: Run) -> None:
+    """Before anything reads the parameters outside a forward (a save): land the all-gathers
+    `train_step` left in flight under --overlap-param-gather."""
+    finish_param_gather(run.model)
+
+
+@torch.no_grad()
+def evaluate(run: Run, data_iterators, num_batches: int) -> float | None:
+    """Average lm loss over `num_batches` global batches (forward only); valid on every rank."""
+    cfg = run.cfg
+    forward_only = get_forward_backward_func(cfg, run.ps)
+    for chunk in run.model:
+        chunk.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for _ in range(num_batches):
+        losses = forward_only(
+            forward_step_func=forward_step,
+            data_iterator=data_iterators,
+            model=run.model,
+            num_microbatches=cfg.num_microbatches,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=True,
+        )
+        if losses:
+            total += torch.tensor([_mean_reported(losses), 1.0], dtype=torch.float64)
+    for chunk in run.model:
+        chunk.train()
+    return average_over_last_stage(run, total)
+
+
+def average_over_last_stage(run: Run, total: torch.Tensor) -> float | None:
+    """Sum (value, count) over the world; only last-stage ranks contribute (tp ranks agree)."""
+    if not (run.ps.is_last_stage and run.ps.tp_rank == 0):
+        total = torch.zeros_like(total)
+    dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None
