@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from megatron_lite import comm  # noqa: E402
 from megatron_lite.config import (  # noqa: E402
     Config,
     ModelConfig,
@@ -33,7 +34,6 @@ from megatron_lite.config import (  # noqa: E402
 )
 from megatron_lite.device import params_dtype  # noqa: E402
 from megatron_lite.distributed import (  # noqa: E402
-    comm,
     finalize_model_grads,
     wrap_model_chunks,
     zero_grad_buffers,  # noqa: E402

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_lite import comm
 from megatron_lite.config import Config, OptimConfig, ParallelConfig
 from megatron_lite.distributed import (
     DistributedDataParallel,
-    comm,
     finalize_model_grads,
     zero_grad_buffers,
 )

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.distributed.finalize import allreduce_embedding_grads
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState, free_port
-from megatron_lite.pipeline import allreduce_embedding_grads
 from megatron_lite.pipeline import get_forward_backward_func as get_fb
 from megatron_lite.tensor_parallel import WeightGradStore
 
@@ -123,9 +123,19 @@ def run_layout(num_layers, pp, m, vpp_layers=None, schedule="1f1b", variable=Fal
     params = {n: p for c in chunks for n, p in c.named_parameters()}
     for step, (want_loss, want_grads, want_eval) in enumerate(reference(num_layers, m)):
         its = [iter(microbatches(step, m)) for _ in chunks]
-        reports = fb(forward_step, its, chunks, m, SEQ, MBS, variable_seq_lengths=variable)
+        store = WeightGradStore()
+        reports = fb(
+            forward_step,
+            its,
+            chunks,
+            m,
+            SEQ,
+            MBS,
+            variable_seq_lengths=variable,
+            weight_grad_store=store,
+        )
         allreduce_embedding_grads(chunks, ps)
-        assert WeightGradStore.num_pending() == 0, what
+        assert store.num_pending() == 0, what
         if ps.is_last_stage:
             assert len(reports) == m, what
             got = sum(r["lm loss"].item() for r in reports) / m

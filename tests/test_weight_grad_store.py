@@ -30,25 +30,26 @@ def test_deferred_weight_grads_equal_immediate_ones_and_fire_hooks():
     for t in tokens:
         ref(t, labels=t).mean().backward()
 
+    store = WeightGradStore()
     fired = []
     for name, p in model.named_parameters():
         p.register_post_accumulate_grad_hook(lambda p, name=name: fired.append(name))
     for t in tokens:
-        with WeightGradStore.defer():
+        with store.defer():
             model(t, labels=t).mean().backward()
-    assert WeightGradStore.num_pending() == 2
+    assert store.num_pending() == 2
     params = dict(model.named_parameters())
     linear_weights = [n for n in params if "linear" in n and n.endswith("weight")]
     assert not any(n in fired for n in linear_weights), "weight grads ran before pop()"
     # input-gradient path complete: embedding and norms already have their grads
     assert model.embedding.word_embeddings.weight.grad is not None
 
-    WeightGradStore.pop()
-    assert WeightGradStore.num_pending() == 1
-    WeightGradStore.pop()
-    assert WeightGradStore.num_pending() == 0
+    store.pop()
+    assert store.num_pending() == 1
+    store.pop()
+    assert store.num_pending() == 0
     with pytest.raises(RuntimeError, match="no deferred microbatch"):
-        WeightGradStore.pop()
+        store.pop()
     assert all(n in fired for n in linear_weights)
     ref_grads = dict(ref.named_parameters())
     for name, p in model.named_parameters():
@@ -61,14 +62,15 @@ def test_pop_runs_the_oldest_microbatch_first():
     for p in (*lin.parameters(), *row.parameters()):
         torch.nn.init.normal_(p)
     xs = [torch.randn(3, 2, 4, requires_grad=True) for _ in range(2)]
+    store = WeightGradStore()
     for x in xs:
-        with WeightGradStore.defer():
+        with store.defer():
             row(lin(x)[0])[0].sum().backward()
         assert x.grad is not None  # input gradient computed immediately
     assert lin.weight.grad is None
-    WeightGradStore.pop()
+    store.pop()
     first = lin.weight.grad.clone()
     want = torch.ones(3, 2, 4) @ row.weight  # d/d(lin out) of sum(row(.))
     torch.testing.assert_close(first, want.reshape(-1, 6).t() @ xs[0].detach().reshape(-1, 4))
-    WeightGradStore.pop()
+    store.pop()
     assert not torch.equal(first, lin.weight.grad)

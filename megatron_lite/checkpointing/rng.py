@@ -7,9 +7,8 @@ import random
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from megatron_lite import device
+from megatron_lite import comm, device
 from megatron_lite.checkpointing.files import plain
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.random import get_rng_tracker
@@ -52,12 +51,12 @@ def gather_rng_states(ps: ParallelState) -> list[dict] | None:
     dev = device.comm_device(ps.backend)
     data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(ps.dp_size)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], device=dev), group=ps.dp_group)
+    comm.all_gather_list(sizes, torch.tensor([data.numel()], device=dev), ps.dp_group)
     longest = int(max(sizes).item())
     padded = torch.zeros(longest, dtype=torch.uint8, device=dev)
     padded[: data.numel()] = data.to(dev)
     blobs = [torch.empty_like(padded) for _ in range(ps.dp_size)]
-    dist.all_gather(blobs, padded, group=ps.dp_group)  # a few KiB per rank
+    comm.all_gather_list(blobs, padded, ps.dp_group)  # a few KiB per rank
     if ps.dp_rank != 0:
         return None
     return [

@@ -7,12 +7,13 @@ from megatron_lite.distributed.ddp import (
     wrap_model_chunks,
     zero_grad_buffers,
 )
-from megatron_lite.distributed.finalize import finalize_model_grads
+from megatron_lite.distributed.finalize import finalize_model_grads, grad_of
 
 __all__ = [
     "DistributedDataParallel",
     "finalize_model_grads",
     "finish_param_gather",
+    "grad_of",
     "start_param_gather",
     "wrap_model_chunks",
     "zero_grad_buffers",

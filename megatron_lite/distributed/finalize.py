@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megatron_lite.distributed import comm
+from megatron_lite import comm
+
+if TYPE_CHECKING:
+    from megatron_lite.parallel_state import ParallelState
 
 
-def _grad(p: torch.nn.Parameter) -> torch.Tensor | None:
-    return p.main_grad if hasattr(p, "main_grad") else p.grad
+def grad_of(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient a step reads: DDP's `main_grad` (a view of its buffer) where DDP keeps one, else
+    autograd's `.grad`."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
 
 
-def _params(chunks, tag: str) -> list[torch.nn.Parameter]:
+def _params(chunks: list[torch.nn.Module], tag: str) -> list[torch.nn.Parameter]:
     return [p for c in chunks for p in c.parameters() if p.requires_grad and getattr(p, tag, False)]
 
 
-def _allreduce_coalesced(grads: list[torch.Tensor], group) -> None:
+def _allreduce_coalesced(grads: list[torch.Tensor], group: comm.Group) -> None:
     """One all-reduce for many small tensors (flatten, reduce, copy back)."""
     if not grads:
         return
@@ -26,26 +34,34 @@ def _allreduce_coalesced(grads: list[torch.Tensor], group) -> None:
         g.copy_(synced)
 
 
-def allreduce_sequence_parallel_grads(chunks, ps) -> None:
+def allreduce_sequence_parallel_grads(chunks: list[torch.nn.Module], ps: ParallelState) -> None:
     """Sum the partial gradients of `sequence_parallel` parameters (norms, row-parallel biases) over tp.
 
     Under sequence parallelism each tp rank saw only its slice of the sequence.
     """
     if ps.tp_size == 1:
         return
-    grads = [_grad(p) for p in _params(chunks, "sequence_parallel")]
+    grads = [grad_of(p) for p in _params(chunks, "sequence_parallel")]
     _allreduce_coalesced([g for g in grads if g is not None], ps.tp_group)
 
 
-def allreduce_shared_embedding_grads(chunks, ps) -> None:
-    """Sum the tied word-embedding gradient of the first and last stage over the embedding group."""
-    if ps.embedding_group is None or comm.group_size(ps.embedding_group) == 1:
+def allreduce_embedding_grads(chunks: list[torch.nn.Module], ps: ParallelState) -> None:
+    """Tied word embeddings across the pipeline: the first stage's input embedding and the last
+    stage's output layer are one matrix held twice, kept equal by summing the gradients of the
+    parameters tagged `shared_embedding` over the embedding group (Megatron's: first + last stage
+    of each pipeline). A no-op off the group, with one stage, or with untied embeddings."""
+    if ps.embedding_group is None or comm.group_size(ps.embedding_group) < 2:
         return
-    grads = [_grad(p) for p in _params(chunks, "shared_embedding")]
-    _allreduce_coalesced([g for g in grads if g is not None], ps.embedding_group)
+    grads = []
+    for p in _params(chunks, "shared_embedding"):
+        g = grad_of(p)
+        if g is None:  # no gradient yet this step: the peer's must still be summed in
+            g = p.grad = torch.zeros_like(p)
+        grads.append(g)
+    _allreduce_coalesced(grads, ps.embedding_group)
 
 
-def finalize_model_grads(chunks, ps) -> None:
+def finalize_model_grads(chunks: list[torch.nn.Module], ps: ParallelState) -> None:
     """DP reduction, then tp all-reduce of sequence-parallel grads, then the tied-embedding all-reduce.
 
     The order is safe under the distributed optimizer too: the tp peers hold identical buffer layouts,
@@ -55,8 +71,4 @@ def finalize_model_grads(chunks, ps) -> None:
         if hasattr(c, "finish_grad_sync"):
             c.finish_grad_sync()
     allreduce_sequence_parallel_grads(chunks, ps)
-    try:  # the pipeline's version when it exists (it owns the embedding group's semantics)
-        from megatron_lite.pipeline import allreduce_embedding_grads
-    except ImportError:
-        allreduce_embedding_grads = allreduce_shared_embedding_grads
     allreduce_embedding_grads(chunks, ps)

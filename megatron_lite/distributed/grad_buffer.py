@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_lite.distributed import comm
+from megatron_lite import comm
 
 
 @dataclass(eq=False)

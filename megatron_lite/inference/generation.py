@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_lite import comm
 from megatron_lite import device as device_mod
 from megatron_lite.checkpointing import load_weights
 from megatron_lite.checkpointing.hf_reader import (
@@ -219,7 +220,7 @@ def _broadcast_token(t: torch.Tensor | None, ps: ParallelState) -> torch.Tensor:
         return t
     dev = device_mod.comm_device(ps.backend)
     buf = t.to(dev) if t is not None else torch.zeros(1, dtype=torch.long, device=dev)
-    dist.broadcast(buf, ps.mp_ranks[(ps.pp_size - 1) * ps.tp_size], group=ps.mp_group)
+    comm.broadcast(buf, ps.mp_ranks[(ps.pp_size - 1) * ps.tp_size], ps.mp_group)
     return buf.cpu()
 
 

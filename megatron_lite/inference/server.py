@@ -20,9 +20,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
-import torch.distributed as dist
 
-from megatron_lite import device
+from megatron_lite import comm, device
 from megatron_lite.inference.generation import LanguageModel, SamplingParams, generate
 
 FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
@@ -130,11 +129,11 @@ def _broadcast_request(req: dict | None, lm: LanguageModel) -> dict | None:
     dev = device.comm_device(ps.backend)  # NCCL broadcasts only GPU tensors
     data = json.dumps(req).encode() if serving else b""
     size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-    dist.broadcast(size, src, group=ps.mp_group)
+    comm.broadcast(size, src, ps.mp_group)
     buf = torch.zeros(int(size), dtype=torch.uint8, device=dev)
     if serving:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buf, src, group=ps.mp_group)
+    comm.broadcast(buf, src, ps.mp_group)
     return json.loads(buf.cpu().numpy().tobytes().decode())
 
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_lite.comm import Group, group_size
 from megatron_lite.config import Config
 from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron_lite.tensor_parallel.mappings import Group, group_size
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.tensor_parallel.utils import set_default_attributes
 

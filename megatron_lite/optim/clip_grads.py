@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.distributed import comm
+from megatron_lite import comm
 
 
 def counts_toward_norm(param: torch.nn.Parameter, ps) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_lite.distributed import comm
+from megatron_lite import comm
 from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.optim import clip_grads
 from megatron_lite.optim.grad_scaler import ConstantGradScaler, build_grad_scaler

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.distributed import comm
+from megatron_lite import comm
 
 
 def _state_keys(optimizer_name: str) -> tuple[str, ...]:

@@ -19,17 +19,31 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_lite import device
 from megatron_lite.pipeline import p2p
+from megatron_lite.pipeline.abort import (
+    WATCHDOG,
+    AbortWatchdog,
+    PipelineAborted,
+    abort_groups,
+    abort_message,
+    signal_abort,
+)
 from megatron_lite.pipeline.actions import Action, build_actions, forward_only, num_chunks
 from megatron_lite.pipeline.comm_plan import Message, build_plan, virtual_stage
+from megatron_lite.tensor_parallel.weight_grad_store import WeightGradStore
+
+if TYPE_CHECKING:
+    from megatron_lite.config import Config
+    from megatron_lite.parallel_state import ParallelState
 
 
-def schedule_name(cfg: Any, pp_size: int) -> str:
+def schedule_name(cfg: Config, pp_size: int) -> str:
     """The schedule a configuration runs: no pipelining, 1F1B, interleaved 1F1B or zero-bubble."""
     if pp_size == 1:
         return "no-pipelining"
@@ -39,11 +53,11 @@ def schedule_name(cfg: Any, pp_size: int) -> str:
     return "zero-bubble" if cfg.parallel.pipeline_schedule == "zero-bubble" else "1f1b"
 
 
-def pipeline_dtype(cfg: Any) -> torch.dtype:
+def pipeline_dtype(cfg: Config) -> torch.dtype:
     return device.params_dtype(cfg.optim)
 
 
-def get_forward_backward_func(cfg: Any, ps: Any) -> Callable[..., list[dict]]:
+def get_forward_backward_func(cfg: Config, ps: ParallelState) -> Callable[..., list[dict]]:
     """The schedule for this configuration and rank, with Megatron's call signature."""
     name = schedule_name(cfg, ps.pp_size)
     v = num_chunks(name, cfg.virtual_pipeline_size or 1)
@@ -61,33 +75,31 @@ def get_forward_backward_func(cfg: Any, ps: Any) -> Callable[..., list[dict]]:
         *,
         variable_seq_lengths: bool = False,
         grad_scale_func: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        weight_grad_store: Any = None,
+        weight_grad_store: WeightGradStore | None = None,
     ) -> list[dict]:
         shape = (
             None
             if variable_seq_lengths
             else (seq_length // tp if sp else seq_length, micro_batch_size, cfg.model.hidden_size)
         )
-        run = _Executor(
-            name, ps, v, _as_list(model, v, "model chunks"), num_microbatches, forward_only
-        )
-        run.shape, run.dtype, run.grad_scale_func = shape, pipeline_dtype(cfg), grad_scale_func
+        store = None
         if name == "zero-bubble" and not forward_only:
-            run.store = weight_grad_store or _default_weight_grad_store()
+            store = weight_grad_store if weight_grad_store is not None else WeightGradStore()
+        run = _Executor(
+            name,
+            ps,
+            v,
+            _as_list(model, v, "model chunks"),
+            num_microbatches,
+            forward_only,
+            transfer=Transfer(shape, pipeline_dtype(cfg)),
+            grad_scale_func=grad_scale_func,
+            store=store,
+        )
         return run(forward_step_func, _as_list(data_iterator, v, "data iterators"))
 
     forward_backward.schedule = name  # type: ignore[attr-defined]
     return forward_backward
-
-
-def _default_weight_grad_store() -> Any:
-    try:
-        from megatron_lite.tensor_parallel import WeightGradStore
-    except ImportError as e:
-        raise RuntimeError(
-            "--pipeline-schedule zero-bubble needs megatron_lite.tensor_parallel.WeightGradStore"
-        ) from e
-    return WeightGradStore
 
 
 def _as_list(x: Any, v: int, what: str) -> list:
@@ -99,11 +111,35 @@ def _as_list(x: Any, v: int, what: str) -> list:
     return xs
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """What travels between stages: activations (and their gradients) of `shape` ([s, b, h], or
+    None to send shapes first) in `dtype`."""
+
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype
+
+
 class _Executor:
     """Runs one rank's action list for one step; comm points sit between consecutive actions."""
 
-    def __init__(self, name: str, ps: Any, v: int, chunks: list, m: int, fwd_only: bool):
+    def __init__(
+        self,
+        name: str,
+        ps: ParallelState,
+        v: int,
+        chunks: list[torch.nn.Module],
+        m: int,
+        fwd_only: bool,
+        *,
+        transfer: Transfer,
+        grad_scale_func: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        store: WeightGradStore | None = None,
+        watchdog: AbortWatchdog = WATCHDOG,
+    ):
         self.ps, self.p, self.v, self.chunks, self.m = ps, ps.pp_size, v, chunks, m
+        self.shape, self.dtype = transfer.shape, transfer.dtype
+        self.grad_scale_func, self.store, self.watchdog = grad_scale_func, store, watchdog
         self.rank = ps.pp_rank
         acts = build_actions(name, self.p, m, v)[self.rank]
         self.actions: tuple[Action, ...] = forward_only(acts) if fwd_only else acts
@@ -115,7 +151,6 @@ class _Executor:
         self.to_send: dict[Message, torch.Tensor] = {}
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.reports: list[dict] = []
-        self.store: Any = None
         # data-parallel sync only in each chunk's last gradient-producing action
         self.sync_at = {a.chunk: k for k, a in enumerate(self.actions) if a.kind != "F"}
 
@@ -124,7 +159,7 @@ class _Executor:
         action: Action | None = None
         groups = [self.ps.pp_group, self.ps.dp_group, self.ps.tp_group, self.ps.mp_group]
         groups.append(self.ps.embedding_group)
-        p2p.watch_groups(groups)
+        self.watchdog.watch(groups)
         comm = False  # whether the exception came out of a transfer (then a peer failed)
         try:
             for k, action in enumerate(self.actions):
@@ -134,18 +169,18 @@ class _Executor:
                 self._run(k, action)
             comm = True
             self._communicate(self.plan[-1])
-        except p2p.PipelineAborted:
+        except PipelineAborted:
             raise
         except BaseException as e:
-            first = p2p.abort_message()
+            first = abort_message()
             if first is None and not comm:  # this rank failed first: tell everyone
-                p2p.signal_abort(
+                signal_abort(
                     f"pipeline rank {self.rank} (global rank {self.ps.rank}) failed in "
                     f"{action!r}: {type(e).__name__}: {e}"
                 )
-            p2p.abort_groups(groups)
+            abort_groups(groups)
             if first is not None or comm:
-                raise p2p.PipelineAborted(first or f"a peer pipeline rank failed: {e}") from e
+                raise PipelineAborted(first or f"a peer pipeline rank failed: {e}") from e
             raise
         return self.reports
 
@@ -154,14 +189,15 @@ class _Executor:
             return
         sends = [(self.to_send.pop(o.msg), self.ps.pp_ranks[o.peer]) for o in ops if o.op == "send"]
         recvs = [o for o in ops if o.op == "recv"]
-        got = p2p.communicate(
-            sends,
-            [self.ps.pp_ranks[o.peer] for o in recvs],
-            shape=self.shape,
-            dtype=self.dtype,
-            device=self.device,
-            group=self.ps.pp_group,
-        )
+        with self.watchdog.blocked():
+            got = p2p.communicate(
+                sends,
+                [self.ps.pp_ranks[o.peer] for o in recvs],
+                shape=self.shape,
+                dtype=self.dtype,
+                device=self.device,
+                group=self.ps.pp_group,
+            )
         self.received.update((o.msg, t) for o, t in zip(recvs, got))
 
     def _run(self, k: int, a: Action) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_lite.tensor_parallel.mappings import Group, group_rank, group_size
+from megatron_lite.comm import Group, all_reduce, group_rank, group_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -18,7 +18,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits = logits.float() if logits.dtype != torch.float32 else logits
         logits_max = logits.amax(dim=-1)
         if tp > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+            all_reduce(logits_max, group, op=dist.ReduceOp.MAX)
         # in place: the logits are a fresh matmul output that nothing else saved
         logits = logits.sub_(logits_max.unsqueeze(-1))
 
@@ -33,7 +33,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = exp.sum(dim=-1)
         if tp > 1:
             both = torch.stack([predicted, sum_exp])
-            dist.all_reduce(both, group=group)
+            all_reduce(both, group)
             predicted, sum_exp = both[0], both[1]
         loss = torch.log(sum_exp) - predicted
 

@@ -7,7 +7,7 @@
 - `VocabParallelEmbedding`: the vocabulary split over tp ranks; each rank looks up its own rows.
 
 Both linears share one autograd Function that overlaps the input-gradient collective with the weight
-gradient, and defers the weight gradient to `WeightGradStore` under zero-bubble schedules.
+gradient, and defers the weight gradient to a `WeightGradStore` under zero-bubble schedules.
 Parameters are created empty with their tags; `initialize_parameter` (utils) fills them.
 """
 
@@ -30,7 +30,7 @@ from megatron_lite.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron_lite.tensor_parallel.utils import set_tensor_model_parallel_attributes
-from megatron_lite.tensor_parallel.weight_grad_store import WeightGradStore, apply_grads
+from megatron_lite.tensor_parallel.weight_grad_store import apply_grads, deferring_store
 
 
 class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
@@ -38,7 +38,7 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
 
     Backward starts the input-gradient collective (all-reduce, or reduce-scatter under sequence
     parallelism) asynchronously, computes the weight gradient meanwhile, then waits. Inside
-    `WeightGradStore.defer()` the weight gradient is queued instead of computed.
+    a `WeightGradStore.defer()` block the weight gradient is queued instead of computed.
 
     The weight and bias enter detached and their gradients are applied with
     `torch.autograd.backward([param], [grad])` (`apply_grads`), now or when the store pops: so a
@@ -80,8 +80,8 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
 
         if all(p is None for p in params):
             pass
-        elif WeightGradStore.is_deferring():
-            WeightGradStore.put(weight_grads)
+        elif (store := deferring_store()) is not None:
+            store.put(weight_grads)
         else:
             weight_grads()
         if work is not None:

@@ -10,37 +10,8 @@ No device calls here: the same code runs on gloo (CPU) and NCCL (CUDA).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-Group = dist.ProcessGroup | None
-
-
-def group_size(group: Group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def group_rank(group: Group) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
-# ---- raw collectives (no autograd) ------------------------------------------------------------
-
-
-def all_reduce(x: torch.Tensor, group: Group, async_op: bool = False):
-    if group_size(group) == 1:
-        return None
-    return dist.all_reduce(x, group=group, async_op=async_op)
-
-
-def _all_gather_into(out: torch.Tensor, x: torch.Tensor, group: Group, async_op: bool = False):
-    # torch >= 2.10 names it all_gather_single (all_gather_into_tensor warns there)
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(out, x, group=group, async_op=async_op)
-
-
-def _reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group: Group, async_op: bool = False):
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(out, x, group=group, async_op=async_op)
+from megatron_lite.comm import Group, all_gather, all_reduce, group_rank, group_size, reduce_scatter
 
 
 def all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
@@ -50,7 +21,7 @@ def all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    _all_gather_into(out, x, group)
+    all_gather(out, x, group)
     if dim == 0:
         return out
     return torch.cat(out.chunk(world, dim=0), dim=dim)
@@ -65,7 +36,7 @@ def reduce_scatter_dim0(x: torch.Tensor, group: Group, async_op: bool = False):
         raise ValueError(f"dim 0 ({x.shape[0]}) must be divisible by the tp size ({world})")
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
-    work = _reduce_scatter_into(out, x, group, async_op=async_op)
+    work = reduce_scatter(out, x, group, async_op=async_op)
     return out, work
 
 

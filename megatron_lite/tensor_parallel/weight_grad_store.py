@@ -1,14 +1,14 @@
 """Deferred weight gradients for zero-bubble pipeline schedules (Qi et al., 2023, "Zero Bubble
 Pipeline Parallelism", section 2: split backward into B = input gradient and W = weight gradient).
 
-    with WeightGradStore.defer():
+    store = WeightGradStore()                   # one per step (the schedule makes it)
+    with store.defer():
         torch.autograd.backward(output, grad)   # B: linears compute only their input gradients
     ...                                          # send the input gradient on, run other microbatches
-    WeightGradStore.pop()                        # W: the oldest deferred microbatch's weight gradients
+    store.pop()                                 # W: the oldest deferred microbatch's weight gradients
 
 Each queued closure applies its gradients with `torch.autograd.backward([param], [grad])`, so they go
 through normal gradient accumulation and fire the parameters' post-accumulate-grad hooks (DDP's buckets).
-State is per process, like autograd's own: one backward runs at a time.
 """
 
 from __future__ import annotations
@@ -23,55 +23,56 @@ import torch
 class WeightGradStore:
     """Queue of weight-gradient closures, one list per deferred microbatch backward."""
 
-    _deferring: bool = False
-    _current: list[Callable[[], None]] | None = None
-    _queue: deque[list[Callable[[], None]]] = deque()
+    def __init__(self) -> None:
+        self._current: list[Callable[[], None]] | None = None
+        self._queue: deque[list[Callable[[], None]]] = deque()
 
-    @classmethod
     @contextlib.contextmanager
-    def defer(cls) -> Iterator[None]:
+    def defer(self) -> Iterator[None]:
         """Backward passes run inside this block queue their weight gradients as one microbatch."""
-        if cls._deferring:
+        global _deferring
+        if _deferring is not None:
             raise RuntimeError("WeightGradStore.defer() blocks cannot be nested")
-        cls._deferring, cls._current = True, []
+        _deferring, self._current = self, []
         try:
             yield
         finally:
-            cls._queue.append(cls._current)
-            cls._deferring, cls._current = False, None
+            self._queue.append(self._current)
+            _deferring, self._current = None, None
 
-    @classmethod
-    def is_deferring(cls) -> bool:
-        return cls._deferring
-
-    @classmethod
-    def put(cls, compute: Callable[[], None]) -> None:
+    def put(self, compute: Callable[[], None]) -> None:
         """Queue `compute` (called by the linears' backward while deferring)."""
-        assert cls._current is not None, "WeightGradStore.put outside defer()"
-        cls._current.append(compute)
+        assert self._current is not None, "WeightGradStore.put outside defer()"
+        self._current.append(compute)
 
-    @classmethod
-    def pop(cls) -> None:
+    def pop(self) -> None:
         """Compute and apply the weight gradients of the oldest deferred microbatch."""
-        if not cls._queue:
+        if not self._queue:
             raise RuntimeError("WeightGradStore.pop(): no deferred microbatch is queued")
-        for compute in cls._queue.popleft():
+        for compute in self._queue.popleft():
             compute()
 
-    @classmethod
-    def pop_all(cls) -> None:
-        while cls._queue:
-            cls.pop()
+    def pop_all(self) -> None:
+        while self._queue:
+            self.pop()
 
-    @classmethod
-    def num_pending(cls) -> int:
+    def num_pending(self) -> int:
         """Deferred microbatches not yet popped."""
-        return len(cls._queue)
+        return len(self._queue)
 
-    @classmethod
-    def clear(cls) -> None:
+    def clear(self) -> None:
         """Drop every queued closure (after an aborted step)."""
-        cls._queue.clear()
+        self._queue.clear()
+
+
+# The store inside `defer()`, if any: the linears' backward, which autograd may run on its own
+# threads where no caller's context reaches, finds it here (one backward runs at a time).
+_deferring: WeightGradStore | None = None
+
+
+def deferring_store() -> WeightGradStore | None:
+    """The store whose `defer()` block is running (the linears queue their weight gradients in it)."""
+    return _deferring
 
 
 def apply_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:

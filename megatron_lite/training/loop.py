@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lite import checkpointing, device
+from megatron_lite import checkpointing, comm, device
 from megatron_lite.config import Config
 from megatron_lite.training.log import (
     TensorBoard,
@@ -43,7 +43,7 @@ class _StopSignal:
 def _agree(run: Run, *flags: bool) -> list[bool]:
     """One all-reduce so that every rank takes the same stop/save decision."""
     t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
-    dist.all_reduce(t)
+    comm.all_reduce(t, dist.group.WORLD)
     return [bool(v > 0) for v in t.tolist()]
 
 
@@ -224,5 +224,9 @@ def pretrain(cfg: Config) -> Run:
 
 
 def shutdown() -> None:
+    """Stop the pipeline abort watchdog, then destroy the process group."""
+    from megatron_lite.pipeline.abort import WATCHDOG
+
+    WATCHDOG.stop()
     if dist.is_initialized():
         dist.destroy_process_group()

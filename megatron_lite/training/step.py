@@ -13,6 +13,7 @@ import functools
 import torch
 import torch.distributed as dist
 
+from megatron_lite import comm
 from megatron_lite.distributed import (
     DistributedDataParallel,
     finalize_model_grads,
@@ -126,5 +127,5 @@ def average_over_last_stage(run: Run, total: torch.Tensor) -> float | None:
     """Sum (value, count) over the world; only last-stage ranks contribute (tp ranks agree)."""
     if not (run.ps.is_last_stage and run.ps.tp_rank == 0):
         total = torch.zeros_like(total)
-    dist.all_reduce(total)
+    comm.all_reduce(total, dist.group.WORLD)
     return float(total[0] / total[1]) if total[1] > 0 else None
