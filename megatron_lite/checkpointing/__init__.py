@@ -1,4 +1,5 @@
-"""Checkpoints in Megatron's directory layout: atomic saves, safe loads, any layout into any other.
+"""Checkpoints in Megatron's layout (atomic saves, safe loads, any layout into any other), and beside
+the reader they share: offline reshard (`reshard.py`), HF import (`hf_reader.py`) and export (`hf_export.py`).
 
     <save>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt   (_PPP only when pp > 1)
     <save>/latest_checkpointed_iteration.txt                  (written last)

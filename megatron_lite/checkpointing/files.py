@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lite.tensor_parallel.utils import tags_of
+
 FORMAT_VERSION = 1
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -53,15 +55,16 @@ def read_latest_iteration(root: str) -> int | None:
 
 def shard_info_of(t: torch.Tensor, tp_rank: int, tp_size: int) -> dict:
     """Read the parameter tags (see docs/internals.md) into a plain dict."""
-    split = bool(getattr(t, "tensor_model_parallel", False))
-    dim = int(getattr(t, "partition_dim", -1)) if split else -1
+    tags = tags_of(t)
+    split = tags.tensor_model_parallel
+    dim = int(tags.partition_dim) if split else -1
     shape = list(t.shape)
     if dim >= 0:
         shape[dim] *= tp_size
     return {
         "global_shape": shape,
         "partition_dim": dim,
-        "partition_stride": int(getattr(t, "partition_stride", 1)) if split else 1,
+        "partition_stride": int(tags.partition_stride) if split else 1,
         "tp_rank": tp_rank if dim >= 0 else 0,
         "tp_size": tp_size if dim >= 0 else 1,
     }

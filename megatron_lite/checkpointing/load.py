@@ -27,7 +27,7 @@ from megatron_lite.checkpointing.files import (
 from megatron_lite.checkpointing.rng import set_rng_state
 from megatron_lite.config import Config, ModelConfig, _flag_name
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of
+from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of, tags_of
 
 # Model settings that change a parameter's shape (or existence): a checkpoint must agree on all of them.
 SHAPE_FIELDS = (
@@ -242,9 +242,10 @@ def source_name(reader: CheckpointReader, name: str, t: torch.Tensor) -> str:
     """The saved name holding this model tensor (the embedding, for a tied output weight at pp > 1)."""
     if reader.locate(name) is not None:
         return name
-    if getattr(t, "shared_embedding", False):
+    tags = tags_of(t)
+    if tags.shared_embedding:
         # the output weight tied to the embedding (pp > 1) exists at pp == 1 only as the embedding
-        alias = getattr(t, "init_name", None)
+        alias = tags.init_name
         if alias is not None and reader.locate(alias) is not None:
             return alias
         for n in reader.names():

@@ -29,6 +29,7 @@ from megatron_lite.checkpointing.hf_reader import (
 from megatron_lite.config import Config
 from megatron_lite.model.gpt import GPTModel, chunk_layer_numbers
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.tensor_parallel.utils import tags_of
 
 _TAGS = (
     "tensor_model_parallel",
@@ -77,9 +78,9 @@ def stage_skeleton(cfg: Config, pp_rank: int, padded_vocab: int) -> dict[str, to
 
 def shard_like(full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """A meta tensor shaped and tagged like tp rank `tp_rank`'s shard of `full`."""
-    split = getattr(full, "tensor_model_parallel", False)
-    dim = full.partition_dim if split else -1
-    shard = ckpt.slice_shard(full, dim, getattr(full, "partition_stride", 1), tp_rank, tp_size)
+    tags = tags_of(full)
+    dim = tags.partition_dim if tags.tensor_model_parallel else -1
+    shard = ckpt.slice_shard(full, dim, tags.partition_stride, tp_rank, tp_size)
     if shard is not full:
         for tag in _TAGS:
             if hasattr(full, tag):

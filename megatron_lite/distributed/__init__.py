@@ -1,4 +1,5 @@
-"""Data parallelism: our DDP wrapper (bucketed, overlapped gradient reduction) and grad finalization."""
+"""Data parallelism: our DDP wrapper (bucketed, overlapped gradient reduction), gradient finalization,
+and the fork-based process-group harness tests and benchmarks use (`testing.py`)."""
 
 from megatron_lite.distributed.ddp import (
     DistributedDataParallel,

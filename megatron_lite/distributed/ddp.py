@@ -29,16 +29,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_lite.distributed.grad_buffer import Bucket, ParamAndGradBuffer
 
+if TYPE_CHECKING:
+    from megatron_lite.config import Config, ParallelConfig
+    from megatron_lite.parallel_state import ParallelState
+
 
 class DistributedDataParallel(torch.nn.Module):
     """Wraps one model chunk; `forward`, `state_dict` and unknown attributes go to the module."""
 
-    def __init__(self, module: torch.nn.Module, cfg, ps) -> None:
+    def __init__(
+        self, module: torch.nn.Module, cfg: Config | ParallelConfig, ps: ParallelState
+    ) -> None:
         """`cfg`: the run's Config (or its ParallelConfig): --overlap-grad-reduce,
         --use-distributed-optimizer, --ddp-bucket-size, --accumulate-allreduce-grads-in-fp32."""
         super().__init__()
@@ -236,6 +243,8 @@ def start_param_gather(chunks: list[DistributedDataParallel]) -> None:
             c.all_gather_params()
 
 
-def wrap_model_chunks(cfg, chunks: list[torch.nn.Module], ps) -> list[DistributedDataParallel]:
+def wrap_model_chunks(
+    cfg: Config | ParallelConfig, chunks: list[torch.nn.Module], ps: ParallelState
+) -> list[DistributedDataParallel]:
     """One DDP wrapper per model chunk, configured from `cfg.parallel`."""
     return [DistributedDataParallel(c, cfg, ps) for c in chunks]

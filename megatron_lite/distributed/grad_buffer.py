@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_lite import comm
+from megatron_lite.tensor_parallel.utils import tags_of
 
 
 @dataclass(eq=False)
@@ -81,7 +82,7 @@ class ParamAndGradBuffer:
             start, current = offset, []
 
         for p in self.params:
-            alone = getattr(p, "shared_embedding", False)
+            alone = tags_of(p).shared_embedding
             if alone:
                 close()
             self.ranges[id(p)] = (offset, offset + p.numel())

@@ -120,13 +120,22 @@ class FusedScaleMaskSoftmax(nn.Module):
             )
         self.attn_mask_type, self.fusion, self.scale = attn_mask_type, fusion, float(scale)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.is_kernel_available(x, mask):
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, fusion: bool | None = None
+    ) -> torch.Tensor:
+        """`fusion` overrides the module's setting for this call (the attention backend's choice)."""
+        if self.is_kernel_available(x, mask, fusion):
             return self.forward_fused_softmax(x, mask)
         return torch_softmax(x, mask, self.scale, self.attn_mask_type == "causal")
 
-    def is_kernel_available(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
-        if not self.fusion or x.dim() != 4 or x.dtype not in _KERNEL_DTYPES:
+    def is_kernel_available(
+        self, x: torch.Tensor, mask: torch.Tensor | None, fusion: bool | None = None
+    ) -> bool:
+        if (
+            not (self.fusion if fusion is None else fusion)
+            or x.dim() != 4
+            or x.dtype not in _KERNEL_DTYPES
+        ):
             return False
         b, np_, sq, sk = x.shape
         if not (0 < sk <= MAX_KEYS and sq > 0 and b * np_ > 0):

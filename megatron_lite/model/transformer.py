@@ -139,9 +139,8 @@ class CoreAttention(nn.Module):
                     is_causal=mask is None,
                     scale=self.scale,
                 )
-            self.softmax.fusion = backend == "fused"
             scores = torch.matmul(q, k.transpose(-1, -2))  # [b, np, sq, sk], unscaled
-            probs = self.softmax(scores, mask)
+            probs = self.softmax(scores, mask, fusion=backend == "fused")
             if p > 0:
                 probs = F.dropout(probs, p, training=True)
             return torch.matmul(probs, v)

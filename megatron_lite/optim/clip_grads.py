@@ -8,16 +8,23 @@ a tied `shared_embedding` only on the first pipeline stage.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megatron_lite import comm
+from megatron_lite.tensor_parallel.utils import tags_of
+
+if TYPE_CHECKING:
+    from megatron_lite.parallel_state import ParallelState
 
 
-def counts_toward_norm(param: torch.nn.Parameter, ps) -> bool:
+def counts_toward_norm(param: torch.nn.Parameter, ps: ParallelState) -> bool:
     """Whether this rank's copy of `param` is the one counted in global norms."""
-    if not getattr(param, "tensor_model_parallel", False) and ps.tp_rank != 0:
+    tags = tags_of(param)
+    if not tags.tensor_model_parallel and ps.tp_rank != 0:
         return False  # the same tensor lives on every tp rank
-    if getattr(param, "shared_embedding", False) and not ps.is_first_stage:
+    if tags.shared_embedding and not ps.is_first_stage:
         return False  # the last stage holds a copy of the first stage's word embedding
     return True
 

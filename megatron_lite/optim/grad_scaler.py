@@ -7,6 +7,11 @@ skipped) and doubles it after `growth_interval` clean steps in a row, as Megatro
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_lite.config import OptimConfig
+
 
 class ConstantGradScaler:
     """A fixed scale (--loss-scale); a step whose gradients overflow is still skipped."""
@@ -78,7 +83,7 @@ class DynamicGradScaler(ConstantGradScaler):
         self.hysteresis_tracker = int(state["hysteresis_tracker"])
 
 
-def build_grad_scaler(optim_cfg) -> ConstantGradScaler | None:
+def build_grad_scaler(optim_cfg: OptimConfig) -> ConstantGradScaler | None:
     """fp16: dynamic unless --loss-scale is given; bf16/fp32: none unless --loss-scale is given."""
     if optim_cfg.loss_scale is not None:
         return ConstantGradScaler(optim_cfg.loss_scale)

@@ -17,8 +17,17 @@ c = r (linear) or (1 - cos(pi r)) / 2 (cosine), r = n / run length. Groups that 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from megatron_lite.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_lite.config import Config
+    from megatron_lite.optim.optimizer import MegatronOptimizer
+
+    Optimizer = MegatronOptimizer | torch.optim.Optimizer  # anything with param_groups
 
 
 class OptimizerParamScheduler:
@@ -26,7 +35,7 @@ class OptimizerParamScheduler:
 
     def __init__(
         self,
-        optimizer,
+        optimizer: Optimizer,
         max_lr: float,
         min_lr: float,
         warmup_steps: int,
@@ -144,7 +153,7 @@ class OptimizerParamScheduler:
         self.step(0)
 
 
-def build_lr_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
+def build_lr_scheduler(cfg: Config, optimizer: Optimizer) -> OptimizerParamScheduler:
     """The schedule of `cfg.optim` in samples; the decay length defaults to the run's length."""
     o, t = cfg.optim, cfg.train
     if t.train_samples is not None:
@@ -174,6 +183,6 @@ def build_lr_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
         decay_style=o.lr_decay_style,
         init_lr=o.lr_warmup_init,
         wd_schedule=wd_schedule,
-        override=getattr(o, "override_opt_param_scheduler", False),
-        use_checkpoint=getattr(o, "use_checkpoint_opt_param_scheduler", False),
+        override=o.override_opt_param_scheduler,
+        use_checkpoint=o.use_checkpoint_opt_param_scheduler,
     )

@@ -16,6 +16,7 @@ A step, as Megatron's (`step() -> (success, grad_norm)`; `num_zeros_in_grad` aft
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,10 @@ from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.optim import clip_grads
 from megatron_lite.optim.grad_scaler import ConstantGradScaler, build_grad_scaler
 from megatron_lite.optim.param_state import PerParamState
+
+if TYPE_CHECKING:
+    from megatron_lite.config import Config, OptimConfig
+    from megatron_lite.parallel_state import ParallelState
 
 
 @dataclass(eq=False)
@@ -54,7 +59,7 @@ def _named_params(chunks: list[DistributedDataParallel]) -> dict[int, str]:
     return names
 
 
-def _inner_optimizer(optim_cfg, groups: list[dict]) -> torch.optim.Optimizer:
+def _inner_optimizer(optim_cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     o = optim_cfg
     if o.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.sgd_momentum)
@@ -80,9 +85,9 @@ class MegatronOptimizer(PerParamState):
 
     def __init__(
         self,
-        optim_cfg,
+        optim_cfg: OptimConfig,
         chunks: list[DistributedDataParallel],
-        ps,
+        ps: ParallelState,
         *,
         distributed: bool = False,
         log_num_zeros_in_grad: bool = False,
@@ -275,12 +280,14 @@ def _plain(v) -> bool:
     return v is None or isinstance(v, (bool, int, float, str))
 
 
-def build_optimizer(cfg, model_chunks: list[DistributedDataParallel], ps) -> MegatronOptimizer:
+def build_optimizer(
+    cfg: Config, model_chunks: list[DistributedDataParallel], ps: ParallelState
+) -> MegatronOptimizer:
     """The optimizer of `cfg.optim` over the DDP-wrapped `model_chunks`."""
     return MegatronOptimizer(
         cfg.optim,
         model_chunks,
         ps,
         distributed=cfg.parallel.use_distributed_optimizer,
-        log_num_zeros_in_grad=getattr(cfg.optim, "log_num_zeros_in_grad", False),
+        log_num_zeros_in_grad=cfg.optim.log_num_zeros_in_grad,
     )

@@ -92,11 +92,13 @@ def get_forward_backward_func(cfg: Config, ps: ParallelState) -> Callable[..., l
             _as_list(model, v, "model chunks"),
             num_microbatches,
             forward_only,
+            forward_step_func=forward_step_func,
+            iterators=_as_list(data_iterator, v, "data iterators"),
             transfer=Transfer(shape, pipeline_dtype(cfg)),
             grad_scale_func=grad_scale_func,
             store=store,
         )
-        return run(forward_step_func, _as_list(data_iterator, v, "data iterators"))
+        return run()
 
     forward_backward.schedule = name  # type: ignore[attr-defined]
     return forward_backward
@@ -132,12 +134,15 @@ class _Executor:
         m: int,
         fwd_only: bool,
         *,
+        forward_step_func: Callable,
+        iterators: list[Iterator],
         transfer: Transfer,
         grad_scale_func: Callable[[torch.Tensor], torch.Tensor] | None = None,
         store: WeightGradStore | None = None,
         watchdog: AbortWatchdog = WATCHDOG,
     ):
         self.ps, self.p, self.v, self.chunks, self.m = ps, ps.pp_size, v, chunks, m
+        self.forward_step_func, self.iterators = forward_step_func, iterators
         self.shape, self.dtype = transfer.shape, transfer.dtype
         self.grad_scale_func, self.store, self.watchdog = grad_scale_func, store, watchdog
         self.rank = ps.pp_rank
@@ -154,8 +159,7 @@ class _Executor:
         # data-parallel sync only in each chunk's last gradient-producing action
         self.sync_at = {a.chunk: k for k, a in enumerate(self.actions) if a.kind != "F"}
 
-    def __call__(self, forward_step_func: Callable, iterators: list) -> list[dict]:
-        self.forward_step_func, self.iterators = forward_step_func, iterators
+    def __call__(self) -> list[dict]:
         action: Action | None = None
         groups = [self.ps.pp_group, self.ps.dp_group, self.ps.tp_group, self.ps.mp_group]
         groups.append(self.ps.embedding_group)

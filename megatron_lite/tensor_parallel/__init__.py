@@ -14,10 +14,12 @@ from megatron_lite.tensor_parallel.random import (
     set_random_seed,
     set_rng_states,
 )
-from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of
+from megatron_lite.tensor_parallel.utils import ParamTags, full_from_shards, shard_of, tags_of
 from megatron_lite.tensor_parallel.weight_grad_store import WeightGradStore
 
 __all__ = [
+    "ParamTags",
+    "tags_of",
     "ColumnParallelLinear",
     "LinearWithGradAccumulationAndAsyncCommunication",
     "RowParallelLinear",

@@ -66,6 +66,8 @@ class RNGStatesTracker:
             device.set_rng_state(saved)
 
 
+# One per process, beside torch's default generator whose companion it is (that one is process
+# state too): the layers fork it inside their forward, checkpoints save and restore it.
 _TRACKER = RNGStatesTracker()
 
 

@@ -9,8 +9,27 @@ each rank holds matching gate and up rows.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, fields
 
 import torch
+
+
+@dataclass(frozen=True)
+class ParamTags:
+    """How a parameter is sharded and shared (docs/internals.md); the defaults are a replicated,
+    untied parameter's, so a tensor without tags (a plain module, a loaded full tensor) reads as one."""
+
+    tensor_model_parallel: bool = False
+    partition_dim: int = -1
+    partition_stride: int = 1
+    sequence_parallel: bool = False
+    shared_embedding: bool = False
+    init_name: str | None = None
+
+
+def tags_of(t: torch.Tensor) -> ParamTags:
+    """The tags of `t` (the one reader of the attributes the layers set)."""
+    return ParamTags(**{f.name: getattr(t, f.name, f.default) for f in fields(ParamTags)})
 
 
 def set_tensor_model_parallel_attributes(
@@ -23,15 +42,9 @@ def set_tensor_model_parallel_attributes(
 
 def set_default_attributes(param: torch.Tensor) -> None:
     """Every tag of docs/internals.md, with the defaults of a replicated parameter."""
-    for name, value in (
-        ("tensor_model_parallel", False),
-        ("partition_dim", -1),
-        ("partition_stride", 1),
-        ("sequence_parallel", False),
-        ("shared_embedding", False),
-    ):
-        if not hasattr(param, name):
-            setattr(param, name, value)
+    for f in fields(ParamTags):
+        if f.name != "init_name" and not hasattr(param, f.name):
+            setattr(param, f.name, f.default)
 
 
 def shard_of(full: torch.Tensor, dim: int, stride: int, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -52,8 +65,9 @@ def full_from_shards(shards: list[torch.Tensor], dim: int, stride: int = 1) -> t
 
 def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= tp_size
+    tags = tags_of(param)
+    if tags.tensor_model_parallel:
+        shape[tags.partition_dim] *= tp_size
     return tuple(shape)
 
 
@@ -79,7 +93,7 @@ def initialize_parameter(
     if how == "zeros" or how == 0.0:
         param.zero_()
         return
-    gen = torch.Generator().manual_seed(name_seed(seed, getattr(param, "init_name", name)))
+    gen = torch.Generator().manual_seed(name_seed(seed, tags_of(param).init_name or name))
     full = torch.empty(full_shape(param, tp_size), dtype=torch.float32)
     full.normal_(0.0, float(how), generator=gen)
     shard = shard_of(
