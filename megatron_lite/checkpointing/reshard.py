@@ -18,13 +18,8 @@ from collections.abc import Callable
 import torch
 
 from megatron_lite import checkpointing as ckpt
-from megatron_lite.checkpointing.hf_reader import (
-    WORD_EMBEDDING,
-    dtype_name,
-    is_hf_dir,
-    open_checkpoint,
-    training_dtype,
-)
+from megatron_lite.checkpointing.hf_reader import is_hf_dir, open_checkpoint, training_dtype
+from megatron_lite.checkpointing.hf_rules import WORD_EMBEDDING, dtype_name
 from megatron_lite.config import Config
 from megatron_lite.model.gpt import build_meta_chunk
 

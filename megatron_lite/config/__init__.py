@@ -14,6 +14,7 @@ microbatches, padded vocabulary) are computed once, in `Config.finalize`.
 from megatron_lite.config.data import TOKENIZER_TYPES, DataConfig
 from megatron_lite.config.flags import (
     ConfigError,
+    command_line,
     field_default,
     field_flag,
     flag,
@@ -43,6 +44,7 @@ __all__ = [
     "ParallelConfig",
     "TrainConfig",
     "check_rampup",
+    "command_line",
     "field_default",
     "field_flag",
     "flag",

@@ -54,3 +54,29 @@ def positive(obj: Any, *names: str) -> None:
         v = getattr(obj, n)
         if v is not None:
             require(v > 0, f"{flag_name(type(obj), n)} must be positive, got {v}")
+
+
+def _flag_words(f: dataclasses.Field, value: Any) -> list[str]:
+    if f.metadata.get("action") in ("store_true", "store_false"):
+        return [field_flag(f)]  # it differs from its default: the bare flag says so
+    values = value if isinstance(value, list) else [value]
+    return [field_flag(f), *(str(v) for v in values)]
+
+
+def command_line(section: Any) -> list[str]:
+    """The flags (as argv words) that rebuild config section `section`: every field that differs
+    from its default, in its flag's spelling, less those the others derive (--ffn-hidden-size
+    4 x hidden, --max-position-embeddings = --seq-length, ...)."""
+    cls = type(section)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    given = {
+        n: getattr(section, n) for n, f in fields.items() if getattr(section, n) != field_default(f)
+    }
+    for name in list(given):
+        rest = {k: v for k, v in given.items() if k != name}
+        try:
+            if cls(**rest) == section:
+                given = rest
+        except ConfigError:
+            pass  # needed: without it the others are inconsistent
+    return [w for name, v in given.items() for w in _flag_words(fields[name], v)]
