@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_lite.config.data import DataConfig
-from megatron_lite.config.flags import require
+from megatron_lite.config.flags import flag_name, require
 from megatron_lite.config.model import ModelConfig, pad_vocab_size
 from megatron_lite.config.optim import OptimConfig
 from megatron_lite.config.parallel import ParallelConfig
@@ -44,21 +44,13 @@ class Config:
     def __post_init__(self) -> None:
         m, p = self.model, self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        require(
-            m.num_attention_heads % tp == 0,
-            f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp})",
-        )
-        require(
-            m.num_query_groups % tp == 0,
-            f"--num-query-groups ({m.num_query_groups}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp})",
-        )
-        require(
-            m.ffn_hidden_size % tp == 0,
-            f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp})",
-        )
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):  # split over tp
+            v = getattr(m, name)
+            require(
+                v % tp == 0,
+                f"{flag_name(ModelConfig, name)} ({v}) must be divisible by "
+                f"--tensor-model-parallel-size ({tp})",
+            )
         require(
             m.num_layers % pp == 0,
             f"--num-layers ({m.num_layers}) must be divisible by "
