@@ -1,6 +1,6 @@
 """Megatron-LM command-line flags -> `Config`.
 
-The parser is generated from the dataclass fields in `config.py` (each carries its flag name, help and
+The parser is generated from the dataclass fields in `config/` (each carries its flag name, help and
 argparse options), so adding a setting there adds its flag here. Megatron-LM flags that pick between
 implementations we do not have (kernel fusions, Transformer Engine, legacy vs mcore models) or that
 tune logging we always do are accepted and named in one notice, so existing launch scripts run
@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from megatron_lite.config import SECTIONS, Config, ConfigError
+from megatron_lite.config import SECTIONS, Config, ConfigError, field_default, field_flag
 
 _ARGPARSE_KEYS = ("type", "choices", "action", "nargs")
 
@@ -119,13 +119,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
-            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             kwargs = {k: f.metadata[k] for k in _ARGPARSE_KEYS if k in f.metadata}
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = field_default(f)
             help_ = f.metadata["help"]
             if kwargs.get("action") not in ("store_true", "store_false"):
                 help_ += f" (default: {default})"
-            names = (flag, *f.metadata.get("aliases", ()))
+            names = (field_flag(f), *f.metadata.get("aliases", ()))
             group.add_argument(
                 *names, dest=f"{section}.{f.name}", default=default, help=help_, **kwargs
             )

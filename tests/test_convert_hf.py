@@ -6,8 +6,10 @@ GQA); `transformers` must load their exports and give the same logits. HF models
 optimizer state, and the result must resume training with `--load`.
 """
 
+import dataclasses
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 
@@ -16,8 +18,10 @@ import torch
 from launch_utils import ROOT, TINY_GPT, layout_flags, losses, run_pretrain
 
 from megatron_lite import checkpointing as ckpt
+from megatron_lite.arguments import parse_args
 from megatron_lite.checkpointing.hf_export import export_hf
 from megatron_lite.checkpointing.hf_reader import HFReader
+from megatron_lite.checkpointing.hf_rules import model_flags
 from megatron_lite.checkpointing.reshard import probe_tokens, reshard
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.inference.generation import load_model
@@ -157,6 +161,19 @@ def test_import_of_transformers_model_then_export_round_trips_exactly(tmp_path, 
         assert cb["n_inner"] == 4 * ca["n_embd"] and cb["activation_function"] == "gelu_new"
     else:
         assert cb["rope_parameters"]["rope_theta"] == 5000.0
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_printed_flags_of_an_import_rebuild_the_same_model(tmp_path, flavour):
+    _random_hf_model(flavour, tmp_path / "orig")
+    imported = HFReader(str(tmp_path / "orig")).config["model"]
+    flags = model_flags(imported)
+    assert dataclasses.asdict(parse_args(shlex.split(flags)).model) == imported, flags
+    if flavour == "llama":  # derived settings are left out; bare flags for booleans
+        assert "--swiglu" in flags.split() and "--ffn-hidden-size 48" in flags
+        assert "--hidden-dropout 0.0" in flags and "--kv-channels" not in flags
+    else:
+        assert "--openai-gelu" in flags.split() and "--ffn-hidden-size" not in flags
 
 
 def _tp4_logits(path, tokens):

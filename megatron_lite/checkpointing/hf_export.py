@@ -12,16 +12,15 @@ from collections.abc import Callable
 import torch
 
 from megatron_lite.checkpointing import weight_key
-from megatron_lite.checkpointing.hf_reader import (
+from megatron_lite.checkpointing.hf_reader import HFReader, training_dtype
+from megatron_lite.checkpointing.hf_rules import (
     OUTPUT_WEIGHT,
     SPECIAL_TOKENS,
     WORD_EMBEDDING,
-    HFReader,
     dtype_name,
     flavour_of,
     hf_config,
     to_hf_tensors,
-    training_dtype,
 )
 from megatron_lite.config import Config
 

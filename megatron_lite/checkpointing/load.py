@@ -25,7 +25,7 @@ from megatron_lite.checkpointing.files import (
     shard_info_of,
 )
 from megatron_lite.checkpointing.rng import set_rng_state
-from megatron_lite.config import Config, ModelConfig, _flag_name
+from megatron_lite.config import Config, ModelConfig, flag_name
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of, tags_of
 
@@ -225,7 +225,7 @@ def check_same_model(reader: CheckpointReader, cfg: Config, vocab_size: int | No
             continue  # rotary embeddings have no position table
         a, b = saved.get(f), getattr(mine, f)
         if a != b:
-            flag = _flag_name(ModelConfig, f)
+            flag = flag_name(ModelConfig, f)
             if flag != "--" + f.replace("_", "-"):
                 flag += f" ({f})"
             diffs.append(f"{flag}: checkpoint {a}, this run {b}")

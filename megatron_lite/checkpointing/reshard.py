@@ -12,23 +12,16 @@ Export to HF format is `hf_export.export_hf`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from collections.abc import Callable
 
 import torch
 
 from megatron_lite import checkpointing as ckpt
-from megatron_lite.checkpointing.hf_reader import (
-    WORD_EMBEDDING,
-    dtype_name,
-    is_hf_dir,
-    open_checkpoint,
-    training_dtype,
-)
+from megatron_lite.checkpointing.hf_reader import is_hf_dir, open_checkpoint, training_dtype
+from megatron_lite.checkpointing.hf_rules import WORD_EMBEDDING, dtype_name
 from megatron_lite.config import Config
-from megatron_lite.model.gpt import GPTModel, chunk_layer_numbers
-from megatron_lite.parallel_state import ParallelState
+from megatron_lite.model.gpt import build_meta_chunk
 from megatron_lite.tensor_parallel.utils import tags_of
 
 _TAGS = (
@@ -59,21 +52,7 @@ def target_config(config: dict, tp: int, pp: int, dtype: torch.dtype | None) -> 
 def stage_skeleton(cfg: Config, pp_rank: int, padded_vocab: int) -> dict[str, torch.Tensor]:
     """Stage `pp_rank`'s tensors at full (tp = 1) shape with their tags, on the meta device: the
     names, shapes and shard tags the target layout has, without allocating anything."""
-    pp = cfg.parallel.pipeline_model_parallel_size
-    ps = dataclasses.replace(ParallelState.single(), pp_size=pp, pp_rank=pp_rank)
-    full_cfg = copy.deepcopy(cfg)
-    full_cfg.parallel.tensor_model_parallel_size = 1
-    full_cfg.parallel.sequence_parallel = False
-    with torch.device("meta"):
-        model = GPTModel(
-            full_cfg,
-            ps,
-            padded_vocab,
-            chunk_layer_numbers(cfg.model.num_layers, pp, pp_rank, 1, 0),
-            pre_process=pp_rank == 0,
-            post_process=pp_rank == pp - 1,
-        )
-    return model.state_dict(keep_vars=True)
+    return build_meta_chunk(cfg, pp_rank, padded_vocab).state_dict(keep_vars=True)
 
 
 def shard_like(full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Memory and throughput estimates for a megatron_lite run, from its flags alone (nothing is built).
+"""Memory and throughput estimates for a megatron_lite run, from its flags (nothing is allocated).
 
     python tools/estimate.py <training flags> --world-size 64 --gpu-memory-gb 80 --search
 
-`memory.py`: exact parameter, gradient-buffer and optimizer bytes per rank; `activations.py`: what a
+`memory.py`: exact parameter, gradient-buffer and optimizer bytes per rank (the real model and DDP on
+the meta device); `activations.py`: what a
 microbatch keeps for backward (Korthikanti et al. 2022, adapted to our layer); `core.py`: one
 configuration's estimate and the throughput model; `search.py`: the layouts that fit, ranked.
 """

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_lite.config import Config
-from megatron_lite.estimate.memory import DTYPE_BYTES, chunk_layouts
+from megatron_lite.device import params_dtype
+from megatron_lite.model.gpt import stage_chunks
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,19 @@ def dims(cfg: Config, device: str = "cuda") -> Dims:
     dropout keeps its mask in the activation dtype, the CUDA kernel as bool."""
     m, p = cfg.model, cfg.parallel
     t = p.tensor_model_parallel_size
+    a = params_dtype(cfg.optim).itemsize
     return Dims(
         s=m.seq_length,
         b=cfg.train.micro_batch_size,
         h=m.hidden_size,
         t=t,
         sl=m.seq_length // t if p.sequence_parallel else m.seq_length,
-        a=DTYPE_BYTES[cfg.optim.precision],
+        a=a,
         nq=m.num_attention_heads // t,
         ng=m.num_query_groups // t,
         d=m.kv_channels,
         f=m.ffn_hidden_size // t,
-        mask=1 if device == "cuda" else DTYPE_BYTES[cfg.optim.precision],
+        mask=1 if device == "cuda" else a,
     )
 
 
@@ -173,7 +175,8 @@ def chunk_bytes(cfg: Config, padded_vocab: int, pp_rank: int, device: str = "cud
     """One microbatch's saved bytes on each virtual chunk of pipeline rank `pp_rank`."""
     out = []
     per_layer = sum(layer_terms(cfg, device=device).values())
-    for layers, pre, post in chunk_layouts(cfg, pp_rank):
+    pp, vpp = cfg.parallel.pipeline_model_parallel_size, cfg.virtual_pipeline_size or 1
+    for layers, pre, post in stage_chunks(cfg.model.num_layers, pp, pp_rank, vpp):
         n = len(layers)
         if cfg.model.recompute_granularity == "full":
             groups, whole = full_recompute_layers(cfg, n)

@@ -1,125 +1,43 @@
-"""Exact per-rank bytes of parameters, gradient buffers and optimizer state, by formula.
+"""Exact per-rank bytes of parameters, gradient buffers and optimizer state, read off the real model.
 
-Nothing is instantiated: the parameter list of a rank is written down from the same rules the model
-follows (`model/gpt.py`, `model/transformer.py`, `tensor_parallel/layers.py`), and the buffers from
-the rules of `distributed/grad_buffer.py`, `distributed/ddp.py` and `optim/optimizer.py`:
+Nothing is allocated and no rule is written twice:
 
-- DDP keeps one flat gradient buffer per (param dtype, grad dtype): fp32 gradients for bf16 models or
-  under --accumulate-allreduce-grads-in-fp32, else the parameter dtype. Parameters are laid out in
-  reverse registration order, cut into buckets of --ddp-bucket-size elements (default
-  max(40M, 1M x dp)); a tied embedding/output weight (pp > 1) gets a bucket of its own.
-- Under --use-distributed-optimizer every bucket is padded to a multiple of lcm(dp, 128) and the
-  parameters move into a flat buffer of the same (padded) size; dp rank r updates shard r of each
-  bucket, i.e. the parameter elements inside it.
+- Each virtual chunk of a pipeline rank is the real `GPTModel` built on the meta device
+  (`model.gpt.build_meta_chunk`: full shapes, shard tags, the tied embedding's `shared_embedding`),
+  cut to one tp rank's shapes by its tags (`partition_dim` split tp ways, as `shard_of` cuts).
+- Its parameters, in the model dtype (`device.params_dtype`), go into the real
+  `DistributedDataParallel`, whose buffers (meta tensors too) are the buckets training gets: one
+  buffer per (param dtype, grad dtype), the default bucket size, the ZeRO-1 padding, the tied
+  embedding's bucket of its own. Under --use-distributed-optimizer the parameters live in the padded
+  param buffer and dp rank r updates the pieces `param_shard_ranges(r)` lists.
 - The optimizer keeps, per element it updates, Adam's exp_avg and exp_avg_sq (SGD: one momentum
   buffer, none when --sgd-momentum is 0) in fp32, plus an fp32 master copy under --bf16/--fp16.
+
+Building on meta takes milliseconds, but `--search` asks for hundreds of layouts: a chunk's shard
+shapes are cached by (model shape, tp, pp, vpp, stage, chunk, vocabulary), a stage's buffers by the
+config sections they read.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from megatron_lite.config import Config
+from megatron_lite.device import params_dtype
+from megatron_lite.distributed.ddp import DistributedDataParallel
+from megatron_lite.distributed.grad_buffer import ParamAndGradBuffer
+from megatron_lite.model.gpt import build_meta_chunk
+from megatron_lite.parallel_state import ParallelState
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    numel: int
-    shared_embedding: bool = False  # tied word embedding / output weight when pp > 1
-
-
-def _layer_params(cfg: Config, i: int) -> list[ParamSpec]:
-    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    h, d = m.hidden_size, m.kv_channels
-    bias = m.add_bias_linear
-    qkv = d * (m.num_attention_heads + 2 * m.num_query_groups) // tp
-    fc1 = m.ffn_hidden_size * (2 if m.swiglu else 1) // tp
-    pre = f"decoder.layers.{i}."
-    out = []
-
-    def norm(name: str) -> None:
-        out.append(ParamSpec(pre + name + ".weight", h))
-        if m.normalization == "LayerNorm":
-            out.append(ParamSpec(pre + name + ".bias", h))
-
-    def linear(name: str, rows: int, cols: int, bias_numel: int) -> None:
-        out.append(ParamSpec(pre + name + ".weight", rows * cols))
-        if bias:
-            out.append(ParamSpec(pre + name + ".bias", bias_numel))
-
-    norm("input_layernorm")
-    linear("self_attention.linear_qkv", qkv, h, qkv)
-    linear("self_attention.linear_proj", h, m.num_attention_heads * d // tp, h)
-    norm("pre_mlp_layernorm")
-    linear("mlp.linear_fc1", fc1, h, fc1)
-    linear("mlp.linear_fc2", h, m.ffn_hidden_size // tp, h)
-    return out
-
-
-def chunk_params(
-    cfg: Config, padded_vocab: int, layers: range, pre_process: bool, post_process: bool
-) -> list[ParamSpec]:
-    """One model chunk's parameters on one tp rank, in registration order."""
-    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    pp = cfg.parallel.pipeline_model_parallel_size
-    h = m.hidden_size
-    shared = m.tie_embeddings and pp > 1
-    out = []
-    if pre_process:
-        out.append(ParamSpec("embedding.word_embeddings.weight", padded_vocab // tp * h, shared))
-        if m.position_embedding_type == "learned_absolute":
-            out.append(
-                ParamSpec("embedding.position_embeddings.weight", m.max_position_embeddings * h)
-            )
-    for i in layers:
-        out += _layer_params(cfg, i)
-    if post_process:
-        out.append(ParamSpec("decoder.final_layernorm.weight", h))
-        if m.normalization == "LayerNorm":
-            out.append(ParamSpec("decoder.final_layernorm.bias", h))
-        if not (m.tie_embeddings and pre_process):
-            out.append(ParamSpec("output_layer.weight", padded_vocab // tp * h, shared))
-    return out
+_CACHE_LIMIT = 4096
+_shards_cache: dict[tuple, list[tuple[torch.Size, bool]]] = {}
+_buffers_cache: dict[tuple, list[ParamAndGradBuffer]] = {}
 
 
 @dataclass(frozen=True)
-class Bucket:
-    offset: int
-    data: int  # parameter elements
-    numel: int  # with padding
-
-
-def bucket_layout(cfg: Config, params: list[ParamSpec], dp: int) -> list[Bucket]:
-    """DDP's buckets over one chunk's parameters (reverse registration order, padding for ZeRO-1)."""
-    p = cfg.parallel
-    size = p.ddp_bucket_size or max(40_000_000, 1_000_000 * dp)
-    align = math.lcm(dp, 128) if p.use_distributed_optimizer else 1
-    buckets: list[Bucket] = []
-    start = offset = 0
-
-    def close() -> None:
-        nonlocal start, offset
-        if offset > start:
-            data = offset - start
-            offset = -(-offset // align) * align
-            buckets.append(Bucket(start, data, offset - start))
-        start = offset
-
-    for spec in reversed(params):
-        if spec.shared_embedding:
-            close()
-        offset += spec.numel
-        if spec.shared_embedding or offset - start >= size:
-            close()
-    close()
-    return buckets
-
-
-@dataclass
 class StaticMemory:
     """Bytes one rank holds for the whole run (not counting activations)."""
 
@@ -133,46 +51,105 @@ class StaticMemory:
         return self.params + self.grads + self.optimizer
 
 
-def chunk_layouts(cfg: Config, pp_rank: int) -> list[tuple[range, bool, bool]]:
-    """(layers, pre_process, post_process) of each virtual chunk of pipeline rank `pp_rank`."""
-    from megatron_lite.model.gpt import chunk_layer_numbers
+def _fields(section) -> tuple:
+    return tuple(vars(section).items())  # a config section's values, cheaply hashable
 
-    pp = cfg.parallel.pipeline_model_parallel_size
-    v = cfg.virtual_pipeline_size or 1
-    return [
-        (
-            chunk_layer_numbers(cfg.model.num_layers, pp, pp_rank, v, c),
-            pp_rank == 0 and c == 0,
-            pp_rank == pp - 1 and c == v - 1,
-        )
-        for c in range(v)
-    ]
+
+def _model_key(cfg: Config) -> tuple:
+    """The model settings that shape parameters (recomputation changes none, and --search varies it)."""
+    return tuple(kv for kv in _fields(cfg.model) if not kv[0].startswith("recompute_"))
+
+
+def _shard_shape(w: torch.Tensor, tp: int) -> torch.Size:
+    """A tp rank's shape of full tensor `w`: its `partition_dim` split tp ways (`shard_of`'s shape)."""
+    if not w.tensor_model_parallel or tp == 1:
+        return w.shape
+    shape = list(w.shape)
+    shape[w.partition_dim] //= tp
+    return torch.Size(shape)
+
+
+def _cached(cache: dict, key: tuple, make):
+    if key not in cache:
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
+def chunk_shards(
+    cfg: Config, padded_vocab: int, pp_rank: int, chunk: int = 0
+) -> list[tuple[torch.Size, bool]]:
+    """(shape on one tp rank, shared_embedding) of a chunk's parameters, in registration order."""
+    p = cfg.parallel
+    tp = p.tensor_model_parallel_size
+    key = (
+        _model_key(cfg),
+        tp,
+        p.pipeline_model_parallel_size,
+        cfg.virtual_pipeline_size,
+        pp_rank,
+        chunk,
+        padded_vocab,
+    )
+
+    def make() -> list[tuple[torch.Size, bool]]:
+        model = build_meta_chunk(cfg, pp_rank, padded_vocab, chunk)
+        return [(_shard_shape(w, tp), w.shared_embedding) for w in model.parameters()]
+
+    return _cached(_shards_cache, key, make)
+
+
+def chunk_ddp(
+    cfg: Config, padded_vocab: int, pp_rank: int, chunk: int = 0
+) -> DistributedDataParallel:
+    """The DDP wrapper of one chunk on one tp rank, on meta parameters: its buffers and buckets."""
+    dtype = params_dtype(cfg.optim)
+    params = []
+    for shape, shared in chunk_shards(cfg, padded_vocab, pp_rank, chunk):
+        w = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
+        w.shared_embedding = shared
+        params.append(w)
+    ps = dataclasses.replace(ParallelState.single(), dp_size=cfg.data_parallel_size or 1)
+    return DistributedDataParallel(torch.nn.ParameterList(params), cfg, ps)
+
+
+def _optimizer_bytes_per_element(cfg: Config) -> int:
+    o = cfg.optim
+    states = 2 if o.optimizer == "adam" else (1 if o.sgd_momentum != 0 else 0)
+    return 4 * states + (4 if o.precision != "fp32" else 0)  # fp32 moments + fp32 master
+
+
+def stage_buffers(cfg: Config, padded_vocab: int, pp_rank: int) -> list[ParamAndGradBuffer]:
+    """DDP's buffers (meta) over every chunk of pipeline rank `pp_rank` on one tp rank."""
+    key = (
+        _model_key(cfg),
+        _fields(cfg.parallel),
+        _fields(cfg.optim),
+        cfg.data_parallel_size,
+        padded_vocab,
+        pp_rank,
+    )
+    chunks = range(cfg.virtual_pipeline_size or 1)
+    return _cached(
+        _buffers_cache,
+        key,
+        lambda: [b for c in chunks for b in chunk_ddp(cfg, padded_vocab, pp_rank, c).buffers],
+    )
 
 
 def static_memory(cfg: Config, padded_vocab: int, pp_rank: int, dp_rank: int = 0) -> StaticMemory:
     """Parameters, gradient buffers and optimizer state of (pp_rank, any tp rank, dp_rank)."""
-    dp = cfg.data_parallel_size or 1
-    dtype = cfg.optim.precision
-    pbytes = DTYPE_BYTES[dtype]
-    fp32_grads = cfg.parallel.accumulate_allreduce_grads_in_fp32 or dtype == "bf16"
-    gbytes = 4 if fp32_grads else pbytes
-    zero = cfg.parallel.use_distributed_optimizer
-    o = cfg.optim
-    states = 2 if o.optimizer == "adam" else (1 if o.sgd_momentum != 0 else 0)
-    per_elem_opt = 4 * states + (4 if dtype != "fp32" else 0)  # moments + fp32 master
     params = grads = updated = n = 0
-    for layers, pre, post in chunk_layouts(cfg, pp_rank):
-        specs = chunk_params(cfg, padded_vocab, layers, pre, post)
-        buckets = bucket_layout(cfg, specs, dp)
-        data = sum(s.numel for s in specs)
-        padded = sum(b.numel for b in buckets)
+    for buf in stage_buffers(cfg, padded_vocab, pp_rank):
+        data = sum(w.numel() for w in buf.params)
         n += data
-        grads += padded * gbytes
-        params += (padded if zero else data) * pbytes  # ZeRO-1: params live in the padded buffer
-        if zero:
-            for b in buckets:  # this rank's shard, minus the bucket's tail padding
-                shard = b.numel // dp
-                updated += max(0, min(shard, b.data - dp_rank * shard))
+        grads += buf.grad_data.numel() * buf.grad_data.element_size()
+        item = buf.params[0].element_size()
+        if buf.param_data is not None:  # ZeRO-1: the params live in the padded buffer
+            params += buf.param_data.numel() * item
+            updated += sum(e - s for _, s, e, _ in buf.param_shard_ranges(dp_rank))
         else:
+            params += data * item
             updated += data
-    return StaticMemory(params, grads, updated * per_elem_opt, n)
+    return StaticMemory(params, grads, updated * _optimizer_bytes_per_element(cfg), n)

@@ -28,7 +28,6 @@ from megatron_lite import comm
 from megatron_lite import device as device_mod
 from megatron_lite.checkpointing import load_weights
 from megatron_lite.checkpointing.hf_reader import (
-    WORD_EMBEDDING,
     HFReader,
     open_checkpoint,
     parse_dtype,
@@ -40,7 +39,7 @@ from megatron_lite.data.tokenizer import (
     build_tokenizer,
 )
 from megatron_lite.model import GPTModel, InferenceParams
-from megatron_lite.model.gpt import chunk_layer_numbers
+from megatron_lite.model.gpt import WORD_EMBEDDING, chunk_layer_numbers
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 

@@ -9,6 +9,8 @@ comes from a generator seeded by (seed, name), so every tp/pp/vpp layout holds t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +47,10 @@ class LanguageModelEmbedding(nn.Module):
             reduce_scatter_embeddings=self.sequence_parallel and not self.learned_positions,
         )
         if self.learned_positions:
-            self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size)
+            # no default init (initialize_model draws every weight; on the meta device, where the
+            # estimator and checkpoint conversion build the model, torch's init costs a second)
+            positions = torch.empty(m.max_position_embeddings, m.hidden_size)
+            self.position_embeddings = nn.Embedding.from_pretrained(positions, freeze=False)
             self.position_embeddings.weight.init_std = m.init_method_std
             set_default_attributes(self.position_embeddings.weight)
 
@@ -174,6 +179,35 @@ def chunk_layer_numbers(num_layers: int, pp_size: int, pp_rank: int, vpp: int, c
     return range(first, first + per_chunk)
 
 
+def stage_chunks(
+    num_layers: int, pp_size: int, pp_rank: int, vpp: int
+) -> list[tuple[range, bool, bool]]:
+    """(global layers, pre_process, post_process) of each virtual chunk of pipeline rank `pp_rank`:
+    the embedding on the first chunk of the first stage, the output layer on the last of the last."""
+    return [
+        (
+            chunk_layer_numbers(num_layers, pp_size, pp_rank, vpp, c),
+            pp_rank == 0 and c == 0,
+            pp_rank == pp_size - 1 and c == vpp - 1,
+        )
+        for c in range(vpp)
+    ]
+
+
+def build_meta_chunk(cfg: Config, pp_rank: int, padded_vocab_size: int, chunk: int = 0) -> GPTModel:
+    """Virtual chunk `chunk` of pipeline rank `pp_rank` at full (tp = 1) shapes on the meta device:
+    the real model's names, shapes and shard tags with nothing allocated (checkpoint conversion
+    and the memory estimate read it; a tp rank's shapes follow from the tags)."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    ps = dataclasses.replace(ParallelState.single(), pp_size=pp, pp_rank=pp_rank)
+    one = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1, sequence_parallel=False)
+    full_cfg = dataclasses.replace(cfg, parallel=one)
+    vpp = cfg.virtual_pipeline_size or 1
+    layers, pre, post = stage_chunks(cfg.model.num_layers, pp, pp_rank, vpp)[chunk]
+    with torch.device("meta"):
+        return GPTModel(full_cfg, ps, padded_vocab_size, layers, pre, post)
+
+
 def build_model_chunks(
     cfg: Config,
     ps: ParallelState,
@@ -189,15 +223,8 @@ def build_model_chunks(
             f"virtual chunks ({vpp})"
         )
     chunks = []
-    for c in range(vpp):
-        model = GPTModel(
-            cfg,
-            ps,
-            padded_vocab_size,
-            chunk_layer_numbers(m.num_layers, ps.pp_size, ps.pp_rank, vpp, c),
-            pre_process=ps.is_first_stage and c == 0,
-            post_process=ps.is_last_stage and c == vpp - 1,
-        )
+    for layers, pre, post in stage_chunks(m.num_layers, ps.pp_size, ps.pp_rank, vpp):
+        model = GPTModel(cfg, ps, padded_vocab_size, layers, pre_process=pre, post_process=post)
         initialize_model(model, cfg.train.seed, ps)
         if device is not None:
             model.to(device)

@@ -1,12 +1,14 @@
 """How many microbatches a step takes: constant, or growing with --rampup-batch-size.
 
-Ramp-up: `megatron_lite.config.global_batch_size_at` (Megatron's rule, a function of consumed
-samples only, so a resumed run picks up exactly where it stopped).
+The ramp-up arithmetic is `megatron_lite.config.rampup` (Megatron's rule, a function of consumed
+samples only, so a resumed run picks up exactly where it stopped): torch-free, so `Config.finalize`
+validates and counts a --train-samples run with the same functions this calculator steps through.
 """
 
 from __future__ import annotations
 
-from megatron_lite.config import ConfigError, global_batch_size_at
+from megatron_lite.config import ConfigError
+from megatron_lite.config.rampup import check_rampup, global_batch_size_at
 
 
 class NumMicroBatchesCalculator:
@@ -23,14 +25,7 @@ class NumMicroBatchesCalculator:
         self.micro_batch_times_dp = micro_batch_size * dp_size
         self.rampup = rampup_batch_size
         if rampup_batch_size is not None:
-            start, incr, samples = rampup_batch_size
-            diff = global_batch_size - start
-            if start <= 0 or incr <= 0 or samples < 0 or diff < 0 or diff % incr != 0:
-                raise ConfigError(
-                    f"--rampup-batch-size {start} {incr} {samples}: the global batch size "
-                    f"({global_batch_size}) minus start must be a non-negative multiple of the "
-                    "increment"
-                )
+            check_rampup(rampup_batch_size, global_batch_size)  # each step checks micro x dp
         self.update(0, consistency_check=False)
 
     def update(self, consumed_samples: int, consistency_check: bool = True) -> None:

@@ -26,12 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader  # noqa: E402
 from megatron_lite.checkpointing.hf_export import export_hf  # noqa: E402
-from megatron_lite.checkpointing.hf_reader import (  # noqa: E402
-    DTYPES,
-    HFReader,
-    model_flags,
-    parse_dtype,
-)
+from megatron_lite.checkpointing.hf_reader import DTYPES, HFReader, parse_dtype  # noqa: E402
+from megatron_lite.checkpointing.hf_rules import model_flags  # noqa: E402
 from megatron_lite.checkpointing.reshard import check_logits, reshard  # noqa: E402
 from megatron_lite.config import ConfigError  # noqa: E402
 

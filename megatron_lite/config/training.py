@@ -1,0 +1,91 @@
+"""The run itself: batch sizes and length (TrainConfig), checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_lite.config.flags import flag, positive, require
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = flag(None, "Directory to save checkpoints in.")
+    load: str | None = flag(None, "Directory to load a checkpoint from.")
+    save_interval: int | None = flag(None, "Iterations between checkpoints.", type=int)
+    no_load_optim: bool = flag(False, "Do not load optimizer state.", action="store_true")
+    no_load_rng: bool = flag(False, "Do not load RNG states.", action="store_true")
+    no_save_optim: bool = flag(False, "Do not save optimizer state.", action="store_true")
+    no_save_rng: bool = flag(False, "Do not save RNG states.", action="store_true")
+    finetune: bool = flag(
+        False, "Load weights only; restart iteration count and optimizer.", action="store_true"
+    )
+    use_checkpoint_args: bool = flag(
+        False,
+        "Take the model's shape and the tokenizer (unless given) from the --load checkpoint.",
+        action="store_true",
+    )
+    exit_on_missing_checkpoint: bool = flag(
+        False, "With --load: stop with an error when it holds no checkpoint.", action="store_true"
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "save_interval")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = flag(100, "Iterations between log lines.", type=int)
+    tensorboard_dir: str | None = flag(None, "Where TensorBoard event files go.")
+    peak_tflops: float | None = flag(None, "Peak TFLOP/s per device, for MFU.", type=float)
+    log_memory: bool = flag(
+        True, "Do not report memory use.", name="--no-log-memory", action="store_false"
+    )
+    log_params_norm: bool = flag(
+        False, "Log the L2 norm of all parameters (each counted once).", action="store_true"
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "log_interval", "peak_tflops")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = flag(1, "Samples per microbatch per data-parallel rank.", type=int)
+    global_batch_size: int | None = flag(
+        None, "Samples per iteration over all data-parallel ranks (default micro x dp).", type=int
+    )
+    rampup_batch_size: list[int] | None = flag(
+        None, "start increment samples: grow the global batch linearly.", nargs=3, type=int
+    )
+    train_iters: int | None = flag(None, "Iterations to train.", type=int)
+    train_samples: int | None = flag(None, "Samples to train (instead of --train-iters).", type=int)
+    eval_interval: int = flag(1000, "Iterations between validation runs.", type=int)
+    eval_iters: int = flag(100, "Validation batches per evaluation.", type=int)
+    seed: int = flag(1234, "Random seed.", type=int)
+    exit_interval: int | None = flag(
+        None, "Save and exit at an iteration divisible by this.", type=int
+    )
+    exit_duration_in_mins: float | None = flag(
+        None, "Save and exit after this many minutes.", type=float
+    )
+    exit_signal_handler: bool = flag(False, "Save and exit on SIGTERM.", action="store_true")
+    check_for_nan_in_loss: bool = flag(
+        False, "Stop with an error on a nan/inf loss.", action="store_true"
+    )
+
+    def __post_init__(self) -> None:
+        positive(
+            self,
+            "micro_batch_size",
+            "global_batch_size",
+            "train_iters",
+            "train_samples",
+            "eval_interval",
+            "exit_interval",
+            "exit_duration_in_mins",
+        )
+        require(self.eval_iters >= 0, f"--eval-iters must be non-negative, got {self.eval_iters}")
+        require(
+            not (self.train_iters and self.train_samples),
+            "use only one of --train-iters and --train-samples",
+        )
