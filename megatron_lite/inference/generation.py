@@ -127,6 +127,7 @@ def load_model(
         layers,
         pre_process=ps.is_first_stage,
         post_process=ps.is_last_stage,
+        vocab_size=vocab,
     )
     load_weights(reader, [model], ps)
     if dtype == "auto":

@@ -31,7 +31,9 @@ class LanguageModelEmbedding(nn.Module):
     """Word (vocab-parallel) + learned position embeddings -> dropout; output [s, b, h]
     ([s/tp, b, h] under sequence parallelism)."""
 
-    def __init__(self, cfg: Config, ps: ParallelState, padded_vocab_size: int):
+    def __init__(
+        self, cfg: Config, ps: ParallelState, padded_vocab_size: int, vocab_size: int | None = None
+    ):
         super().__init__()
         m = cfg.model
         self.tp_group = ps.tp_group
@@ -46,6 +48,7 @@ class LanguageModelEmbedding(nn.Module):
             init_std=m.init_method_std,
             reduce_scatter_embeddings=self.sequence_parallel and not self.learned_positions,
         )
+        self.word_embeddings.weight.init_rows = vocab_size  # padded rows start (and stay) zero
         if self.learned_positions:
             # no default init (initialize_model draws every weight; on the meta device, where the
             # estimator and checkpoint conversion build the model, torch's init costs a second)
@@ -84,7 +87,11 @@ class GPTModel(nn.Module):
         layer_numbers: range,
         pre_process: bool = True,
         post_process: bool = True,
+        vocab_size: int | None = None,
     ):
+        """`vocab_size`: the true vocabulary (default: `padded_vocab_size`, no padding). Padded rows
+        are never a class: their logits are -inf, so the loss, the gradients and any softmax over the
+        vocabulary are those of the unpadded model, whatever padding the tp size asks for."""
         super().__init__()
         m = cfg.model
         if padded_vocab_size % ps.tp_size != 0:
@@ -92,13 +99,22 @@ class GPTModel(nn.Module):
                 f"padded vocabulary ({padded_vocab_size}) must be divisible by the tp size "
                 f"({ps.tp_size}); use cfg.padded_vocab_size(vocab_size)"
             )
+        vocab_size = padded_vocab_size if vocab_size is None else vocab_size
+        if not 0 < vocab_size <= padded_vocab_size:
+            raise ConfigError(
+                f"vocabulary ({vocab_size}) must be in 1..padded vocabulary ({padded_vocab_size})"
+            )
+        per_rank = padded_vocab_size // ps.tp_size
+        # this rank's logit columns that are real classes; the rest are padding
+        self.real_columns = min(per_rank, max(0, vocab_size - ps.tp_rank * per_rank))
+        self.columns = per_rank
         self.cfg, self.tp_group = cfg, ps.tp_group
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_numbers = layer_numbers
         self.tie = m.tie_embeddings
         self.input_tensor: torch.Tensor | None = None
         if pre_process:
-            self.embedding = LanguageModelEmbedding(cfg, ps, padded_vocab_size)
+            self.embedding = LanguageModelEmbedding(cfg, ps, padded_vocab_size, vocab_size)
         self.decoder = TransformerBlock(cfg, ps.tp_group, layer_numbers, final_norm=post_process)
         if post_process:
             self.output_layer = ColumnParallelLinear(
@@ -110,6 +126,8 @@ class GPTModel(nn.Module):
                 init_std=m.init_method_std,
                 skip_weight_param_allocation=self.tie and pre_process,
             )
+            if self.output_layer.weight is not None:
+                self.output_layer.weight.init_rows = vocab_size
         if self.tie and ps.pp_size > 1:
             # the first stage's word embedding and the last stage's copy of it are kept equal by
             # all-reducing their gradients over the embedding group (finalize_model_grads)
@@ -160,6 +178,8 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return x
         logits, _ = self.output_layer(x, self.output_weight())  # [s, b, V/tp]
+        if self.real_columns < self.columns:  # padded vocabulary entries are never a class
+            logits[..., self.real_columns :] = float("-inf")
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.tp_group)
@@ -213,8 +233,11 @@ def build_model_chunks(
     ps: ParallelState,
     padded_vocab_size: int,
     device: torch.device | str | None = None,
+    *,
+    vocab_size: int | None = None,
 ) -> list[GPTModel]:
-    """This rank's model chunks: one, or `vpp` for the interleaved schedule (docs/internals.md)."""
+    """This rank's model chunks: one, or `vpp` for the interleaved schedule (docs/internals.md).
+    `vocab_size`: the true vocabulary, whose padding up to `padded_vocab_size` never counts."""
     vpp = ps.vpp_size or cfg.virtual_pipeline_size or 1
     m = cfg.model
     if m.num_layers % (ps.pp_size * vpp) != 0:
@@ -224,7 +247,15 @@ def build_model_chunks(
         )
     chunks = []
     for layers, pre, post in stage_chunks(m.num_layers, ps.pp_size, ps.pp_rank, vpp):
-        model = GPTModel(cfg, ps, padded_vocab_size, layers, pre_process=pre, post_process=post)
+        model = GPTModel(
+            cfg,
+            ps,
+            padded_vocab_size,
+            layers,
+            pre_process=pre,
+            post_process=post,
+            vocab_size=vocab_size,
+        )
         initialize_model(model, cfg.train.seed, ps)
         if device is not None:
             model.to(device)

@@ -25,6 +25,7 @@ class ParamTags:
     sequence_parallel: bool = False
     shared_embedding: bool = False
     init_name: str | None = None
+    init_rows: int | None = None  # rows drawn at init (the true vocabulary); the rest start zero
 
 
 def tags_of(t: torch.Tensor) -> ParamTags:
@@ -43,7 +44,7 @@ def set_tensor_model_parallel_attributes(
 def set_default_attributes(param: torch.Tensor) -> None:
     """Every tag of docs/internals.md, with the defaults of a replicated parameter."""
     for f in fields(ParamTags):
-        if f.name != "init_name" and not hasattr(param, f.name):
+        if f.name not in ("init_name", "init_rows") and not hasattr(param, f.name):
             setattr(param, f.name, f.default)
 
 
@@ -84,7 +85,8 @@ def initialize_parameter(
     """Fill `param` with its shard of the full tensor drawn from a (seed, name) generator.
 
     The parameter's `init_std` tag says how: a float draws N(0, std^2); "ones"/"zeros" are constant.
-    `init_name` (if set) overrides the name, so a tied output weight draws the embedding's values.
+    `init_name` (if set) overrides the name, so a tied output weight draws the embedding's values;
+    `init_rows` (if set) draws only that many leading rows (the true vocabulary), the rest are zero.
     """
     how = getattr(param, "init_std", 0.0)
     if how == "ones":
@@ -93,9 +95,11 @@ def initialize_parameter(
     if how == "zeros" or how == 0.0:
         param.zero_()
         return
-    gen = torch.Generator().manual_seed(name_seed(seed, tags_of(param).init_name or name))
-    full = torch.empty(full_shape(param, tp_size), dtype=torch.float32)
-    full.normal_(0.0, float(how), generator=gen)
+    tags = tags_of(param)
+    gen = torch.Generator().manual_seed(name_seed(seed, tags.init_name or name))
+    full = torch.zeros(full_shape(param, tp_size), dtype=torch.float32)
+    # only the real rows are drawn, so they do not depend on how much padding follows them
+    full[: tags.init_rows].normal_(0.0, float(how), generator=gen)
     shard = shard_of(
         full,
         param.partition_dim if param.tensor_model_parallel else -1,

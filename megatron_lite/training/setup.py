@@ -84,7 +84,7 @@ def setup(cfg: Config) -> Run:
     set_seeds(cfg.train.seed, ps)
     tokenizer = build_tokenizer(cfg.data)
     padded = cfg.padded_vocab_size(tokenizer.vocab_size)
-    chunks = build_model_chunks(cfg, ps, padded)
+    chunks = build_model_chunks(cfg, ps, padded, vocab_size=tokenizer.vocab_size)
     dtype = device.params_dtype(cfg.optim)
     model = [DistributedDataParallel(c.to(dev, dtype), cfg, ps) for c in chunks]
     optimizer = build_optimizer(cfg, model, ps)
