@@ -14,8 +14,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_lite.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """An inconsistent or invalid setting; the message names the flag(s) and value(s)."""
 
 

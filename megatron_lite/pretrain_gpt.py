@@ -8,7 +8,8 @@
         --vocab-file vocab.json --merge-file merges.txt --save ckpt --save-interval 100
 
 Started by torchrun (RANK/WORLD_SIZE/...), by `srun` without torchrun (SLURM_PROCID/SLURM_NTASKS/
-SLURM_LOCALID, master address from the node list), or as one plain process.
+SLURM_LOCALID, master address from the node list), or as one plain process. Bad input (flags, files,
+checkpoints, data) ends the run with one `error: ...` line from one rank and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import os
 import sys
 
 from megatron_lite.arguments import parse_args
-from megatron_lite.config import Config
+from megatron_lite.cli import run_main
+from megatron_lite.config import Config, ConfigError
 
 TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
 
@@ -29,7 +31,7 @@ def with_checkpoint_args(cfg: Config) -> Config:
     from megatron_lite.checkpointing import CHECKPOINT_MODEL_ARGS, CheckpointReader
 
     if cfg.checkpoint.load is None:
-        raise SystemExit("error: --use-checkpoint-args needs --load")
+        raise ConfigError("--use-checkpoint-args needs --load")
     saved = CheckpointReader(cfg.checkpoint.load).config
     d = cfg.to_dict()
     d["model"].update({k: saved["model"][k] for k in CHECKPOINT_MODEL_ARGS if k in saved["model"]})
@@ -70,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

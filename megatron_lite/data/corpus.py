@@ -11,8 +11,10 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import IO
 
+from megatron_lite.errors import DataError
 
-class BadLineError(ValueError):
+
+class BadLineError(DataError):
     """A JSONL line that is not a JSON object or lacks a requested key."""
 
     def __init__(self, path: str, lineno: int, reason: str) -> None:
