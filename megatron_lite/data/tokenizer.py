@@ -222,7 +222,9 @@ class HuggingFaceTokenizer:
                 f"--tokenizer-model {name_or_path}: no HuggingFace tokenizer at this {where}: {e}"
             ) from None
         if self.hf.eos_token_id is None:
-            raise TokenizerError(f"--tokenizer-model {name_or_path}: the tokenizer has no eos token")
+            raise TokenizerError(
+                f"--tokenizer-model {name_or_path}: the tokenizer has no eos token"
+            )
         self.eod = int(self.hf.eos_token_id)
 
     @property
