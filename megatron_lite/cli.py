@@ -82,9 +82,30 @@ def run_main(main: Callable[..., int], *args, **kwargs) -> int:
     except UserError as e:
         return report_user_error(e)
     except Exception:
+        if _parent_gone():  # a peer that noticed first has exited, failing our collective
+            _exit_parent_gone()
         if _peer_reported():  # a consequence of a peer's user error, already reported
             return 1
         raise
+
+
+_watched_parent: int | None = None
+_exit_lock = threading.Lock()
+
+
+def _parent_gone() -> bool:
+    return _watched_parent is not None and os.getppid() != _watched_parent
+
+
+def _exit_parent_gone() -> None:
+    with _exit_lock:  # the watcher and the main thread may both get here: one line
+        print(
+            f"rank {os.environ.get('RANK', '?')}: the launching agent (pid {_watched_parent}) "
+            "is gone; stopping",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
 
 def exit_with_parent(poll_s: float = PARENT_POLL_S) -> threading.Thread:
@@ -93,18 +114,13 @@ def exit_with_parent(poll_s: float = PARENT_POLL_S) -> threading.Thread:
     Polling os.getppid() (the parent changes to a reaper when it dies) works whichever agent thread
     started us; a parent-death signal (prctl PR_SET_PDEATHSIG) fires when that thread exits instead.
     """
-    parent = os.getppid()
+    global _watched_parent
+    _watched_parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while not _parent_gone():
             time.sleep(poll_s)
-        rank = os.environ.get("RANK", "?")
-        print(
-            f"rank {rank}: the launching agent (pid {parent}) is gone; stopping",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)
+        _exit_parent_gone()
 
     thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
     thread.start()
