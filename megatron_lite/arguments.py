@@ -112,7 +112,9 @@ def _apply_compat(ns: argparse.Namespace) -> list[str]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        if os.environ.get("LOCAL_RANK", "0") != "0":  # under a launcher: one copy, from local rank 0
+        if (
+            os.environ.get("LOCAL_RANK", "0") != "0"
+        ):  # under a launcher: one copy, from local rank 0
             sys.exit(2)
         super().error(message)
 
