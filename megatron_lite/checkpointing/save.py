@@ -115,23 +115,31 @@ def save_checkpoint(
         fsync_dir(d)
     barrier()
     if ps.rank == 0:
-        fsync_dir(tmp)
-        pause_for_test("before_rename", save_dir)
-        old = final + ".old"
-        if os.path.exists(final):  # saving the same iteration again: keep the old one until renamed
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        fsync_dir(save_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        pause_for_test("before_latest", save_dir)
-        write_latest(save_dir, iteration)
-        for stale in glob.glob(os.path.join(save_dir, "iter_*.tmp")):  # from saves that were killed
-            shutil.rmtree(stale, ignore_errors=True)
-        if ck.save_retain not in (None, -1):
-            retain_checkpoints(save_dir, ck.save_retain)
+        _publish(save_dir, iteration, ck.save_retain)
     barrier()
     return final
+
+
+def _publish(save_dir: str, iteration: int, save_retain: int | None) -> None:
+    """Rank 0, once every file is written: rename the temporary directory into place, then name
+    it in the latest file, then tidy (killed saves' leftovers, --save-retain)."""
+    final = iteration_dir(save_dir, iteration)
+    tmp = final + ".tmp"
+    fsync_dir(tmp)
+    pause_for_test("before_rename", save_dir)
+    old = final + ".old"
+    if os.path.exists(final):  # saving the same iteration again: keep the old one until renamed
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(save_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    pause_for_test("before_latest", save_dir)
+    write_latest(save_dir, iteration)
+    for stale in glob.glob(os.path.join(save_dir, "iter_*.tmp")):  # from saves that were killed
+        shutil.rmtree(stale, ignore_errors=True)
+    if save_retain not in (None, -1):
+        retain_checkpoints(save_dir, save_retain)
 
 
 def retain_checkpoints(save_dir: str, keep: int) -> list[int]:
