@@ -223,6 +223,10 @@ def test_a_sentencepiece_vocab_too_small_for_the_characters_names_the_minimum(tm
     assert "character_coverage" not in str(e.value)
     needed = int(str(e.value).rsplit("use --vocab-size ", 1)[1].split()[0])
     assert train_tokenizer.main([*args, "--vocab-size", str(needed)]) == 0
+    before = snapshot(out)  # a failing run leaves the model trained earlier as it was
+    with pytest.raises(TokenizerError):
+        train_tokenizer.main([*args, "--vocab-size", "300"])
+    assert snapshot(out) == before and "tokenizer.model" in before
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,16 +255,20 @@ def _train_datasets(prefix: str):
 
 def test_an_empty_dataset_says_there_is_nothing_to_train_on(tmp_path):
     prefix = write_documents(str(tmp_path / "empty"), [])
+    before = snapshot(tmp_path)
     with pytest.raises(DataError, match=rf"train split of {prefix} no documents \(0 in the"):
         _train_datasets(prefix)
+    assert snapshot(tmp_path) == before
 
 
 def test_token_ids_beyond_the_vocabulary_are_named_with_their_sample(tmp_path):
     doc = np.array([1, 2, 3, 4, 5000, 6, 7, 8, 9, 10, 11, 12], dtype=np.uint16)
     prefix = write_documents(str(tmp_path / "big"), [doc])
-    ds = _gpt_dataset(prefix, NullTokenizer(99))
-    with pytest.raises(DataError, match=r"holds token id 5000, outside the tokenizer's vocabulary"):
+    ds = _gpt_dataset(prefix, NullTokenizer(99), str(tmp_path / "cache"))
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=r"sample 0 \(documents \[0\]\) holds token id 5000, out"):
         ds[0]
+    assert snapshot(tmp_path) == before
 
 
 def test_a_truncated_index_cache_file_is_named_and_left_for_the_user(tmp_path):
@@ -293,12 +301,21 @@ def _preprocess(bpe, src, prefix, *extra) -> int:
     )  # fmt: skip
 
 
+def _earlier_output(bpe, tmp_path) -> dict[str, str]:
+    """A good run's output at tmp_path/out (what a failing rerun must leave as it was)."""
+    good = write_jsonl(str(tmp_path / "good.jsonl"), ["an earlier run", "of two documents"])
+    assert _preprocess(bpe, good, tmp_path / "out") == 0
+    return snapshot(tmp_path)
+
+
 def test_preprocess_names_the_line_with_invalid_utf8_and_can_skip_it(bpe, tmp_path, capsys):
     src = tmp_path / "bad.jsonl"
     src.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n{"text": "also fine"}\n')
+    before = _earlier_output(bpe, tmp_path)
+    capsys.readouterr()
     assert _preprocess(bpe, src, tmp_path / "out") == 1
     assert f"{src}:2: not valid UTF-8 (byte 0xe9 at character 14)" in _error_line(capsys)
-    assert [p.name for p in tmp_path.iterdir()] == ["bad.jsonl"]  # nothing written
+    assert snapshot(tmp_path) == before  # nothing written, the earlier output untouched
     assert _preprocess(bpe, src, tmp_path / "out", "--skip-bad-lines") == 0
     assert len(IndexedDataset(str(tmp_path / "out_text_document"))) == 2
 
@@ -309,10 +326,12 @@ def test_preprocess_names_a_truncated_gzip_file(bpe, tmp_path, capsys):
         for i in range(2000):
             f.write(json.dumps({"text": f"document {i} " * 20}) + "\n")
     src.write_bytes(src.read_bytes()[:3000])
+    before = _earlier_output(bpe, tmp_path)
+    capsys.readouterr()
     assert _preprocess(bpe, src, tmp_path / "out") == 1
     line = _error_line(capsys)
     assert f"error: {src}: truncated or corrupt gzip file, after line" in line
-    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl.gz"]
+    assert snapshot(tmp_path) == before
 
 
 def test_preprocess_removes_the_temp_files_a_killed_run_left(bpe, tmp_path, capsys):

@@ -189,7 +189,9 @@ class GPTDataset(torch.utils.data.Dataset):
             parts.append(self.dataset.get(int(doc[end]), 0, int(end_off + 1)))
         text = np.concatenate(parts).astype(np.int64)
         if text.size and not 0 <= int(text.min()) <= int(text.max()) < self.vocab_size:
-            self._bad_token_id(idx, text, [int(doc[j]) for j in range(beg, end + 1)])
+            self._bad_token_id(
+                idx, text, list(dict.fromkeys(int(doc[j]) for j in range(beg, end + 1)))
+            )
         return text
 
     def _bad_token_id(self, idx: int, text: np.ndarray, docs: list[int]) -> None:
