@@ -348,3 +348,29 @@ def test_preprocess_removes_the_temp_files_a_killed_run_left(bpe, tmp_path, caps
     assert all(f"removed {p}: left by an earlier run (pid {dead.pid})" in out for p in stale)
     assert not any(os.path.exists(p) for p in stale) and Path(live).read_bytes() == b"partial"
     assert len(IndexedDataset(str(prefix))) == 2
+
+
+def _save_pp2(path: str) -> None:
+    """Rank body: a tiny checkpoint saved by 2 pipeline stages (one file each)."""
+    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16)
+    cfg = Config(model=model, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=99))
+    cfg.parallel.pipeline_model_parallel_size = 2
+    cfg.finalize(2)
+    ps = ParallelState.build(1, 2)
+    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(100))
+    save_checkpoint(path, 1, chunks, None, None, cfg, ps, 0, vocab_size=100)
+
+
+def test_convert_leaves_no_half_written_target_when_a_later_source_file_is_corrupt(
+    tmp_path, capsys
+):
+    from megatron_lite.distributed.testing import run_distributed
+
+    src, out = tmp_path / "pp2", tmp_path / "out"
+    run_distributed(_save_pp2, 2, str(src), timeout=60)
+    bad = src / "iter_0000001" / "mp_rank_00_001" / "model_optim_rng.pt"
+    bad.write_bytes(bad.read_bytes()[:3000])  # the second stage: read after the first is written
+    before = snapshot(tmp_path)
+    assert convert.main(["--load-dir", str(src), "--save-dir", str(out)]) == 2
+    assert f"error: checkpoint file {bad} is corrupt or truncated" in _error_line(capsys)
+    assert snapshot(tmp_path) == before and not out.exists()
