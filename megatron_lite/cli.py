@@ -65,9 +65,17 @@ def _peer_reported() -> bool:
         return False
 
 
+def _one_line(e: Exception) -> str:
+    text = str(e).strip()
+    if "Original Traceback" in text:  # re-raised by a DataLoader worker: the original message
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(e).__module__) else last
+    return " ".join(text.split("\n")).strip() or type(e).__name__
+
+
 def report_user_error(e: Exception) -> int:
     """Print `error: <message>` (one line, on one rank); return the exit code."""
-    message = " ".join(str(e).split("\n")).strip() or type(e).__name__
+    message = _one_line(e)
     if _claim_report(message):
         print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR

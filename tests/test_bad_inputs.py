@@ -374,3 +374,18 @@ def test_convert_leaves_no_half_written_target_when_a_later_source_file_is_corru
     assert convert.main(["--load-dir", str(src), "--save-dir", str(out)]) == 2
     assert f"error: checkpoint file {bad} is corrupt or truncated" in _error_line(capsys)
     assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_a_user_error_from_a_dataloader_worker_is_still_one_line(capsys):
+    from torch._utils import ExceptionWrapper
+
+    from megatron_lite.cli import report_user_error
+
+    try:
+        raise DataError("d.bin: sample 3 holds token id 9")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as e:
+        wrapped.reraise()  # what a DataLoader with --num-workers > 0 raises in the main process
+    assert report_user_error(e.value) == 2
+    assert _error_line(capsys) == "error: d.bin: sample 3 holds token id 9"
