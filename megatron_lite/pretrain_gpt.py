@@ -55,15 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.checkpoint.use_checkpoint_args:
         cfg = with_checkpoint_args(cfg)
     if cfg.train.train_iters is None and cfg.train.train_samples is None:
-        print("error: give --train-iters or --train-samples", file=sys.stderr)
-        return 2
+        raise ConfigError("give --train-iters or --train-samples")
     if not (cfg.data.mock_data or cfg.data.data_path or cfg.data.train_data_path):
-        print(
-            "error: give --data-path PREFIX (from tools/preprocess_data.py), --train-data-path "
-            "PREFIX, or --mock-data",
-            file=sys.stderr,
+        raise ConfigError(
+            "give --data-path PREFIX (from tools/preprocess_data.py), --train-data-path "
+            "PREFIX, or --mock-data"
         )
-        return 2
     from megatron_lite import training
 
     training.pretrain(cfg)
