@@ -107,8 +107,17 @@ def _apply_compat(ns: argparse.Namespace) -> list[str]:
     return ignored
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        if (
+            os.environ.get("LOCAL_RANK", "0") != "0"
+        ):  # under a launcher: one copy, from local rank 0
+            sys.exit(2)
+        super().error(message)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="megatron_lite: Megatron-style GPT pretraining (flags as in Megatron-LM).",
         allow_abbrev=False,

@@ -94,6 +94,8 @@ class CheckpointReader:
     _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
     def __init__(self, load_dir: str, iteration: int | None = None):
+        if not os.path.isdir(load_dir):
+            raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
         if iteration is None:
             iteration = read_latest_iteration(load_dir)
             if iteration is None:
@@ -128,7 +130,13 @@ class CheckpointReader:
     def _file(self, tp_rank: int, pp_rank: int) -> dict:
         key = (tp_rank, pp_rank)
         if key not in self._files:
-            self._files[key] = safe_load(self.path(tp_rank, pp_rank))
+            state = safe_load(self.path(tp_rank, pp_rank))
+            if not isinstance(state, dict) or "model" not in state:
+                raise CheckpointError(
+                    f"{self.path(tp_rank, pp_rank)} is a torch file but not a megatron_lite "
+                    "checkpoint (no 'model' entry)"
+                )
+            self._files[key] = state
             self._index[key] = {n: t for m in self._files[key]["model"] for n, t in m.items()}
         return self._files[key]
 

@@ -27,9 +27,20 @@ class CheckpointConfig:
     exit_on_missing_checkpoint: bool = flag(
         False, "With --load: stop with an error when it holds no checkpoint.", action="store_true"
     )
+    save_retain: int | None = flag(
+        None,
+        "Keep only the N most recent checkpoints in --save, deleting older ones after each save "
+        "(never the one latest_checkpointed_iteration.txt names); -1: keep all.",
+        type=int,
+        aliases=("--most-recent-k",),
+    )
 
     def __post_init__(self) -> None:
         positive(self, "save_interval")
+        require(
+            self.save_retain in (None, -1) or self.save_retain >= 1,
+            f"--save-retain must be at least 1 (or -1: keep all), got {self.save_retain}",
+        )
 
 
 @dataclass

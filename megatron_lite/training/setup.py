@@ -116,7 +116,7 @@ def setup(cfg: Config) -> Run:
                     f"{run.iteration} (consumed samples {run.consumed_samples})"
                 )
         elif cfg.checkpoint.exit_on_missing_checkpoint:
-            raise FileNotFoundError(
+            raise checkpointing.CheckpointError(
                 f"--load {cfg.checkpoint.load}: no checkpoint there (no "
                 f"{checkpointing.LATEST_FILE}) and --exit-on-missing-checkpoint is set"
             )

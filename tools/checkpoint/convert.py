@@ -29,7 +29,7 @@ from megatron_lite.checkpointing.hf_export import export_hf  # noqa: E402
 from megatron_lite.checkpointing.hf_reader import DTYPES, HFReader, parse_dtype  # noqa: E402
 from megatron_lite.checkpointing.hf_rules import model_flags  # noqa: E402
 from megatron_lite.checkpointing.reshard import check_logits, reshard  # noqa: E402
-from megatron_lite.config import ConfigError  # noqa: E402
+from megatron_lite.errors import UserError, UserFileNotFoundError  # noqa: E402
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open_source(args):
+    if not os.path.isdir(args.load_dir):
+        raise UserFileNotFoundError(f"--load-dir {args.load_dir}: no such directory")
     if args.loader == "hf":
         if not os.path.isfile(os.path.join(args.load_dir, "config.json")):
             raise CheckpointError(f"--loader hf: {args.load_dir} has no config.json")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.loader == "hf":
                 print(f"train on with: {model_flags(reader.config['model'])} --finetune")
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError) as e:  # bad flags, files, checkpoints
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"converted in {time.perf_counter() - start:.1f} s")
