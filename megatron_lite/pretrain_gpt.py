@@ -28,11 +28,12 @@ TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model
 def with_checkpoint_args(cfg: Config) -> Config:
     """--use-checkpoint-args: the model settings of the --load checkpoint, and its tokenizer when
     the command line names none."""
-    from megatron_lite.checkpointing import CHECKPOINT_MODEL_ARGS, CheckpointReader
+    from megatron_lite.checkpointing import CHECKPOINT_MODEL_ARGS
+    from megatron_lite.checkpointing.hf_reader import open_checkpoint
 
     if cfg.checkpoint.load is None:
         raise ConfigError("--use-checkpoint-args needs --load")
-    saved = CheckpointReader(cfg.checkpoint.load).config
+    saved = open_checkpoint(cfg.checkpoint.load).config
     d = cfg.to_dict()
     d["model"].update({k: saved["model"][k] for k in CHECKPOINT_MODEL_ARGS if k in saved["model"]})
     if cfg.data.tokenizer_type is None:

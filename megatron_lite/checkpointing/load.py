@@ -360,7 +360,19 @@ def load_checkpoint(
             if not os.path.isdir(load_dir):
                 raise CheckpointError(f"--load directory {load_dir} does not exist")
             return {"iteration": 0, "consumed_samples": 0, "loaded": False}
-    reader = CheckpointReader(load_dir, iteration)
+    from megatron_lite.checkpointing.megatron import MegatronReader, is_megatron_dir
+
+    if is_megatron_dir(load_dir, iteration):
+        reader = MegatronReader(load_dir, iteration)
+        if load_optim and optimizer is not None:
+            raise CheckpointError(
+                f"--load {load_dir} is a Megatron-LM checkpoint: its weights, iteration and "
+                "consumed samples load here, its optimizer state does not; add --no-load-optim "
+                "(the optimizer starts fresh) or --finetune"
+            )
+        load_rng = False  # Megatron's RNG streams are not ours: the run reseeds from --seed
+    else:
+        reader = CheckpointReader(load_dir, iteration)
     check_same_model(reader, cfg, vocab_size)
     load_weights(reader, model_chunks, ps)
     optimizer_loaded = load_optim and optimizer is not None
