@@ -1,0 +1,227 @@
+"""Quality heuristics as published for Gopher (MassiveText) and C4, in FineWeb's order.
+
+Gopher: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training
+Gopher", appendix A.1.1 (quality filters) and table A1 (repetition thresholds). C4: Raffel et al.
+2020, "Exploring the Limits of Transfer Learning ...", section 2.2 (and the TFDS implementation's
+policy phrases). FineWeb (Penedo et al. 2024) runs Gopher repetition, Gopher quality, then C4; so
+do we. A rule returns the name of what it failed, or None; `check` gives the first failure.
+
+Words are whitespace-separated tokens (punctuation stripped where a length is measured); lines are
+the non-blank lines; paragraphs are separated by blank lines.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_lite.data.cleaning.text import ngram_hashes, word_hashes
+
+GROUPS = ("gopher_repetition", "gopher_quality", "c4")
+
+# Gopher, appendix A.1.1
+MIN_WORDS, MAX_WORDS = 50, 100_000
+MIN_MEAN_WORD_LENGTH, MAX_MEAN_WORD_LENGTH = 3, 10
+MAX_SYMBOL_WORD_RATIO = 0.1  # for "#" and for the ellipsis, each
+MAX_BULLET_LINES = 0.9
+MAX_ELLIPSIS_LINES = 0.3
+MIN_ALPHA_WORDS = 0.8
+STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
+MIN_STOP_WORDS = 2
+BULLETS = ("•", "-", "*", "‣", "⁃", "◦", "▪", "●", "○", "■", "□", "➢", "→")
+ELLIPSES = ("...", "…")
+# Gopher, table A1
+MAX_DUP_LINE_FRACTION, MAX_DUP_PARAGRAPH_FRACTION = 0.30, 0.30
+MAX_DUP_LINE_CHARS, MAX_DUP_PARAGRAPH_CHARS = 0.20, 0.20
+MAX_TOP_NGRAM_CHARS = {2: 0.20, 3: 0.18, 4: 0.16}
+MAX_DUP_NGRAM_CHARS = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+# C4, section 2.2
+TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'")
+MIN_LINE_WORDS = 3
+MIN_SENTENCES = 5
+POLICY_PHRASES = (
+    "terms of use",
+    "privacy policy",
+    "cookie policy",
+    "uses cookies",
+    "use of cookies",
+    "use cookies",
+)
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+_PARAGRAPH_SPLIT = re.compile(r"\n\s*\n")
+
+
+@dataclass
+class Cleaned:
+    """A document after the heuristics: the first rule it failed (None: kept), its text (C4 removes
+    lines), and the lines removed, by reason."""
+
+    failed: str | None
+    text: str
+    removed_lines: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def _dup_fractions(items: list[str]) -> tuple[float, float]:
+    """(share of items that repeat an earlier one, share of characters in those repeats)."""
+    seen, dup, dup_chars = set(), 0, 0
+    for it in items:
+        if it in seen:
+            dup += 1
+            dup_chars += len(it)
+        seen.add(it)
+    total_chars = sum(len(it) for it in items)
+    return dup / max(len(items), 1), dup_chars / max(total_chars, 1)
+
+
+def _ngram_char_fractions(ws: list[str]) -> dict[str, float]:
+    """Gopher's n-gram repetition: characters of the most common n-gram (n = 2..4, times its
+    count) and characters of words covered by repeated n-grams (n = 5..10, each word once), both
+    over the characters of all words."""
+    lengths = np.fromiter((len(w) for w in ws), dtype=np.int64, count=len(ws))
+    total = max(int(lengths.sum()), 1)
+    wh = word_hashes([w.lower() for w in ws])
+    csum = np.concatenate([[0], np.cumsum(lengths)])
+    out = {}
+    for n in (*MAX_TOP_NGRAM_CHARS, *MAX_DUP_NGRAM_CHARS):
+        h = ngram_hashes(wh, n)
+        if len(h) == 0:
+            out[f"{n}gram"] = 0.0
+            continue
+        uniq, first, inverse, counts = np.unique(
+            h, return_index=True, return_inverse=True, return_counts=True
+        )
+        if n in MAX_TOP_NGRAM_CHARS:
+            top = int(np.argmax(counts))
+            if counts[top] > 1:
+                i = first[top]
+                out[f"{n}gram"] = counts[top] * int(csum[i + n] - csum[i]) / total
+            else:
+                out[f"{n}gram"] = 0.0
+            continue
+        repeat = np.nonzero(np.arange(len(h)) != first[inverse])[0]  # later occurrences
+        diff = np.zeros(len(ws) + 1, dtype=np.int64)
+        np.add.at(diff, repeat, 1)
+        np.add.at(diff, repeat + n, -1)
+        covered = np.cumsum(diff[:-1]) > 0
+        out[f"{n}gram"] = int(lengths[covered].sum()) / total
+    return out
+
+
+def gopher_repetition(text: str) -> str | None:
+    lines = _lines(text)
+    paragraphs = [p.strip() for p in _PARAGRAPH_SPLIT.split(text) if p.strip()]
+    line_frac, line_chars = _dup_fractions(lines)
+    if line_frac > MAX_DUP_LINE_FRACTION:
+        return "dup_line_fraction"
+    if line_chars > MAX_DUP_LINE_CHARS:
+        return "dup_line_chars"
+    para_frac, para_chars = _dup_fractions(paragraphs)
+    if para_frac > MAX_DUP_PARAGRAPH_FRACTION:
+        return "dup_paragraph_fraction"
+    if para_chars > MAX_DUP_PARAGRAPH_CHARS:
+        return "dup_paragraph_chars"
+    fractions = _ngram_char_fractions(text.split())
+    for n, limit in MAX_TOP_NGRAM_CHARS.items():
+        if fractions[f"{n}gram"] > limit:
+            return f"top_{n}gram_chars"
+    for n, limit in MAX_DUP_NGRAM_CHARS.items():
+        if fractions[f"{n}gram"] > limit:
+            return f"dup_{n}gram_chars"
+    return None
+
+
+def gopher_quality(text: str) -> str | None:
+    ws = text.split()
+    if not MIN_WORDS <= len(ws) <= MAX_WORDS:
+        return "word_count"
+    stripped = [w.strip(string.punctuation) for w in ws]
+    lengths = [len(w) for w in stripped if w]
+    mean = sum(lengths) / max(len(lengths), 1)
+    if not MIN_MEAN_WORD_LENGTH <= mean <= MAX_MEAN_WORD_LENGTH:
+        return "mean_word_length"
+    if text.count("#") / len(ws) > MAX_SYMBOL_WORD_RATIO:
+        return "hash_symbol_ratio"
+    if sum(text.count(e) for e in ELLIPSES) / len(ws) > MAX_SYMBOL_WORD_RATIO:
+        return "ellipsis_symbol_ratio"
+    lines = _lines(text)
+    if sum(ln.startswith(BULLETS) for ln in lines) > MAX_BULLET_LINES * len(lines):
+        return "bullet_lines"
+    if sum(ln.endswith(ELLIPSES) for ln in lines) > MAX_ELLIPSIS_LINES * len(lines):
+        return "ellipsis_lines"
+    if sum(any(c.isalpha() for c in w) for w in ws) < MIN_ALPHA_WORDS * len(ws):
+        return "alpha_words"
+    if sum(w.lower() in STOP_WORDS for w in stripped) < MIN_STOP_WORDS:
+        return "stop_words"
+    return None
+
+
+def c4_lines(text: str) -> tuple[str, dict[str, list[str]]]:
+    """C4's line rules: keep lines that end in terminal punctuation, have at least 3 words, and
+    mention neither javascript nor a cookie/privacy policy. (kept text, removed lines by reason)."""
+    kept, removed = [], {}
+    for line in text.splitlines():
+        s = line.strip()
+        if not s:
+            continue
+        low = s.lower()
+        if not s.endswith(TERMINAL_PUNCTUATION) or s.endswith(ELLIPSES):
+            reason = "no_terminal_punctuation"
+        elif len(s.split()) < MIN_LINE_WORDS:
+            reason = "short_line"
+        elif "javascript" in low:
+            reason = "javascript"
+        elif any(p in low for p in POLICY_PHRASES):
+            reason = "policy"
+        else:
+            kept.append(s)
+            continue
+        removed.setdefault(reason, []).append(s)
+    return "\n".join(kept), removed
+
+
+def c4_page(text: str) -> str | None:
+    """C4's page rules on the page as it came: lorem ipsum and curly brackets drop it."""
+    if "lorem ipsum" in text.lower():
+        return "lorem_ipsum"
+    if "{" in text:
+        return "curly_bracket"
+    return None
+
+
+def check(text: str, groups: tuple[str, ...] = GROUPS) -> Cleaned:
+    """Run the enabled groups in FineWeb's order; the first failure names `group.rule`."""
+    for group, rule in (
+        ("gopher_repetition", gopher_repetition),
+        ("gopher_quality", gopher_quality),
+    ):
+        if group in groups and (failed := rule(text)) is not None:
+            return Cleaned(f"{group}.{failed}", text)
+    if "c4" not in groups:
+        return Cleaned(None, text)
+    if (failed := c4_page(text)) is not None:
+        return Cleaned(f"c4.{failed}", text)
+    text, removed = c4_lines(text)
+    if len(_SENTENCE_END.findall(text)) < MIN_SENTENCES:  # counted after the line rules
+        return Cleaned("c4.too_few_sentences", text, removed)
+    return Cleaned(None, text, removed)
+
+
+def keyword_regex(words: list[str]) -> re.Pattern:
+    """Whole words or phrases, case-insensitive."""
+    return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
+
+
+def read_keywords(path: str) -> list[str]:
+    """One keyword (or phrase) per line; '#' starts a comment line."""
+    with open(path, encoding="utf-8") as f:
+        words = [w.strip() for w in f if w.strip() and not w.lstrip().startswith("#")]
+    if not words:
+        raise ValueError(f"--keywords {path}: no keywords in the file")
+    return words
