@@ -4,7 +4,8 @@ Gopher: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights 
 Gopher", appendix A.1.1 (quality filters) and table A1 (repetition thresholds). C4: Raffel et al.
 2020, "Exploring the Limits of Transfer Learning ...", section 2.2 (and the TFDS implementation's
 policy phrases). FineWeb (Penedo et al. 2024) runs Gopher repetition, Gopher quality, then C4; so
-do we. A rule returns the name of what it failed, or None; `check` gives the first failure.
+do we. Each Gopher rule is a signal with published bounds (`BOUNDS`); C4's are line and page
+rules; `check` gives a document's first failure.
 
 Words are whitespace-separated tokens (punctuation stripped where a length is measured); lines are
 the non-blank lines; paragraphs are separated by blank lines.
@@ -114,51 +115,69 @@ def _ngram_char_fractions(ws: list[str]) -> dict[str, float]:
     return out
 
 
-def gopher_repetition(text: str) -> str | None:
+# (lowest, highest) value of each signal a kept document may have; None: unbounded
+BOUNDS = {
+    "gopher_repetition": {
+        "dup_line_fraction": (None, MAX_DUP_LINE_FRACTION),
+        "dup_line_chars": (None, MAX_DUP_LINE_CHARS),
+        "dup_paragraph_fraction": (None, MAX_DUP_PARAGRAPH_FRACTION),
+        "dup_paragraph_chars": (None, MAX_DUP_PARAGRAPH_CHARS),
+        **{f"top_{n}gram_chars": (None, v) for n, v in MAX_TOP_NGRAM_CHARS.items()},
+        **{f"dup_{n}gram_chars": (None, v) for n, v in MAX_DUP_NGRAM_CHARS.items()},
+    },
+    "gopher_quality": {
+        "word_count": (MIN_WORDS, MAX_WORDS),
+        "mean_word_length": (MIN_MEAN_WORD_LENGTH, MAX_MEAN_WORD_LENGTH),
+        "hash_symbol_ratio": (None, MAX_SYMBOL_WORD_RATIO),
+        "ellipsis_symbol_ratio": (None, MAX_SYMBOL_WORD_RATIO),
+        "bullet_lines": (None, MAX_BULLET_LINES),
+        "ellipsis_lines": (None, MAX_ELLIPSIS_LINES),
+        "alpha_words": (MIN_ALPHA_WORDS, None),
+        "stop_words": (MIN_STOP_WORDS, None),
+    },
+}
+
+
+def gopher_repetition_signals(text: str) -> dict[str, float]:
     lines = _lines(text)
     paragraphs = [p.strip() for p in _PARAGRAPH_SPLIT.split(text) if p.strip()]
-    line_frac, line_chars = _dup_fractions(lines)
-    if line_frac > MAX_DUP_LINE_FRACTION:
-        return "dup_line_fraction"
-    if line_chars > MAX_DUP_LINE_CHARS:
-        return "dup_line_chars"
-    para_frac, para_chars = _dup_fractions(paragraphs)
-    if para_frac > MAX_DUP_PARAGRAPH_FRACTION:
-        return "dup_paragraph_fraction"
-    if para_chars > MAX_DUP_PARAGRAPH_CHARS:
-        return "dup_paragraph_chars"
-    fractions = _ngram_char_fractions(text.split())
-    for n, limit in MAX_TOP_NGRAM_CHARS.items():
-        if fractions[f"{n}gram"] > limit:
-            return f"top_{n}gram_chars"
-    for n, limit in MAX_DUP_NGRAM_CHARS.items():
-        if fractions[f"{n}gram"] > limit:
-            return f"dup_{n}gram_chars"
-    return None
+    out = {}
+    out["dup_line_fraction"], out["dup_line_chars"] = _dup_fractions(lines)
+    out["dup_paragraph_fraction"], out["dup_paragraph_chars"] = _dup_fractions(paragraphs)
+    for name, value in _ngram_char_fractions(text.split()).items():
+        n = int(name.removesuffix("gram"))
+        out[f"top_{n}gram_chars" if n in MAX_TOP_NGRAM_CHARS else f"dup_{n}gram_chars"] = value
+    return out
 
 
-def gopher_quality(text: str) -> str | None:
+def gopher_quality_signals(text: str) -> dict[str, float]:
     ws = text.split()
-    if not MIN_WORDS <= len(ws) <= MAX_WORDS:
-        return "word_count"
+    n = max(len(ws), 1)
     stripped = [w.strip(string.punctuation) for w in ws]
     lengths = [len(w) for w in stripped if w]
-    mean = sum(lengths) / max(len(lengths), 1)
-    if not MIN_MEAN_WORD_LENGTH <= mean <= MAX_MEAN_WORD_LENGTH:
-        return "mean_word_length"
-    if text.count("#") / len(ws) > MAX_SYMBOL_WORD_RATIO:
-        return "hash_symbol_ratio"
-    if sum(text.count(e) for e in ELLIPSES) / len(ws) > MAX_SYMBOL_WORD_RATIO:
-        return "ellipsis_symbol_ratio"
     lines = _lines(text)
-    if sum(ln.startswith(BULLETS) for ln in lines) > MAX_BULLET_LINES * len(lines):
-        return "bullet_lines"
-    if sum(ln.endswith(ELLIPSES) for ln in lines) > MAX_ELLIPSIS_LINES * len(lines):
-        return "ellipsis_lines"
-    if sum(any(c.isalpha() for c in w) for w in ws) < MIN_ALPHA_WORDS * len(ws):
-        return "alpha_words"
-    if sum(w.lower() in STOP_WORDS for w in stripped) < MIN_STOP_WORDS:
-        return "stop_words"
+    n_lines = max(len(lines), 1)
+    return {
+        "word_count": len(ws),
+        "mean_word_length": sum(lengths) / max(len(lengths), 1),
+        "hash_symbol_ratio": text.count("#") / n,
+        "ellipsis_symbol_ratio": sum(text.count(e) for e in ELLIPSES) / n,
+        "bullet_lines": sum(ln.startswith(BULLETS) for ln in lines) / n_lines,
+        "ellipsis_lines": sum(ln.endswith(ELLIPSES) for ln in lines) / n_lines,
+        "alpha_words": sum(any(c.isalpha() for c in w) for w in ws) / n,
+        "stop_words": sum(w.lower() in STOP_WORDS for w in stripped),
+    }
+
+
+SIGNALS = {"gopher_repetition": gopher_repetition_signals, "gopher_quality": gopher_quality_signals}
+
+
+def first_failure(group: str, signals: dict[str, float]) -> str | None:
+    """The first signal (in the papers' order) outside its bounds."""
+    for name, (lo, hi) in BOUNDS[group].items():
+        v = signals[name]
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            return name
     return None
 
 
@@ -197,11 +216,8 @@ def c4_page(text: str) -> str | None:
 
 def check(text: str, groups: tuple[str, ...] = GROUPS) -> Cleaned:
     """Run the enabled groups in FineWeb's order; the first failure names `group.rule`."""
-    for group, rule in (
-        ("gopher_repetition", gopher_repetition),
-        ("gopher_quality", gopher_quality),
-    ):
-        if group in groups and (failed := rule(text)) is not None:
+    for group, signals in SIGNALS.items():
+        if group in groups and (failed := first_failure(group, signals(text))) is not None:
             return Cleaned(f"{group}.{failed}", text)
     if "c4" not in groups:
         return Cleaned(None, text)
@@ -214,8 +230,9 @@ def check(text: str, groups: tuple[str, ...] = GROUPS) -> Cleaned:
 
 
 def keyword_regex(words: list[str]) -> re.Pattern:
-    """Whole words or phrases, case-insensitive."""
-    return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
+    """Whole words or phrases (any whitespace between their words), case-insensitive."""
+    alternatives = (r"\s+".join(map(re.escape, w.split())) for w in words)
+    return re.compile(r"\b(?:" + "|".join(alternatives) + r")\b", re.IGNORECASE)
 
 
 def read_keywords(path: str) -> list[str]:
