@@ -54,7 +54,7 @@ for H in $SIZES; do
     --seq-length "$SEQ" --max-position-embeddings "$SEQ"
     --micro-batch-size "$BATCH" --global-batch-size "$BATCH"
     --lr "$LR" --lr-decay-style constant --lr-warmup-iters 10 --clip-grad 1.0
-    --hidden-dropout 0 --attention-dropout 0 --seed 1234 --train-iters "$ITERS" --split 95,5,0
+    --hidden-dropout 0 --attention-dropout 0 --seed 1234 --train-iters "$ITERS" --split "95,5,0"
     --data-path "$OUT/data/sweep_text_document" --tokenizer-type SentencePieceTokenizer
     --tokenizer-model "$OUT/tokenizer/tokenizer.model"
     --log-interval "$EVAL_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"

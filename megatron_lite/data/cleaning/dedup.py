@@ -2,7 +2,8 @@
 
 One partition of keys at a time (rows / partitions in memory): rows sorted by (key, doc), each key
 held by two or more documents is a group. Exact: every member after the first (input order) is
-dropped when its signature equals the first's (a 64-bit key collision alone drops nothing). Near:
+dropped when its signature equals the first's (a 64-bit key collision alone drops nothing); "first"
+is input order (the order of --input, then line), so sharding does not change what is kept. Near:
 a member is dropped when its estimated Jaccard similarity with one of the first 16 earlier members
 that are not exact duplicates reaches the threshold; the earliest document of a cluster stays.
 Flags live in memory-mapped files (one byte per surviving document), signatures are read through
@@ -75,6 +76,11 @@ class Shards:
         self.flags[doc >> DOC_BITS][doc & _LOCAL] = flag
         self.match[doc >> DOC_BITS][doc & _LOCAL] = match
 
+    def rank(self, doc: int) -> int:
+        """Input order (file index, then line), whatever the sharding."""
+        file_index, line = self.table[doc >> DOC_BITS][doc & _LOCAL]
+        return (int(file_index) << 32) | int(line)
+
     def where(self, doc: int) -> str:
         file_index, line = self.table[doc >> DOC_BITS][doc & _LOCAL]
         for m in self.manifests:
@@ -113,13 +119,13 @@ def find_duplicates(work_dir: str, shards: Shards, threshold: float) -> None:
     parts = shards.manifests[0]["partitions"]
     for p in range(parts):
         for group in _groups(work_dir, shards.manifests, "exact", p):
-            first = int(group[0])
-            for d in group[1:].tolist():
+            first, *rest = sorted(group.tolist(), key=shards.rank)
+            for d in rest:
                 if np.array_equal(shards.sig(d), shards.sig(first)):
                     shards.set(d, EXACT, first)
     for p in range(parts):
         for group in _groups(work_dir, shards.manifests, "lsh", p):
-            members = group.tolist()
+            members = sorted(group.tolist(), key=shards.rank)
             for i in range(1, len(members)):
                 d = members[i]
                 if shards.flag(d) != KEEP:
