@@ -53,6 +53,7 @@ POLICY_PHRASES = (
 )
 _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 _PARAGRAPH_SPLIT = re.compile(r"\n\s*\n")
+_ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")  # a whitespace token with a letter in it
 
 
 @dataclass
@@ -89,30 +90,33 @@ def _ngram_char_fractions(ws: list[str]) -> dict[str, float]:
     total = max(int(lengths.sum()), 1)
     wh = word_hashes([w.lower() for w in ws])
     csum = np.concatenate([[0], np.cumsum(lengths)])
-    out = {}
-    for n in (*MAX_TOP_NGRAM_CHARS, *MAX_DUP_NGRAM_CHARS):
-        h = ngram_hashes(wh, n)
-        if len(h) == 0:
-            out[f"{n}gram"] = 0.0
-            continue
-        uniq, first, inverse, counts = np.unique(
-            h, return_index=True, return_inverse=True, return_counts=True
-        )
-        if n in MAX_TOP_NGRAM_CHARS:
-            top = int(np.argmax(counts))
-            if counts[top] > 1:
-                i = first[top]
-                out[f"{n}gram"] = counts[top] * int(csum[i + n] - csum[i]) / total
-            else:
-                out[f"{n}gram"] = 0.0
-            continue
-        repeat = np.nonzero(np.arange(len(h)) != first[inverse])[0]  # later occurrences
+    out = {f"{n}gram": 0.0 for n in (*MAX_TOP_NGRAM_CHARS, *MAX_DUP_NGRAM_CHARS)}
+    for n in MAX_TOP_NGRAM_CHARS:
+        order, first = _sorted_groups(ngram_hashes(wh, n))
+        counts = np.diff(np.r_[np.flatnonzero(first), len(order)])
+        if len(counts) == 0 or counts.max() < 2:
+            break  # no n-gram repeats: no longer one does either
+        top = int(np.argmax(counts))
+        i = int(order[np.flatnonzero(first)[top]])  # its first occurrence
+        out[f"{n}gram"] = counts[top] * int(csum[i + n] - csum[i]) / total
+    for n in MAX_DUP_NGRAM_CHARS:
+        order, first = _sorted_groups(ngram_hashes(wh, n))
+        repeat = order[~first]  # positions of every occurrence after the first
+        if len(repeat) == 0:
+            break
         diff = np.zeros(len(ws) + 1, dtype=np.int64)
         np.add.at(diff, repeat, 1)
         np.add.at(diff, repeat + n, -1)
         covered = np.cumsum(diff[:-1]) > 0
         out[f"{n}gram"] = int(lengths[covered].sum()) / total
     return out
+
+
+def _sorted_groups(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions sorted by hash, stable; True where a new hash starts in that order)."""
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    return order, np.r_[True, hs[1:] != hs[:-1]] if len(hs) else np.zeros(0, bool)
 
 
 # (lowest, highest) value of each signal a kept document may have; None: unbounded
@@ -164,7 +168,7 @@ def gopher_quality_signals(text: str) -> dict[str, float]:
         "ellipsis_symbol_ratio": sum(text.count(e) for e in ELLIPSES) / n,
         "bullet_lines": sum(ln.startswith(BULLETS) for ln in lines) / n_lines,
         "ellipsis_lines": sum(ln.endswith(ELLIPSES) for ln in lines) / n_lines,
-        "alpha_words": sum(any(c.isalpha() for c in w) for w in ws) / n,
+        "alpha_words": len(_ALPHA_WORD.findall(text)) / n,
         "stop_words": sum(w.lower() in STOP_WORDS for w in stripped),
     }
 

@@ -32,10 +32,21 @@ def words(text: str) -> list[str]:
     return WORD_RE.findall(text.lower())
 
 
+_CACHE: dict[str, int] = {}  # per process: words repeat (Zipf), a lookup beats crc32
+
+
+def _word_hash(w: str) -> int:
+    h = _CACHE.get(w)
+    if h is None:
+        h = _CACHE[w] = ((zlib.crc32(w.encode("utf-8")) + 1) * int(_MIX)) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 def word_hashes(ws: list[str]) -> np.ndarray:
     """uint64 hash (crc32, spread to 64 bits) of each word; [n_words]."""
-    h = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in ws), dtype=np.uint64, count=len(ws))
-    return (h + np.uint64(1)) * _MIX
+    if len(_CACHE) > 1_000_000:
+        _CACHE.clear()
+    return np.fromiter(map(_word_hash, ws), dtype=np.uint64, count=len(ws))
 
 
 def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:
