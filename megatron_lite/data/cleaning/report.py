@@ -86,7 +86,8 @@ def summary(report: dict) -> str:
     for rule, n in sorted(st["dropped"].items(), key=lambda kv: -kv[1]):
         lines.append(f"    {rule:42s} {n:9,d}  {100 * n / read:5.1f}%")
         for ex in st["examples"].get(rule, [])[:1]:
-            lines.append(f"      e.g. {ex['at']}: {ex['text'][:90]}")
+            of = f" (a copy of {ex['duplicate_of']})" if "duplicate_of" in ex else ""
+            lines.append(f"      e.g. {ex['at']}{of}: {ex['text'][:80]}")
     if st["lines_removed"]:
         lines.append("  lines removed inside kept documents (C4 line rules):")
         for rule, n in sorted(st["lines_removed"].items(), key=lambda kv: -kv[1]):
