@@ -4,7 +4,7 @@
 # iterations (each evaluation is one (N, D, loss) point), then tools/scaling_laws.py fits
 # L(N, D) = E + A/N^alpha + B/D^beta to them.
 #
-#   bash examples/scaling_sweep.sh                  # OUT=sweep_out SIZES="16 32 48 64 96": ~1 min
+#   bash examples/scaling_sweep.sh                  # OUT=sweep_out SIZES="16 32 48 64 96": ~2 min
 #   SIZES="32 64 128 256" ITERS=1000 bash examples/scaling_sweep.sh
 #
 # Each run's directory, $OUT/runs/h<SIZE>, holds args.txt (the pretrain_gpt flags, one per line) and
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-sweep_out}
 SIZES=${SIZES:-16 32 48 64 96} # hidden sizes; heads = hidden / 16
 LAYERS=${LAYERS:-2}
-ITERS=${ITERS:-300}
+ITERS=${ITERS:-600}
 EVAL_INTERVAL=${EVAL_INTERVAL:-50}
 EVAL_ITERS=${EVAL_ITERS:-16}
 SEQ=${SEQ:-64}

@@ -17,7 +17,6 @@ from megatron_lite.data.cleaning import (
     MinHasher,
     clean,
     finish,
-    lsh_params,
     scan_shard,
 )
 from megatron_lite.data.cleaning import heuristics as H
@@ -57,10 +56,7 @@ def good_text(seed: int = 0, n: int = 240) -> str:
 
 
 def dedup_only(threshold: float = 0.7, shingle: int = 5) -> FilterConfig:
-    bands, rows = lsh_params(threshold, 128)
-    return FilterConfig(
-        groups=(), minhasher=MinHasher(128, shingle), threshold=threshold, bands=bands, rows=rows
-    )
+    return FilterConfig(groups=(), minhasher=MinHasher(128, shingle), threshold=threshold)
 
 
 # ---------------------------------------------------------------- near and exact duplicates

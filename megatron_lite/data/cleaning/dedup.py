@@ -13,10 +13,10 @@ the corpus, beyond one partition.
 
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,10 +32,16 @@ _LOCAL = (1 << DOC_BITS) - 1
 
 def load_manifests(work_dir: str) -> list[dict]:
     """Every shard's manifest, checked complete and consistent."""
-    paths = sorted(glob.glob(os.path.join(work_dir, "shard-[0-9]*[0-9]", "manifest.json")))
+    if not os.path.isdir(work_dir):
+        raise FileNotFoundError(f"--work-dir {work_dir}: no such directory (run the scans first)")
+    names = sorted(n for n in os.listdir(work_dir) if re.fullmatch(r"shard-\d{5}", n))  # no .tmp-*
+    paths = [p for n in names if os.path.isfile(p := os.path.join(work_dir, n, "manifest.json"))]
     if not paths:
         raise FileNotFoundError(f"--work-dir {work_dir}: no shard-*/manifest.json (run the scans)")
-    manifests = [json.load(open(p, encoding="utf-8")) for p in paths]
+    manifests = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            manifests.append(json.load(f))
     n = manifests[0]["num_shards"]
     missing = sorted(set(range(n)) - {m["shard"] for m in manifests})
     if missing:

@@ -10,7 +10,7 @@ import numpy as np
 
 from megatron_lite.data.cleaning import heuristics
 from megatron_lite.data.cleaning.decontaminate import Decontaminator, FastTextFilter
-from megatron_lite.data.cleaning.minhash import MinHasher, band_keys
+from megatron_lite.data.cleaning.minhash import MinHasher, band_keys, lsh_params
 from megatron_lite.data.cleaning.text import exact_key, word_hashes, words
 from megatron_lite.data.corpus import BadLineError, parse_json_line
 
@@ -27,8 +27,12 @@ class FilterConfig:
     decontaminate_action: str = "drop"  # or "report"
     minhasher: MinHasher = field(default_factory=MinHasher)
     threshold: float = 0.8  # Jaccard similarity that makes a near duplicate
-    bands: int = 9
-    rows: int = 13
+    bands: int | None = None  # LSH banding; None: lsh_params(threshold, num_perm)
+    rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bands is None or self.rows is None:
+            self.bands, self.rows = lsh_params(self.threshold, self.minhasher.num_perm)
 
     def lsh(self) -> dict:
         m = self.minhasher
