@@ -380,7 +380,7 @@ def test_malformed_line_names_file_and_line_and_leaves_no_output(tmp_path):
 
 def test_truncated_gzip_names_the_file_and_leaves_no_output(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl.gz", [BASE])
-    f = write_jsonl(tmp_path / "cut.jsonl.gz", [good_text(i) for i in range(30)])
+    f = write_jsonl(tmp_path / "cut.jsonl.gz", [f"{BASE} Number {i}." for i in range(30)])
     f.write_bytes(f.read_bytes()[:-200])
     out = run_tool("--input", good, f, "--output-dir", tmp_path / "out", check_rc=1)
     assert f"{f}: truncated or corrupt gzip file" in out.stderr
