@@ -44,7 +44,7 @@ def _word_hash(w: str) -> int:
 
 def word_hashes(ws: list[str]) -> np.ndarray:
     """uint64 hash (crc32, spread to 64 bits) of each word; [n_words]."""
-    if len(_CACHE) > 1_000_000:
+    if len(_CACHE) > 200_000:  # ~25 MiB at most
         _CACHE.clear()
     return np.fromiter(map(_word_hash, ws), dtype=np.uint64, count=len(ws))
 
