@@ -3,7 +3,7 @@
 An entry point reports a `UserError` as one `error: <message>` line and a non-zero exit, from one
 rank (`megatron_lite.cli.run_main`); any other exception is a bug and keeps its traceback. Each
 module raises its own subclass (ConfigError, CheckpointError, TokenizerError, DataError, ...), so
-callers can still catch the narrow kind. Standard library only: config.py imports this.
+callers can still catch the narrow kind. Standard library only: config/ imports this.
 """
 
 from __future__ import annotations

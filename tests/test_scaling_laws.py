@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from megatron_lite.estimate.scaling_laws import ScalingLaw, best_shape, fit, objective
-from megatron_lite.train_logging import format_log_line
+from megatron_lite.training.log import format_log_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # the paper's fit

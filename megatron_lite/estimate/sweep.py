@@ -41,11 +41,19 @@ class Run:
 
 def non_embedding_params(cfg: Config) -> int:
     """Parameters of the transformer layers and the final norm (no embeddings, no output layer)."""
-    from megatron_lite.estimate.memory import chunk_params
+    import dataclasses
 
-    specs = chunk_params(cfg, 0, range(cfg.model.num_layers), True, True)
+    from megatron_lite.model.gpt import build_meta_chunk
+
+    # the real model, all layers in one stage, on the meta device (nothing allocated)
+    one = dataclasses.replace(
+        cfg.parallel, pipeline_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=None
+    )
+    model = build_meta_chunk(
+        dataclasses.replace(cfg, parallel=one), 0, cfg.model.make_vocab_size_divisible_by
+    )
     skip = ("embedding.", "output_layer.")
-    return sum(p.numel for p in specs if not p.name.startswith(skip))
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip))
 
 
 def vocab_size(cfg: Config) -> int:
