@@ -224,10 +224,18 @@ def test_split_rounding_to_no_documents_is_skipped(tmp_path, prefix):
     assert valid is None and test is None and len(train) >= 40
 
 
-def test_too_short_split_is_a_clear_error(tmp_path):
+def test_too_short_split_repeats_for_samples_and_is_an_error_for_one_pass(tmp_path):
+    """As megatron-core (tests/test_data_megatron_core.py): asked for samples, a split shorter than
+    one sample repeats; for one pass over it (no sample count) or from a single token, nothing can
+    be cut, and that is a clear error."""
     short = write_documents(str(tmp_path / "s"), [np.array([1, 2, EOD], np.uint16)] * 4)
+    ds = make(short, np.arange(4, dtype=np.int32), 10)
+    assert len(ds) >= 10 and ds.sample_tokens(0).tolist()[:6] == [1, 2, EOD, 1, 2, EOD]
     with pytest.raises(ValueError, match=r"train split of .*s has 12 tokens in 4 documents"):
-        make(short, np.arange(4, dtype=np.int32), 10)
+        make(short, np.arange(4, dtype=np.int32), None)
+    one = write_documents(str(tmp_path / "one"), [np.array([EOD], np.uint16)] * 2)
+    with pytest.raises(ValueError, match=r"has 1 tokens in 1 documents"):
+        make(one, np.arange(1, dtype=np.int32), 10)
 
 
 def test_per_split_data_paths_take_every_document_of_their_files(tmp_path):

@@ -130,7 +130,11 @@ class GPTDataset(torch.utils.data.Dataset):
     def _build_indices(self) -> list[np.ndarray]:
         sizes = np.asarray(self.dataset.sequence_lengths)
         tokens_per_epoch = int(sizes[self.document_ids].sum(dtype=np.int64))
-        if tokens_per_epoch <= self.seq_length:
+        # fewer tokens than one sample: as megatron-core, the split's documents repeat (one epoch
+        # after another) until the samples asked for are cut; a single token can't make a pair
+        if tokens_per_epoch < 2 or (
+            tokens_per_epoch <= self.seq_length and self.num_samples is None
+        ):
             raise DataError(
                 f"the {self.split_name} split of {self.path_prefix} has {tokens_per_epoch} tokens in "
                 f"{len(self.document_ids)} documents: too few for one sample of --seq-length "
