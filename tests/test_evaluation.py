@@ -106,6 +106,14 @@ def test_rolling_windows_score_every_token_once_with_full_context():
     assert rolling_windows([], 99, 4) == []
 
 
+def test_a_continuation_longer_than_the_model_is_scored_in_pieces(scorer):
+    ctx, cont = scorer.encode_pair("the cat", " sat on the mat" * 8)
+    assert len(cont) > 32
+    ((ll, _),) = scorer.loglikelihood_tokens([(ctx, cont)])
+    pieces = [((ctx + cont[:i])[-32:], cont[i : i + 32]) for i in range(0, len(cont), 32)]
+    assert ll == pytest.approx(sum(x for x, _ in scorer.loglikelihood_tokens(pieces)), rel=1e-9)
+
+
 def test_rolling_loglikelihood_equals_the_sum_over_its_windows(scorer):
     text = "the cat sat on the mat " * 12  # longer than the 32 positions
     tokens = scorer.tok.tokenize(text)
@@ -230,7 +238,7 @@ def test_malformed_task_files_name_file_line_and_what_was_expected(tmp_path, mod
 def test_unknown_task_is_listed_against_the_known_ones(tmp_path):
     with pytest.raises(
         TaskError,
-        match=r"unknown task 'lambda'; known tasks: arc_challenge, arc_easy, hellaswag, humaneval, lambada, mmlu",
+        match=r"unknown task 'lambda'; known tasks: arc_challenge, arc_easy, choice, hellaswag, humaneval, lambada, mmlu",
     ):
         load_tasks("lambda=x.jsonl")
     with pytest.raises(TaskError, match=r"does not exist"):

@@ -26,7 +26,11 @@ import torch.distributed as dist  # noqa: E402
 from megatron_lite.checkpointing import CheckpointError  # noqa: E402
 from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
 from megatron_lite.evaluation.requests import Scorer  # noqa: E402
-from megatron_lite.evaluation.runner import evaluate_tasks, format_results  # noqa: E402
+from megatron_lite.evaluation.runner import (  # noqa: E402
+    evaluate_task,
+    evaluate_tasks,
+    format_results,
+)
 from megatron_lite.evaluation.tasks import TaskError, known_tasks, load_tasks  # noqa: E402
 from megatron_lite.inference.generation import build_generation_tokenizer, load_model  # noqa: E402
 from megatron_lite.parallel_state import ParallelState, init_distributed  # noqa: E402
@@ -43,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="Requests per forward.")
     p.add_argument("--num-samples", type=int, default=1, help="Code tasks: samples per problem.")
     p.add_argument("--max-gen-toks", type=int, default=256, help="Code tasks: tokens per sample.")
+    p.add_argument(
+        "--context-free-baseline",
+        action="store_true",
+        help="Also score choice tasks with no context (as TASK:context-free).",
+    )
     p.add_argument("--output", help="Write the results here as JSON.")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -80,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
         vocab_size=args.vocab_size,
     )
     scorer = Scorer(lm, tokenizer, args.batch_size)
-    return evaluate_tasks(
+    results = evaluate_tasks(
         scorer,
         tasks,
         num_fewshot=args.num_fewshot,
@@ -88,6 +97,13 @@ def run(args: argparse.Namespace) -> dict:
         num_samples=args.num_samples,
         gen={"max_gen_toks": args.max_gen_toks},
     )
+    if args.context_free_baseline:
+        for task in tasks:
+            if task.kind in ("multiple_choice", "loglikelihood"):
+                results[f"{task.name}:context-free"] = evaluate_task(
+                    scorer, task, context_free=True
+                )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,19 +80,27 @@ class Scorer:
         return totals
 
     def loglikelihood_tokens(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
+        """A continuation longer than the model is scored in pieces of its length, each with the
+        tokens before it as context (a sliding window), and the pieces summed."""
         max_len = self.lm.max_length
-        inputs = []
-        for ctx, cont in pairs:
+        inputs, owner = [], []
+        for k, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise ValueError("a continuation must have at least one token")
-            inputs.append(((ctx + cont)[-(max_len + 1) :][:-1], cont))
+            for i in range(0, len(cont), max_len):
+                piece = cont[i : i + max_len]
+                inputs.append(((ctx + cont[: i + len(piece)])[-(max_len + 1) :][:-1], piece))
+                owner.append(k)
         order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i][0]), inputs[i][0]))
         mine = order[self.ps.dp_rank :: self.ps.dp_size]
         rows = []
         for start in range(0, len(mine), self.batch_size):
             rows += self._score_batch([inputs[i] for i in mine[start : start + self.batch_size]])
         got = self._from_last_stage(torch.tensor(rows, dtype=torch.float64).view(-1, 2), order)
-        return [(float(got[i, 0]), bool(got[i, 1] > 0.5)) for i in range(len(pairs))]
+        out = [[0.0, True] for _ in pairs]
+        for k, (ll, greedy) in zip(owner, got.tolist()):
+            out[k] = [out[k][0] + ll, out[k][1] and greedy > 0.5]
+        return [(ll, greedy) for ll, greedy in out]
 
     def _score_batch(self, batch: list[TokenPair]) -> list[list[float]]:
         width = max(len(inp) for inp, _ in batch)

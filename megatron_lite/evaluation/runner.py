@@ -79,9 +79,16 @@ def evaluate_task(
     num_samples: int = 1,
     ks: tuple[int, ...] = (1, 10, 100),
     gen: dict | None = None,
+    context_free: bool = False,
 ) -> dict[str, float]:
     """One task's metrics. Every rank calls it alike and gets the same numbers; the code task
-    runs its programs on every rank (cheap, and no rank waits for another's verdict)."""
+    runs its programs on every rank (cheap, and no rank waits for another's verdict).
+    `context_free`: score the choices with no context at all (only the end-of-document token
+    before them): the baseline a model that ignores context reaches on the same task."""
+    if context_free:
+        if task.kind not in ("multiple_choice", "loglikelihood"):
+            raise ValueError(f"{task.name}: a context-free baseline is for choice tasks")
+        return _choice_task(scorer, task, [""] * len(task.docs))
     if task.kind == "rolling":
         return _rolling_task(scorer, task)
     if task.kind == "generate":

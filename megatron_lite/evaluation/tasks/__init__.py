@@ -82,6 +82,7 @@ def _readers() -> dict[str, tuple[Callable[[str, str], Task], str]]:
         "mmlu": (mmlu.read_mmlu, "mmlu"),
         "humaneval": (humaneval.read_humaneval, "HumanEval.jsonl.gz"),
         "perplexity": (readers.read_text, "text.jsonl"),
+        "choice": (readers.read_choice, "choice.jsonl"),
     }
 
 

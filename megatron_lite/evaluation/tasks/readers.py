@@ -6,7 +6,8 @@ LAMBADA `lambada_test.jsonl` (EleutherAI/lambada_openai, {"text"}); HellaSwag `h
 (AI2's ARC-V1 release: question.stem, question.choices[].text/label, answerKey; the Hugging Face
 export's flat question / choices.text / choices.label is read too); PIQA `valid.jsonl` with
 `valid-labels.lst` beside it (ybisk/ybisk.github.io: goal, sol1, sol2; one label per line), or a
-"label" field per line.
+"label" field per line. Your own tasks: `choice` ({"context", "choices", "gold"} per line, see
+tools/make_eval_tasks.py) and `perplexity` (documents).
 """
 
 from __future__ import annotations
@@ -141,6 +142,20 @@ def read_piqa(path: str, name: str = "piqa") -> Task:
                 f"{path[: -len('.jsonl')]}-labels.lst"
             )
         docs.append(Doc(f"Question: {goal}\nAnswer:", sols, _gold(label, 2, where, "label")))
+    return Task(name, "multiple_choice", _nonempty(docs, path))
+
+
+def read_choice(path: str, name: str = "choice") -> Task:
+    """A generic multiple-choice file, one {"context", "choices", "gold"} per line; each choice
+    is scored as written right after the context (no delimiter: put one in the choices)."""
+    docs = []
+    for where, obj in read_jsonl(path):
+        context = field(obj, "context", str, where, "the text before the choices")
+        choices = _strings(obj, "choices", where)
+        gold = _gold(
+            field(obj, "gold", int, where, "the right choice's index"), len(choices), where, "gold"
+        )
+        docs.append(Doc(context, choices, gold, delimiter=""))
     return Task(name, "multiple_choice", _nonempty(docs, path))
 
 
