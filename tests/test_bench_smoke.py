@@ -19,6 +19,7 @@ SMOKE = {
         "stream every full tensor",
     ),
     "bench_data.py": (["--corpus-mb", "0.2"], "build_sample_idx"),
+    "bench_eval.py": (["--smoke"], "ratio megatron_lite / transformers"),
     "bench_ddp.py": (
         ["--layers", "1", "--hidden", "32", "--vocab", "512", "--steps", "2"],
         "ratio",
