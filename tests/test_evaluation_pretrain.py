@@ -76,6 +76,7 @@ def test_eval_tasks_are_scored_in_the_log_and_tensorboard_and_equal_tools_evalua
         -3000:
     ]
     assert "choice acc: " in lines[0] and "lambada perplexity: " in lines[0]
+    print("\n" + "\n".join(lines))
     tb = _tensorboard(d / "tb")
     for it in (300, 600):
         out = d / f"scores_{it}.json"

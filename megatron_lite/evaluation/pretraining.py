@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from megatron_lite.config import Config
 from megatron_lite.evaluation.requests import Scorer
-from megatron_lite.evaluation.runner import evaluate_tasks, flat_scalars
+from megatron_lite.evaluation.runner import evaluate_tasks, flat_scalars, number
 from megatron_lite.evaluation.tasks import Task, load_tasks
 from megatron_lite.inference.generation import LanguageModel
 
@@ -66,7 +66,9 @@ def report_tasks(run, tb) -> dict[str, dict[str, float]]:
     if run.is_logging_rank:
         from megatron_lite.training.log import print_rank
 
-        fields = " | ".join(f"{t} {m}: {v:.4f}" for t, s in results.items() for m, v in s.items())
+        fields = " | ".join(
+            f"{t} {m}: {number(v)}" for t, s in results.items() for m, v in s.items()
+        )
         print_rank(f" downstream tasks at iteration {run.iteration} | {fields} |")
         tb.add_scalars(flat_scalars(results), run.iteration)
     return results

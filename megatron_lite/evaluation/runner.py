@@ -100,11 +100,16 @@ def evaluate_tasks(scorer: Scorer, tasks: list[Task], **kwargs) -> dict[str, dic
     return {task.name: evaluate_task(scorer, task, **kwargs) for task in tasks}
 
 
+def number(v: float) -> str:
+    """4 decimals, or 4 significant digits for the large values perplexities reach."""
+    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4e}"
+
+
 def format_results(results: dict[str, dict[str, float]]) -> str:
     """A table: task, metric, value (the shape lm-eval prints)."""
     lines = ["| task | metric | value |", "|---|---|---|"]
     for task, scores in results.items():
-        lines += [f"| {task} | {m} | {v:.4f} |" for m, v in scores.items()]
+        lines += [f"| {task} | {m} | {number(v)} |" for m, v in scores.items()]
     return "\n".join(lines)
 
 
