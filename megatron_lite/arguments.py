@@ -35,18 +35,15 @@ IGNORED_FLAGS = {
     "--attention-softmax-in-fp32": (0, "every attention backend computes softmax in fp32"),
     "--log-throughput": (0, "tokens/s and TFLOP/s are always logged"),
     "--log-validation-ppl-to-tensorboard": (0, "validation perplexity is always logged"),
-    "--log-timers-to-tensorboard": (0, "no per-region timers"),
     "--log-memory-to-tensorboard": (0, "memory is reported in the log (--no-log-memory)"),
     "--log-world-size-to-tensorboard": (0, "the world size is in the startup log"),
-    "--timing-log-level": (1, "no per-region timers"),
-    "--timing-log-option": (1, "no per-region timers"),
     "--tensorboard-log-interval": (1, "TensorBoard scalars are written every --log-interval"),
 }
 # flag -> (number of values, the error)
 UNSUPPORTED_FLAGS = {
-    "--wandb-project": (1, "Weights & Biases logging is not built in: use --tensorboard-dir"),
-    "--wandb-exp-name": (1, "Weights & Biases logging is not built in: use --tensorboard-dir"),
-    "--wandb-save-dir": (1, "Weights & Biases logging is not built in: use --tensorboard-dir"),
+    "--num-experts": (1, "mixture of experts is not built yet"),
+    "--expert-model-parallel-size": (1, "mixture of experts is not built yet"),
+    "--context-parallel-size": (1, "context parallelism is not built yet"),
 }
 # old or alternative Megatron spellings: flag -> (settings it stands for, as section.field: value)
 ALIAS_FLAGS = {
@@ -110,8 +107,17 @@ def _apply_compat(ns: argparse.Namespace) -> list[str]:
     return ignored
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        if (
+            os.environ.get("LOCAL_RANK", "0") != "0"
+        ):  # under a launcher: one copy, from local rank 0
+            sys.exit(2)
+        super().error(message)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="megatron_lite: Megatron-style GPT pretraining (flags as in Megatron-LM).",
         allow_abbrev=False,

@@ -8,7 +8,8 @@
         --vocab-file vocab.json --merge-file merges.txt --save ckpt --save-interval 100
 
 Started by torchrun (RANK/WORLD_SIZE/...), by `srun` without torchrun (SLURM_PROCID/SLURM_NTASKS/
-SLURM_LOCALID, master address from the node list), or as one plain process.
+SLURM_LOCALID, master address from the node list), or as one plain process. Bad input (flags, files,
+checkpoints, data) ends the run with one `error: ...` line from one rank and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import os
 import sys
 
 from megatron_lite.arguments import parse_args
-from megatron_lite.config import Config
+from megatron_lite.cli import run_main
+from megatron_lite.config import Config, ConfigError
 
 TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
 
@@ -26,11 +28,12 @@ TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model
 def with_checkpoint_args(cfg: Config) -> Config:
     """--use-checkpoint-args: the model settings of the --load checkpoint, and its tokenizer when
     the command line names none."""
-    from megatron_lite.checkpointing import CHECKPOINT_MODEL_ARGS, CheckpointReader
+    from megatron_lite.checkpointing import CHECKPOINT_MODEL_ARGS
+    from megatron_lite.checkpointing.hf_reader import open_checkpoint
 
     if cfg.checkpoint.load is None:
-        raise SystemExit("error: --use-checkpoint-args needs --load")
-    saved = CheckpointReader(cfg.checkpoint.load).config
+        raise ConfigError("--use-checkpoint-args needs --load")
+    saved = open_checkpoint(cfg.checkpoint.load).config
     d = cfg.to_dict()
     d["model"].update({k: saved["model"][k] for k in CHECKPOINT_MODEL_ARGS if k in saved["model"]})
     if cfg.data.tokenizer_type is None:
@@ -53,15 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.checkpoint.use_checkpoint_args:
         cfg = with_checkpoint_args(cfg)
     if cfg.train.train_iters is None and cfg.train.train_samples is None:
-        print("error: give --train-iters or --train-samples", file=sys.stderr)
-        return 2
+        raise ConfigError("give --train-iters or --train-samples")
     if not (cfg.data.mock_data or cfg.data.data_path or cfg.data.train_data_path):
-        print(
-            "error: give --data-path PREFIX (from tools/preprocess_data.py), --train-data-path "
-            "PREFIX, or --mock-data",
-            file=sys.stderr,
+        raise ConfigError(
+            "give --data-path PREFIX (from tools/preprocess_data.py), --train-data-path "
+            "PREFIX, or --mock-data"
         )
-        return 2
     from megatron_lite import training
     from megatron_lite.evaluation.pretraining import check_eval_tasks
 
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

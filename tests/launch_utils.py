@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from megatron_lite.parallel_state import free_port
@@ -101,3 +104,52 @@ def build_corpus(out: Path, tokenizer: str, vocab_size: int = 400, max_mb: float
         *(a for k, v in files.items() for a in ("--" + k.replace("_", "-"), v)),
     )
     return {"data_path": out / f"{tokenizer}_text_document", **files}
+
+
+def launch(nproc: int, flags: list[str], env: dict | None = None) -> tuple:
+    """torchrun in its own session; its output collects in the returned list of lines."""
+    cmd, full_env = pretrain_command(nproc, flags, env)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=full_env,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def wait_for(lines, text, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in line for line in list(lines)):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    kill_job(proc)
+    raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)[-4000:]}")
+
+
+def workers(proc) -> list[int]:
+    """The torchrun agent's child processes (the ranks)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == proc.pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def kill_job(proc) -> None:
+    """SIGKILL the ranks (torchrun starts each in its own session) and then the agent."""
+    for pid in workers(proc):
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)

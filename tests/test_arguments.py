@@ -246,10 +246,29 @@ def test_megatron_launch_script_flags_are_accepted_mapped_or_refused(capsys):
     assert "--use-mcore-models" in notice and "--transformer-impl" in notice
     assert "--norm-epsilon" not in notice  # a real setting, not ignored
     for flags, message in [
-        ("--wandb-project p", "--wandb-project: Weights & Biases logging is not built in"),
+        ("--num-experts 8", "--num-experts: mixture of experts is not built yet"),
         ("--ckpt-format torch_dist", "--ckpt-format: invalid choice: 'torch_dist'"),
         ("--no-position-embedding", "--no-position-embedding without --position-embedding-type rope"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(flags.split())
         assert message in capsys.readouterr().err
+
+
+def test_a_flag_error_is_printed_by_local_rank_0_only(capsys, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what torchrun gives the second rank of a node
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--num-layers", "x"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        parse_args(["--num-layers", "x"])
+    assert "--num-layers: invalid int value: 'x'" in capsys.readouterr().err
+
+
+def test_save_retain_and_its_megatron_bridge_spelling(capsys):
+    assert parse_args(["--save-retain", "3"]).checkpoint.save_retain == 3
+    assert parse_args(["--most-recent-k", "-1"]).checkpoint.save_retain == -1
+    with pytest.raises(SystemExit):
+        parse_args(["--save-retain", "0"])
+    assert "--save-retain must be at least 1 (or -1: keep all), got 0" in capsys.readouterr().err

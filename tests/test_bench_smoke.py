@@ -18,6 +18,7 @@ SMOKE = {
         ["--layers", "1", "--hidden", "64", "--repeats", "1"],
         "stream every full tensor",
     ),
+    "bench_clean.py": (["--smoke"], "speedup 2 workers vs 1"),
     "bench_data.py": (["--corpus-mb", "0.2"], "build_sample_idx"),
     "bench_eval.py": (["--smoke"], "ratio megatron_lite / transformers"),
     "bench_ddp.py": (

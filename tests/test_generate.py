@@ -268,3 +268,59 @@ def test_generate_cli_prints_the_greedy_completion(models, lms):
         [*cmd, "--pipeline-model-parallel-size", "3"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and "--pipeline-model-parallel-size (3) must divide" in bad.stderr
+
+
+def test_server_answers_20_concurrent_clients_while_one_is_stalled_mid_body(lms):
+    import socket
+
+    lm, tok = lms["gpt2"], NullTokenizer(EOD)
+    server = GenerationServer(lm, tok, "127.0.0.1", 0, socket_timeout=60)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    stalled = socket.create_connection(server.address, timeout=60)
+    try:
+        # headers and half the body, then nothing: the old one-at-a-time server waited on it
+        stalled.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n" + b'{"prompt": '
+        )
+        start, results = threading.Barrier(20), []
+        body = {"prompt": "5 17 42", "max_new_tokens": 2, "temperature": 0}
+
+        def client():
+            start.wait()  # all 20 connect at once (the listen backlog was 5)
+            try:
+                results.append(_request(server.address, "POST", "/generate", body))
+            except OSError as e:  # e.g. ConnectionResetError
+                results.append((None, repr(e)))
+
+        clients = [threading.Thread(target=client) for _ in range(20)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(timeout=50)
+        want = generate(lm, [5, 17, 42], 2, SamplingParams(temperature=0), eod=EOD).tokens
+        assert len(results) == 20 and all(s == 200 and r["tokens"] == want for s, r in results)
+        stalled.setblocking(False)  # all answered while the stalled request is still unanswered
+        with pytest.raises(BlockingIOError):
+            stalled.recv(1)
+    finally:
+        stalled.close()
+        server.shutdown()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_server_answers_408_to_a_body_that_never_arrives(lms):
+    import socket
+
+    server = GenerationServer(lms["gpt2"], NullTokenizer(EOD), "127.0.0.1", 0, socket_timeout=0.5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(server.address, timeout=20) as s:
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n{")
+            reply = s.makefile("rb").read()
+        assert reply.startswith(b"HTTP/1.0 408") and b"not received within 0.5 s" in reply
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)

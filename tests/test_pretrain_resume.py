@@ -5,23 +5,22 @@ Each test launches `python -m megatron_lite.pretrain_gpt` under torchrun (gloo, 
 
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 from launch_utils import (
-    ROOT,
     TINY_GPT,
     build_corpus,
     eval_losses,
     layout_flags,
     losses,
-    pretrain_command,
     run_pretrain,
 )
+from launch_utils import kill_job as _kill_job
+from launch_utils import launch as _launch
+from launch_utils import wait_for as _wait_for
+from launch_utils import workers as _workers
 
 from megatron_lite.checkpointing import read_latest_iteration
 
@@ -127,54 +126,6 @@ def test_evaluation_and_tensorboard_scalars(indexed_data, tmp_path):
         assert tag in tags, (tag, tags)
     assert [e.step for e in acc.Scalars("lm loss")] == [1, 2, 3, 4]
     assert acc.Scalars("lm loss validation")[-1].value == pytest.approx(evals[1][2], rel=1e-5)
-
-
-def _launch(nproc, flags, env=None):
-    cmd, full_env = pretrain_command(nproc, flags, env)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env=full_env,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    return proc, lines
-
-
-def _wait_for(lines, text, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(text in line for line in list(lines)):
-            return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    _kill_job(proc)
-    raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)[-4000:]}")
-
-
-def _workers(proc) -> list[int]:
-    """The torchrun agent's child processes (the ranks)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == proc.pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _kill_job(proc) -> None:
-    """SIGKILL the ranks (torchrun starts each in its own session) and then the agent."""
-    for pid in _workers(proc):
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(indexed_data, tmp_path):

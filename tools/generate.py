@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch.distributed as dist  # noqa: E402
 
-from megatron_lite.checkpointing import CheckpointError  # noqa: E402
+from megatron_lite.cli import report_user_error, run_main  # noqa: E402
 from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
+from megatron_lite.errors import UserError  # noqa: E402
 from megatron_lite.inference.generation import (  # noqa: E402
     SamplingParams,
     build_generation_tokenizer,
@@ -86,9 +87,8 @@ def _parallel_state(pp: int) -> ParallelState:
 def main(argv: list[str] | None = None) -> int:
     try:
         rc = _main(build_parser().parse_args(argv))
-    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad flags, files, lengths
-        print(f"error: {e}", file=sys.stderr)
-        rc = 2
+    except (UserError, ValueError, FileNotFoundError) as e:  # bad flags, files, lengths
+        rc = report_user_error(e)  # one line, from one rank
     if dist.is_initialized():  # every rank done before the groups go (else gloo may abort at exit)
         if rc == 0:
             dist.barrier()
@@ -162,4 +162,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -16,6 +16,7 @@ was seen before; --filter-keywords FILE drops documents containing any listed wo
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import itertools
 import multiprocessing
@@ -38,6 +39,7 @@ from megatron_lite.data.indexed_dataset import (  # noqa: E402
     token_dtype,
 )
 from megatron_lite.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron_lite.errors import DataError  # noqa: E402
 
 
 class Encoder:
@@ -52,7 +54,7 @@ class Encoder:
     def encode(self, item: tuple[str, int, str]):
         """(path, lineno, bytes, status, payload): status ok / bad / keyword."""
         path, lineno, line = item
-        nbytes = len(line.encode("utf-8"))
+        nbytes = len(line.encode("utf-8", "surrogateescape"))
         try:
             fields = parse_json_line(line, self.args.json_keys, path, lineno)
         except BadLineError as e:
@@ -147,6 +149,9 @@ def _process(args, encoder: Encoder, items, outputs: dict[str, str], stats: Stat
             builder.finalize(index_file_path(outputs[key]))
 
 
+_TEMP_RE = re.compile(r"\.tmp-(\d+)(?:\.part\d+)?\.(?:bin|idx)")
+
+
 def _partitions(paths: list[str], count: int):
     """`count` contiguous runs of the input lines (partition p, then p + 1, ... keep the order)."""
     if count == 1:
@@ -156,9 +161,34 @@ def _partitions(paths: list[str], count: int):
     return [itertools.islice(iter_lines(paths), b0, b1) for b0, b1 in zip(bounds, bounds[1:])]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(finals: list[str]) -> list[str]:
+    """Delete the `{final}.tmp-PID[.partN].bin/.idx` files that a killed run left (its PID is not
+    alive on this machine; a live run's files are left alone); returns the paths removed."""
+    removed = []
+    for final in finals:
+        for path in glob.glob(glob.escape(final) + ".tmp-*"):
+            m = _TEMP_RE.fullmatch(path[len(final) :])
+            if m and not _pid_alive(int(m.group(1))):
+                os.unlink(path)
+                removed.append(path)
+                print(f"removed {path}: left by an earlier run (pid {m.group(1)}) that was killed")
+    return removed
+
+
 def run(args: argparse.Namespace) -> Stats:
     encoder = Encoder(args)
     finals = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
+    remove_stale_temps(list(finals.values()))
     tmp = f".tmp-{os.getpid()}"
     temps: list[str] = []
     stats, seen = Stats(), set()
@@ -238,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         stats = run(args)
     except BadLineError as e:
         print(
-            f"error: {e}\nno output written; fix the line or pass --skip-bad-lines to skip such "
-            "lines",
+            f"error: {e}; no output written (fix the line, or pass --skip-bad-lines to skip such "
+            "lines)",
             file=sys.stderr,
         )
+        return 1
+    except DataError as e:  # a truncated .gz, say
+        print(f"error: {e}; no output written", file=sys.stderr)
         return 1
     dt = time.time() - stats.start
     print(

@@ -18,6 +18,7 @@ import argparse
 import heapq
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -27,8 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import regex  # noqa: E402
 
+from megatron_lite.cli import run_main  # noqa: E402
 from megatron_lite.data.corpus import iter_documents  # noqa: E402
 from megatron_lite.data.tokenizer import EOD_TOKEN, GPT2_PATTERN, bytes_to_unicode  # noqa: E402
+from megatron_lite.errors import TokenizerError  # noqa: E402
 
 
 def count_words(texts: Iterable[str]) -> Counter:
@@ -132,8 +135,37 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str
                 if line.strip():
                     yield line[:4000]
 
+    try:
+        _sentencepiece_train(sentencepiece, lines(), model_prefix, vocab_size)
+    except RuntimeError as e:
+        raise _sentencepiece_error(str(e), vocab_size) from None
+    return model_prefix + ".model"
+
+
+def _sentencepiece_error(message: str, vocab_size: int) -> Exception:
+    """SentencePiece's vocabulary-size complaints in our flags' terms (it names options of its own
+    trainer, such as --character_coverage, that this tool does not have); other errors as they are."""
+    small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if small:
+        return TokenizerError(
+            f"--vocab-size {vocab_size} is too small for this corpus: SentencePiece needs at least "
+            f"{small.group(2)} pieces (one per distinct character, plus the byte-fallback and "
+            f"special pieces); use --vocab-size {small.group(2)} or more"
+        )
+    high = re.search(
+        r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message
+    )
+    if high:
+        return TokenizerError(
+            f"--vocab-size {vocab_size} is too large for this corpus: it yields at most "
+            f"{high.group(2)} pieces; use a smaller --vocab-size or more text"
+        )
+    return RuntimeError(message)
+
+
+def _sentencepiece_train(sentencepiece, lines, model_prefix: str, vocab_size: int) -> None:
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=lines(),
+        sentence_iterator=lines,
         model_prefix=model_prefix,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -147,10 +179,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str
         user_defined_symbols=["\n", "\t"],
         minloglevel=2,
     )
-    return model_prefix + ".model"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help=".jsonl[.gz] or plain text files")
     p.add_argument("--json-key", default="text", help="JSON field holding the text")
@@ -178,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             texts, args.vocab_size, os.path.join(args.output_dir, "tokenizer")
         )
     print(f"trained {args.tokenizer_type} in {time.time() - t0:.1f} s: wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

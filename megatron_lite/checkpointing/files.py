@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lite.errors import UserError
 from megatron_lite.tensor_parallel.utils import tags_of
 
 FORMAT_VERSION = 1
@@ -21,7 +22,7 @@ MODEL_FILE = "model_optim_rng.pt"
 PAUSE_ENV = "MEGATRON_LITE_CKPT_TEST_PAUSE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unsafe or does not fit this run; the message says which and why."""
 
 
@@ -104,10 +105,32 @@ def plain(obj: Any, where: str) -> Any:
     )
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
+
+
+def _not_a_checkpoint(path: str) -> CheckpointError | None:
+    """Why `path` cannot be a torch.save file, judged by its first bytes; None if it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return CheckpointError(f"checkpoint file {path} is empty (0 bytes): the save was cut off")
+    if head == _ZIP_MAGIC:
+        return None
+    kind = "a plain pickle" if head[:1] == b"\x80" else "not a torch.save archive"
+    return CheckpointError(
+        f"checkpoint file {path} is {kind} (starts with {head!r}), not a checkpoint written by "
+        "torch.save: refusing to load it"
+    )
+
+
 def safe_load(path: str) -> dict:
-    """`torch.load(path, weights_only=True)`, memory-mapped; clear errors for missing/unsafe files."""
+    """`torch.load(path, weights_only=True)`, memory-mapped; a CheckpointError naming the file when
+    it is missing, empty, truncated, garbage, a plain pickle or holds pickled objects."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
+    bad = _not_a_checkpoint(path)
+    if bad is not None:
+        raise bad
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -115,6 +138,12 @@ def safe_load(path: str) -> dict:
         raise CheckpointError(
             f"refusing to load {path}: it holds a pickled Python object, not only tensors and "
             f"plain types (torch.load weights_only=True said: {first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt or truncated ({os.path.getsize(path)} bytes; "
+            f"torch.load said: {first}); an earlier iteration's checkpoint may be whole"
         ) from None
 
 

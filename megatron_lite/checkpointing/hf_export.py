@@ -23,6 +23,7 @@ from megatron_lite.checkpointing.hf_rules import (
     to_hf_tensors,
 )
 from megatron_lite.config import Config
+from megatron_lite.errors import UserError
 
 
 class SafetensorsWriter:
@@ -113,6 +114,13 @@ def export_hf(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Write `reader` (megatron_lite or HF) as a HF model directory, one tensor at a time."""
+    try:  # before anything is written: a missing package must not leave an empty out_dir
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "exporting to Hugging Face format needs the safetensors package "
+            "(pip install safetensors); nothing was written"
+        ) from None
     m = reader.config["model"]
     flavour = flavour_of(m)
     os.makedirs(out_dir, exist_ok=True)

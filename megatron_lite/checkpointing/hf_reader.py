@@ -135,7 +135,12 @@ class HFReader:
 
 
 def open_checkpoint(path: str, iteration: int | None = None) -> CheckpointReader | HFReader:
-    """A reader for a megatron_lite checkpoint directory or a HF model directory."""
+    """A reader for a megatron_lite checkpoint directory, a HF model directory or a Megatron-LM
+    (legacy `torch` format) checkpoint directory."""
+    from megatron_lite.checkpointing.megatron import MegatronReader, is_megatron_dir
+
     if is_hf_dir(path):
         return HFReader(path)
+    if is_megatron_dir(path, iteration):
+        return MegatronReader(path, iteration)
     return CheckpointReader(path, iteration)

@@ -94,6 +94,8 @@ class CheckpointReader:
     _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
     def __init__(self, load_dir: str, iteration: int | None = None):
+        if not os.path.isdir(load_dir):
+            raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
         if iteration is None:
             iteration = read_latest_iteration(load_dir)
             if iteration is None:
@@ -128,7 +130,13 @@ class CheckpointReader:
     def _file(self, tp_rank: int, pp_rank: int) -> dict:
         key = (tp_rank, pp_rank)
         if key not in self._files:
-            self._files[key] = safe_load(self.path(tp_rank, pp_rank))
+            state = safe_load(self.path(tp_rank, pp_rank))
+            if not isinstance(state, dict) or "model" not in state:
+                raise CheckpointError(
+                    f"{self.path(tp_rank, pp_rank)} is a torch file but not a megatron_lite "
+                    "checkpoint (no 'model' entry)"
+                )
+            self._files[key] = state
             self._index[key] = {n: t for m in self._files[key]["model"] for n, t in m.items()}
         return self._files[key]
 
@@ -352,7 +360,19 @@ def load_checkpoint(
             if not os.path.isdir(load_dir):
                 raise CheckpointError(f"--load directory {load_dir} does not exist")
             return {"iteration": 0, "consumed_samples": 0, "loaded": False}
-    reader = CheckpointReader(load_dir, iteration)
+    from megatron_lite.checkpointing.megatron import MegatronReader, is_megatron_dir
+
+    if is_megatron_dir(load_dir, iteration):
+        reader = MegatronReader(load_dir, iteration)
+        if load_optim and optimizer is not None:
+            raise CheckpointError(
+                f"--load {load_dir} is a Megatron-LM checkpoint: its weights, iteration and "
+                "consumed samples load here, its optimizer state does not; add --no-load-optim "
+                "(the optimizer starts fresh) or --finetune"
+            )
+        load_rng = False  # Megatron's RNG streams are not ours: the run reseeds from --seed
+    else:
+        reader = CheckpointReader(load_dir, iteration)
     check_same_model(reader, cfg, vocab_size)
     load_weights(reader, model_chunks, ps)
     optimizer_loaded = load_optim and optimizer is not None

@@ -11,8 +11,10 @@ Export to HF format is `hf_export.export_hf`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import shutil
 from collections.abc import Callable
 
 import torch
@@ -107,6 +109,12 @@ def _rank_state(reader, skeleton, tp_rank, cfg, dtype, keep_optim, src_file) -> 
     }
 
 
+def _write_file(d: str, state: dict) -> None:
+    os.makedirs(d, exist_ok=True)
+    ckpt.write_durably(os.path.join(d, ckpt.MODEL_FILE), lambda f: torch.save(state, f))
+    ckpt.fsync_dir(d)
+
+
 def reshard(
     reader,
     save_dir: str,
@@ -133,22 +141,24 @@ def reshard(
     final = ckpt.iteration_dir(save_dir, reader.iteration)
     if os.path.exists(final):
         raise ckpt.CheckpointError(f"{final} exists already: choose an empty --save-dir")
-    tmp = final + ".tmp"
+    tmp, new_dir = final + ".tmp", not os.path.exists(save_dir)
     os.makedirs(tmp, exist_ok=True)
-    for pp_rank in range(pp):
-        skeleton = stage_skeleton(cfg, pp_rank, padded)
-        src_file = reader.file(0, min(pp_rank, reader.pp - 1))
-        for tp_rank in range(tp):
-            state = _rank_state(reader, skeleton, tp_rank, cfg, dtype, keep_optim, src_file)
-            state = ckpt.plain(state, "converted checkpoint")
-            d = os.path.join(tmp, ckpt.mp_rank_name(tp_rank, pp_rank, pp))
-            os.makedirs(d, exist_ok=True)
-            ckpt.write_durably(
-                os.path.join(d, ckpt.MODEL_FILE), lambda f, s=state: torch.save(s, f)
-            )
-            ckpt.fsync_dir(d)
-            log(f"  wrote {os.path.relpath(d, save_dir)} ({len(state['model'][0])} tensors)")
-            del state
+    try:
+        for pp_rank in range(pp):
+            skeleton = stage_skeleton(cfg, pp_rank, padded)
+            src_file = reader.file(0, min(pp_rank, reader.pp - 1))
+            for tp_rank in range(tp):
+                state = _rank_state(reader, skeleton, tp_rank, cfg, dtype, keep_optim, src_file)
+                d = os.path.join(tmp, ckpt.mp_rank_name(tp_rank, pp_rank, pp))
+                _write_file(d, ckpt.plain(state, "converted checkpoint"))
+                log(f"  wrote {os.path.relpath(d, save_dir)} ({len(state['model'][0])} tensors)")
+                del state
+    except BaseException:  # a corrupt source file, say: leave no half-written target behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if new_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(save_dir)
+        raise
     ckpt.fsync_dir(tmp)
     os.rename(tmp, final)
     ckpt.fsync_dir(save_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 from typing import Any
 
@@ -19,6 +20,7 @@ from megatron_lite.checkpointing.files import (
     mp_rank_name,
     pause_for_test,
     plain,
+    read_latest_iteration,
     shard_info_of,
     write_durably,
     write_latest,
@@ -26,6 +28,8 @@ from megatron_lite.checkpointing.files import (
 from megatron_lite.checkpointing.rng import gather_rng_states
 from megatron_lite.config import Config
 from megatron_lite.parallel_state import ParallelState
+
+_ITER_DIR = re.compile(r"iter_(\d{7})")
 
 
 def _model_state(chunks: list[torch.nn.Module], ps: ParallelState) -> tuple[list[dict], dict]:
@@ -86,7 +90,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "iteration": int(iteration),
             "consumed_samples": int(consumed_samples),
-            "config": cfg.to_dict(),
+            "config": _saved_config(cfg),
             "layout": {
                 "tp": ps.tp_size,
                 "pp": ps.pp_size,
@@ -111,18 +115,58 @@ def save_checkpoint(
         fsync_dir(d)
     barrier()
     if ps.rank == 0:
-        fsync_dir(tmp)
-        pause_for_test("before_rename", save_dir)
-        old = final + ".old"
-        if os.path.exists(final):  # saving the same iteration again: keep the old one until renamed
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        fsync_dir(save_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        pause_for_test("before_latest", save_dir)
-        write_latest(save_dir, iteration)
-        for stale in glob.glob(os.path.join(save_dir, "iter_*.tmp")):  # from saves that were killed
-            shutil.rmtree(stale, ignore_errors=True)
+        _publish(save_dir, iteration, ck.save_retain)
     barrier()
     return final
+
+
+def _publish(save_dir: str, iteration: int, save_retain: int | None) -> None:
+    """Rank 0, once every file is written: rename the temporary directory into place, then name
+    it in the latest file, then tidy (killed saves' leftovers, --save-retain)."""
+    final = iteration_dir(save_dir, iteration)
+    tmp = final + ".tmp"
+    fsync_dir(tmp)
+    pause_for_test("before_rename", save_dir)
+    old = final + ".old"
+    if os.path.exists(final):  # saving the same iteration again: keep the old one until renamed
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(save_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    pause_for_test("before_latest", save_dir)
+    write_latest(save_dir, iteration)
+    for stale in glob.glob(os.path.join(save_dir, "iter_*.tmp")):  # from saves that were killed
+        shutil.rmtree(stale, ignore_errors=True)
+    if save_retain not in (None, -1):
+        retain_checkpoints(save_dir, save_retain)
+
+
+def retain_checkpoints(save_dir: str, keep: int) -> list[int]:
+    """--save-retain: delete all but the `keep` highest `iter_XXXXXXX` directories of `save_dir`,
+    never the one the latest file names; returns the deleted iterations. The latest file is
+    written before this runs, so a job killed while deleting still resumes from a whole checkpoint."""
+    latest = read_latest_iteration(save_dir)
+    found = sorted(
+        int(m.group(1))
+        for name in os.listdir(save_dir)
+        if (m := _ITER_DIR.fullmatch(name)) and os.path.isdir(os.path.join(save_dir, name))
+    )
+    doomed = [it for it in found[: max(len(found) - keep, 0)] if it != latest]
+    for it in doomed:
+        shutil.rmtree(iteration_dir(save_dir, it))
+    if doomed:
+        fsync_dir(save_dir)
+    return doomed
+
+
+def _saved_config(cfg: Config) -> dict:
+    """The config as stored: tokenizer files as absolute paths, so that generate.py, convert.py
+    and --use-checkpoint-args find them from any working directory."""
+    d = cfg.to_dict()
+    data = d["data"]
+    for key in ("vocab_file", "merge_file", "tokenizer_model"):
+        path = data.get(key)
+        if isinstance(path, str) and os.path.exists(path):  # not a hub name
+            data[key] = os.path.abspath(path)
+    return d

@@ -11,8 +11,10 @@ import dataclasses
 from dataclasses import field
 from typing import Any
 
+from megatron_lite.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """An inconsistent or invalid setting; the message names the flag(s) and value(s)."""
 
 

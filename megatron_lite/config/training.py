@@ -27,9 +27,20 @@ class CheckpointConfig:
     exit_on_missing_checkpoint: bool = flag(
         False, "With --load: stop with an error when it holds no checkpoint.", action="store_true"
     )
+    save_retain: int | None = flag(
+        None,
+        "Keep only the N most recent checkpoints in --save, deleting older ones after each save "
+        "(never the one latest_checkpointed_iteration.txt names); -1: keep all.",
+        type=int,
+        aliases=("--most-recent-k",),
+    )
 
     def __post_init__(self) -> None:
         positive(self, "save_interval")
+        require(
+            self.save_retain in (None, -1) or self.save_retain >= 1,
+            f"--save-retain must be at least 1 (or -1: keep all), got {self.save_retain}",
+        )
 
 
 @dataclass
@@ -43,9 +54,51 @@ class LoggingConfig:
     log_params_norm: bool = flag(
         False, "Log the L2 norm of all parameters (each counted once).", action="store_true"
     )
+    wandb_project: str | None = flag(None, "Weights & Biases project (enables W&B logging).")
+    wandb_exp_name: str | None = flag(None, "Weights & Biases run name.")
+    wandb_save_dir: str | None = flag(None, "Where W&B keeps its run files (default ./wandb).")
+    timing_log_level: int = flag(
+        0,
+        "Per-region timers in the log: 0 none, 1 forward-backward / grad sync / optimizer, "
+        "2 also data loading and pipeline p2p.",
+        type=int,
+        choices=[0, 1, 2],
+    )
+    timing_log_option: str = flag(
+        "minmax",
+        "How timers are reported across ranks.",
+        choices=["max", "minmax", "all"],
+    )
+    log_timers_to_tensorboard: bool = flag(
+        False, "Also write the timers to TensorBoard (and W&B).", action="store_true"
+    )
+    profile: bool = flag(
+        False,
+        "Profile --profile-step-start..--profile-step-end (with --use-pytorch-profiler: "
+        "torch.profiler traces in --tensorboard-dir; else an nsys capture range on CUDA).",
+        action="store_true",
+    )
+    use_pytorch_profiler: bool = flag(
+        False,
+        "Profile with torch.profiler (traces for TensorBoard or Perfetto).",
+        action="store_true",
+    )
+    profile_step_start: int = flag(10, "First iteration profiled.", type=int)
+    profile_step_end: int = flag(12, "Iteration at which profiling stops (not profiled).", type=int)
+    profile_ranks: list[int] = flag([0], "Global ranks that profile.", nargs="+", type=int)
 
     def __post_init__(self) -> None:
         positive(self, "log_interval", "peak_tflops")
+        if self.profile:
+            require(
+                0 < self.profile_step_start < self.profile_step_end,
+                f"--profile-step-start ({self.profile_step_start}) must be positive and less "
+                f"than --profile-step-end ({self.profile_step_end})",
+            )
+            require(
+                not self.use_pytorch_profiler or self.tensorboard_dir is not None,
+                "--use-pytorch-profiler writes its traces into --tensorboard-dir: give one",
+            )
 
 
 @dataclass

@@ -25,6 +25,7 @@ from megatron_lite.data.gpt_dataset import (
     split_ranges,
 )
 from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.errors import DataError
 
 logger = logging.getLogger(__name__)
 _BLEND_SURPLUS = 0.005  # build 0.5% more samples per blended dataset, as megatron-core
@@ -47,14 +48,14 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
     """['0.7', 'a', '0.3', 'b'] (or one string of them) -> (prefixes, weights); no weights -> None."""
     items = [x for entry in data_path for x in entry.split()]
     if not items:
-        raise ValueError("--data-path is empty (give one or more dataset prefixes, or --mock-data)")
+        raise DataError("--data-path is empty (give one or more dataset prefixes, or --mock-data)")
     if len(items) % 2 == 0:
         try:
             weights = [float(w) for w in items[0::2]]
         except ValueError:
             return items, None
         if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(
+            raise DataError(
                 f"--data-path weights must be non-negative with a positive sum: {items}"
             )
         return items[1::2], weights
@@ -81,6 +82,11 @@ def _gpt_splits(cfg, tokenizer, prefix, dataset, sizes, cache_dir, split):
         if rng is None:
             out.append(None)
             continue
+        if rng[0] == rng[1] and name == "train" and n:  # nothing to train on: say so now
+            raise DataError(
+                f"--split {split} leaves the train split of {prefix} no documents "
+                f"({len(dataset)} in the dataset): nothing to train on"
+            )
         if rng[0] == rng[1]:  # a positive --split weight that rounds to no documents
             logger.warning(
                 "--split %s leaves the %s split of %s no documents (%d in all); it is skipped",

@@ -17,6 +17,8 @@ import tempfile
 
 import numpy as np
 
+from megatron_lite.errors import DataError
+
 
 def describe(identifiers: dict) -> tuple[str, str]:
     """(description text, md5 hex digest): what the cache file names are keyed on."""
@@ -45,7 +47,18 @@ class IndexCache:
         return all(os.path.isfile(f) for f in files)
 
     def load(self) -> list[np.ndarray]:
-        return [np.load(self.path(f"{n}.npy"), mmap_mode="r") for n in self.names]
+        """The cached arrays (memory-mapped); a DataError naming a file that numpy cannot read."""
+        arrays = []
+        for n in self.names:
+            path = self.path(f"{n}.npy")
+            try:
+                arrays.append(np.load(path, mmap_mode="r"))
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(
+                    f"index cache file {path} is truncated or corrupt ({e}); delete it (or its "
+                    f"directory {self.cache_dir}) and rerun to rebuild it"
+                ) from None
+        return arrays
 
     def save(self, description: str, arrays: list[np.ndarray]) -> None:
         if self.cache_dir is None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import IO
 
+from megatron_lite.errors import DataError
 
-class BadLineError(ValueError):
+
+class BadLineError(DataError):
     """A JSONL line that is not a JSON object or lacks a requested key."""
 
     def __init__(self, path: str, lineno: int, reason: str) -> None:
@@ -32,16 +35,41 @@ def is_jsonl(path: str) -> bool:
 
 
 def iter_lines(paths: Sequence[str]) -> Iterator[tuple[str, int, str]]:
-    """(path, 1-based line number, line) for every non-blank line of the files, in order."""
+    """(path, 1-based line number, line) for every non-blank line of the files, in order.
+
+    Bytes that are not UTF-8 come through as lone surrogates (`surrogateescape`), so that
+    `parse_json_line` reports that line as bad (and --skip-bad-lines can skip it); a truncated or
+    corrupt `.gz` raises DataError naming the file and the last whole line.
+    """
     for path in paths:
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield path, lineno, line
+        lineno = 0
+        try:
+            with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    line = raw.decode("utf-8", "surrogateescape")
+                    if line.strip():
+                        yield path, lineno, line
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(
+                f"{path}: truncated or corrupt gzip file, after line {lineno} ({e}); "
+                "re-create or re-download it"
+            ) from None
+
+
+def check_utf8(text: str, path: str, lineno: int) -> None:
+    """BadLineError for text holding bytes that were not UTF-8 (see iter_lines)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00
+        raise BadLineError(
+            path, lineno, f"not valid UTF-8 (byte {byte:#04x} at character {e.start + 1})"
+        ) from None
 
 
 def parse_json_line(line: str, keys: Sequence[str], path: str, lineno: int) -> dict[str, str]:
     """The requested string fields of one JSONL line, or BadLineError saying what is wrong."""
+    check_utf8(line, path, lineno)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -68,5 +96,12 @@ def iter_documents(paths: Sequence[str], key: str = "text") -> Iterator[str]:
             for p, lineno, line in iter_lines([path]):
                 yield parse_json_line(line, [key], p, lineno)[key]
         else:
-            with open_text(path) as f:
-                yield f.read()
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                yield data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                lineno = data.count(b"\n", 0, e.start) + 1
+                raise BadLineError(
+                    path, lineno, f"not valid UTF-8 (byte {data[e.start]:#04x})"
+                ) from None

@@ -25,6 +25,7 @@ import torch
 
 from megatron_lite.data import helpers
 from megatron_lite.data.cache import IndexCache, describe
+from megatron_lite.errors import DataError
 
 logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
@@ -35,7 +36,7 @@ def parse_split(split: str) -> list[float]:
     """'969,30,1' -> normalized [train, valid, test] weights (missing ones are 0)."""
     weights = [float(x) for x in re.findall(r"[.0-9]+", split)]
     if not 0 < len(weights) <= 3 or sum(weights) <= 0:
-        raise ValueError(f"--split must be 1 to 3 numbers with a positive sum, got {split!r}")
+        raise DataError(f"--split must be 1 to 3 numbers with a positive sum, got {split!r}")
     weights += [0.0] * (3 - len(weights))
     total = sum(weights)
     return [w / total for w in weights]
@@ -95,6 +96,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self.document_ids = np.asarray(document_ids, dtype=np.int32)
         self.num_samples, self.split_name = num_samples, split_name
         self.seq_length, self.seed, self.eod = seq_length, seed, tokenizer.eod
+        self.vocab_size = tokenizer.vocab_size
         self.eod_mask_loss = eod_mask_loss
         self.reset_position_ids, self.reset_attention_mask = (
             reset_position_ids,
@@ -129,7 +131,7 @@ class GPTDataset(torch.utils.data.Dataset):
         sizes = np.asarray(self.dataset.sequence_lengths)
         tokens_per_epoch = int(sizes[self.document_ids].sum(dtype=np.int64))
         if tokens_per_epoch <= self.seq_length:
-            raise ValueError(
+            raise DataError(
                 f"the {self.split_name} split of {self.path_prefix} has {tokens_per_epoch} tokens in "
                 f"{len(self.document_ids)} documents: too few for one sample of --seq-length "
                 f"{self.seq_length} + 1; use more data or change --split"
@@ -185,7 +187,21 @@ class GPTDataset(torch.utils.data.Dataset):
             parts = [self.dataset.get(int(doc[beg]), int(beg_off))]
             parts += [self.dataset.get(int(doc[j])) for j in range(beg + 1, end)]
             parts.append(self.dataset.get(int(doc[end]), 0, int(end_off + 1)))
-        return np.concatenate(parts).astype(np.int64)
+        text = np.concatenate(parts).astype(np.int64)
+        if text.size and not 0 <= int(text.min()) <= int(text.max()) < self.vocab_size:
+            self._bad_token_id(
+                idx, text, list(dict.fromkeys(int(doc[j]) for j in range(beg, end + 1)))
+            )
+        return text
+
+    def _bad_token_id(self, idx: int, text: np.ndarray, docs: list[int]) -> None:
+        bad = int(text.max()) if text.max() >= self.vocab_size else int(text.min())
+        raise DataError(
+            f"{self.path_prefix}: {self.split_name} sample {idx} (documents {docs}) holds token id "
+            f"{bad}, outside the tokenizer's vocabulary of {self.vocab_size}: the data was made "
+            "with another tokenizer (check --tokenizer-type and its files, or rerun "
+            "tools/preprocess_data.py with this one)"
+        )
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         text = self.sample_tokens(int(idx))

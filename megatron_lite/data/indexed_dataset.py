@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron_lite.errors import DataError, UserFileNotFoundError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
@@ -31,7 +33,7 @@ DTYPES: dict[int, type] = {
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(DataError):
     """A corrupt, truncated or mismatched `.bin/.idx` pair; the message names the file."""
 
 
@@ -161,7 +163,7 @@ class IndexedDataset:
         idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
         for p in (idx_path, bin_path):
             if not os.path.isfile(p):
-                raise FileNotFoundError(
+                raise UserFileNotFoundError(
                     f"{p}: no such file (dataset prefix {path_prefix!r} needs both .bin and .idx)"
                 )
         idx_size = os.path.getsize(idx_path)

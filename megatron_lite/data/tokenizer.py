@@ -15,6 +15,7 @@ from functools import lru_cache
 import regex
 
 from megatron_lite.config import TOKENIZER_TYPES
+from megatron_lite.errors import TokenizerError, UserFileNotFoundError
 
 # GPT-2's pre-tokenization: contractions, letter runs, digit runs, other symbols, whitespace.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -41,10 +42,58 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def _require_file(path: str | None, flag: str, tokenizer: str) -> str:
     if path is None:
-        raise ValueError(f"--tokenizer-type {tokenizer} needs {flag}")
+        raise TokenizerError(f"--tokenizer-type {tokenizer} needs {flag}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: no such file (needed by {tokenizer})")
+        raise UserFileNotFoundError(f"{flag} {path}: no such file (needed by {tokenizer})")
     return path
+
+
+def _read_text_lines(path: str, flag: str) -> list[str]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TokenizerError(
+            f"{flag} {path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset "
+            f"{e.start}); is this the right file?"
+        ) from None
+    return text.split("\n")
+
+
+def _read_vocab(vocab_file: str) -> dict[str, int]:
+    try:
+        encoder = json.loads("\n".join(_read_text_lines(vocab_file, "--vocab-file")))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"--vocab-file {vocab_file}: not valid JSON ({e})") from None
+    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
+        raise TokenizerError(f"--vocab-file {vocab_file}: expected a JSON object of token -> id")
+    return encoder
+
+
+def _read_merges(merge_file: str, encoder: dict[str, int], vocab_file: str) -> list[tuple]:
+    """The merge pairs, each checked now: two symbols, both and their merge in the vocabulary
+    (a merge that is not would fail much later, in the middle of encoding)."""
+    merges = []
+    for lineno, ln in enumerate(_read_text_lines(merge_file, "--merge-file"), 1):
+        ln = ln.rstrip("\r")
+        if not ln or ln.startswith("#version"):
+            continue
+        parts = ln.split(" ")
+        if len(parts) != 2:
+            raise TokenizerError(
+                f"--merge-file {merge_file}:{lineno}: expected two space-separated symbols, "
+                f"got {ln!r}"
+            )
+        missing = [s for s in (parts[0], parts[1], parts[0] + parts[1]) if s not in encoder]
+        if missing:
+            raise TokenizerError(
+                f"--merge-file {merge_file}:{lineno}: merge {ln!r} uses {missing[0]!r}, which is "
+                f"not in --vocab-file {vocab_file}: the two files do not belong together"
+            )
+        merges.append(tuple(parts))
+    return merges
 
 
 class GPT2BPETokenizer:
@@ -57,28 +106,12 @@ class GPT2BPETokenizer:
     def __init__(self, vocab_file: str, merge_file: str) -> None:
         _require_file(vocab_file, "--vocab-file", "GPT2BPETokenizer")
         _require_file(merge_file, "--merge-file", "GPT2BPETokenizer")
-        with open(vocab_file, encoding="utf-8") as f:
-            try:
-                self.encoder: dict[str, int] = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--vocab-file {vocab_file}: not valid JSON ({e})") from None
+        self.encoder: dict[str, int] = _read_vocab(vocab_file)
         self.decoder = {v: k for k, v in self.encoder.items()}
-        with open(merge_file, encoding="utf-8") as f:
-            lines = [ln.rstrip("\n") for ln in f]
-        merges = []
-        for lineno, ln in enumerate(lines, 1):
-            if not ln or ln.startswith("#version"):
-                continue
-            parts = ln.split(" ")
-            if len(parts) != 2:
-                raise ValueError(
-                    f"--merge-file {merge_file}:{lineno}: expected two space-separated symbols, "
-                    f"got {ln!r}"
-                )
-            merges.append(tuple(parts))
+        merges = _read_merges(merge_file, self.encoder, vocab_file)
         self.bpe_ranks = {pair: i for i, pair in enumerate(merges)}
         if EOD_TOKEN not in self.encoder:
-            raise ValueError(f"--vocab-file {vocab_file}: has no {EOD_TOKEN} entry")
+            raise TokenizerError(f"--vocab-file {vocab_file}: has no {EOD_TOKEN} entry")
         self.eod = self.encoder[EOD_TOKEN]
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
@@ -143,14 +176,14 @@ class SentencePieceTokenizer:
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         except (RuntimeError, OSError) as e:
-            raise ValueError(
+            raise TokenizerError(
                 f"--tokenizer-model {model_file}: not a SentencePiece model ({e})"
             ) from None
         eod = self.sp.piece_to_id("<EOD>")
         if eod == self.sp.unk_id() or eod < 0:
             eod = self.sp.eos_id()
         if eod < 0:
-            raise ValueError(
+            raise TokenizerError(
                 f"--tokenizer-model {model_file}: has neither an <EOD> piece nor an eos id"
             )
         self.eod = int(eod)
@@ -173,7 +206,7 @@ class HuggingFaceTokenizer:
 
     def __init__(self, name_or_path: str) -> None:
         if name_or_path is None:
-            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
+            raise TokenizerError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
         try:
             from transformers import AutoTokenizer
         except ImportError:
@@ -185,11 +218,13 @@ class HuggingFaceTokenizer:
             self.hf = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
         except (OSError, ValueError) as e:
             where = "directory" if local else "name (not a local directory)"
-            raise ValueError(
+            raise TokenizerError(
                 f"--tokenizer-model {name_or_path}: no HuggingFace tokenizer at this {where}: {e}"
             ) from None
         if self.hf.eos_token_id is None:
-            raise ValueError(f"--tokenizer-model {name_or_path}: the tokenizer has no eos token")
+            raise TokenizerError(
+                f"--tokenizer-model {name_or_path}: the tokenizer has no eos token"
+            )
         self.eod = int(self.hf.eos_token_id)
 
     @property
@@ -209,7 +244,7 @@ class NullTokenizer:
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size is None or int(vocab_size) <= 0:
-            raise ValueError(
+            raise TokenizerError(
                 f"--tokenizer-type NullTokenizer needs a positive --vocab-size, got {vocab_size}"
             )
         self._vocab_size_without_eod = int(vocab_size)
@@ -243,4 +278,4 @@ def build_tokenizer(data_cfg) -> Tokenizer:
         return HuggingFaceTokenizer(data_cfg.tokenizer_model)
     if kind == "NullTokenizer":
         return NullTokenizer(data_cfg.vocab_size)
-    raise ValueError(f"--tokenizer-type {kind!r} is not one of {', '.join(TOKENIZER_TYPES)}")
+    raise TokenizerError(f"--tokenizer-type {kind!r} is not one of {', '.join(TOKENIZER_TYPES)}")

@@ -8,7 +8,10 @@
 Bad requests get a 4xx with {"error": "<what was wrong>"}: 400 malformed JSON, a missing or empty
 prompt, unknown fields, bad parameter values; 411 no Content-Length; 413 a body over
 `max_request_bytes` or a prompt over `max_prompt_tokens`; 404/405 other paths and methods.
-Requests are served one at a time (generation holds the model). Split over several ranks (tp x pp),
+Each connection gets its own thread (reading a request, with a per-connection socket timeout, so a
+client stalled mid-body holds only its own thread) and up to `LISTEN_BACKLOG` connections wait to be
+accepted; generation itself runs one request at a time (it holds the model). Split over several
+ranks (tp x pp),
 the model's first rank serves HTTP and broadcasts each request to the others, which run `follow` in
 a loop.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
@@ -25,6 +28,12 @@ from megatron_lite import comm, device
 from megatron_lite.inference.generation import LanguageModel, SamplingParams, generate
 
 FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+LISTEN_BACKLOG = 128  # socketserver's default of 5 resets connections under a burst of clients
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True  # a stalled client's thread never holds up shutdown
 
 
 class RequestError(ValueError):
@@ -171,7 +180,7 @@ class GenerationServer:
             "vocab_size": lm.vocab_size,
         }
         self._lock = threading.Lock()
-        self.httpd = HTTPServer((host, port), self._handler_class(socket_timeout))
+        self.httpd = _Server((host, port), self._handler_class(socket_timeout))
         self.address = self.httpd.server_address[:2]
 
     def _handler_class(self, socket_timeout: float):
@@ -213,7 +222,16 @@ class GenerationServer:
                             f"the limit of {server.max_request_bytes}"
                         },
                     )
-                body = self.rfile.read(int(length))
+                try:
+                    body = self.rfile.read(int(length))
+                except TimeoutError:  # stalled mid-body: only this connection's thread waited
+                    self.close_connection = True
+                    return self._reply(
+                        408, {"error": f"request body not received within {socket_timeout:g} s"}
+                    )
+                if len(body) < int(length):  # the client went away mid-body
+                    self.close_connection = True
+                    return None
                 try:
                     req = parse_request(body, server.tokenizer, server.limits)
                 except RequestError as e:

@@ -37,6 +37,7 @@ from megatron_lite.pipeline.abort import (
 from megatron_lite.pipeline.actions import Action, build_actions, forward_only, num_chunks
 from megatron_lite.pipeline.comm_plan import Message, build_plan, virtual_stage
 from megatron_lite.tensor_parallel.weight_grad_store import WeightGradStore
+from megatron_lite.timers import NO_TIMERS, Timers
 
 if TYPE_CHECKING:
     from megatron_lite.config import Config
@@ -76,6 +77,7 @@ def get_forward_backward_func(cfg: Config, ps: ParallelState) -> Callable[..., l
         variable_seq_lengths: bool = False,
         grad_scale_func: Callable[[torch.Tensor], torch.Tensor] | None = None,
         weight_grad_store: WeightGradStore | None = None,
+        timers: Timers | None = None,
     ) -> list[dict]:
         shape = (
             None
@@ -97,6 +99,7 @@ def get_forward_backward_func(cfg: Config, ps: ParallelState) -> Callable[..., l
             transfer=Transfer(shape, pipeline_dtype(cfg)),
             grad_scale_func=grad_scale_func,
             store=store,
+            timers=timers or NO_TIMERS,
         )
         return run()
 
@@ -140,11 +143,13 @@ class _Executor:
         grad_scale_func: Callable[[torch.Tensor], torch.Tensor] | None = None,
         store: WeightGradStore | None = None,
         watchdog: AbortWatchdog = WATCHDOG,
+        timers: Timers = NO_TIMERS,
     ):
         self.ps, self.p, self.v, self.chunks, self.m = ps, ps.pp_size, v, chunks, m
         self.forward_step_func, self.iterators = forward_step_func, iterators
         self.shape, self.dtype = transfer.shape, transfer.dtype
         self.grad_scale_func, self.store, self.watchdog = grad_scale_func, store, watchdog
+        self.timers = timers
         self.rank = ps.pp_rank
         acts = build_actions(name, self.p, m, v)[self.rank]
         self.actions: tuple[Action, ...] = forward_only(acts) if fwd_only else acts
@@ -193,7 +198,7 @@ class _Executor:
             return
         sends = [(self.to_send.pop(o.msg), self.ps.pp_ranks[o.peer]) for o in ops if o.op == "send"]
         recvs = [o for o in ops if o.op == "recv"]
-        with self.watchdog.blocked():
+        with self.timers("pipeline-p2p", 2), self.watchdog.blocked():
             got = p2p.communicate(
                 sends,
                 [self.ps.pp_ranks[o.peer] for o in recvs],

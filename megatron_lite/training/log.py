@@ -1,11 +1,13 @@
-"""What a training run prints and records: Megatron's log line, model FLOPs, TensorBoard scalars."""
+"""What a training run prints and records: Megatron's log line, model FLOPs, and the scalars that go
+to TensorBoard and Weights & Biases (`Writers`, on the logging rank)."""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 
-from megatron_lite.config import Config
+from megatron_lite.config import Config, ConfigError
 
 
 def model_flops_per_token(cfg: Config, padded_vocab_size: int) -> float:
@@ -101,3 +103,54 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class WandB:
+    """A Weights & Biases run on the logging rank (--wandb-project), with the TensorBoard scalars.
+    WANDB_MODE=offline keeps it on disk (`wandb sync` uploads it later)."""
+
+    def __init__(self, cfg: Config, enabled: bool):
+        self.run = None
+        lg = cfg.logging
+        if not (enabled and lg.wandb_project):
+            return
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("--wandb-project needs the wandb package (pip install wandb)") from e
+        save_dir = lg.wandb_save_dir or os.path.join(os.getcwd(), "wandb")
+        os.makedirs(save_dir, exist_ok=True)
+        self.run = wandb.init(
+            project=lg.wandb_project, name=lg.wandb_exp_name, dir=save_dir, config=cfg.to_dict()
+        )
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self.run is not None:
+            self.run.log(scalars, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class Writers:
+    """Every scalar sink of the run (TensorBoard, W&B): one call writes to each."""
+
+    def __init__(self, cfg: Config, enabled: bool):
+        self.sinks = [TensorBoard(cfg.logging.tensorboard_dir, enabled), WandB(cfg, enabled)]
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        for s in self.sinks:
+            s.add_scalars(scalars, step)
+
+    def flush(self) -> None:
+        for s in self.sinks:
+            s.flush()
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()

@@ -19,12 +19,13 @@ from megatron_lite import checkpointing, comm, device
 from megatron_lite.config import Config
 from megatron_lite.evaluation.pretraining import report_tasks
 from megatron_lite.training.log import (
-    TensorBoard,
+    Writers,
     format_log_line,
     model_flops_per_token,
     perplexity,
     print_rank,
 )
+from megatron_lite.training.profiling import StepProfiler
 from megatron_lite.training.setup import Run, build_data_iterators, setup
 from megatron_lite.training.step import average_over_last_stage, evaluate, land_params, train_step
 
@@ -70,7 +71,26 @@ def save(run: Run) -> None:
         )
 
 
-def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, loss: float) -> None:
+def _log_interval(
+    run: Run, writers: Writers, step: dict, elapsed: float, n_iters: int, loss_sum: torch.Tensor
+) -> None:
+    """The log line's collectives on every rank (mean loss, params norm, timers), then the line."""
+    mean_loss = average_over_last_stage(run, loss_sum)
+    mean_loss = float("nan") if mean_loss is None else mean_loss  # every iteration nan
+    if run.cfg.logging.log_params_norm:
+        step["params_norm"] = run.optimizer.params_norm()
+    times = run.timers.gather(n_iters)
+    if not run.is_logging_rank:
+        return
+    _log(run, writers, step, elapsed, n_iters, mean_loss)
+    if times is not None:
+        print_rank(run.timers.format(times))
+        if run.cfg.logging.log_timers_to_tensorboard:  # Megatron's names: "<region>-time"
+            scalars = {f"{n}-time": max(v) for n, v in times.items() if v}
+            writers.add_scalars(scalars, run.iteration)
+
+
+def _log(run: Run, writers: Writers, step: dict, elapsed: float, n_iters: int, loss: float) -> None:
     cfg, ps = run.cfg, run.ps
     gbs = run.microbatches.get_current_global_batch_size()
     tokens = gbs * cfg.model.seq_length * n_iters
@@ -111,7 +131,7 @@ def _log(run: Run, tb: TensorBoard, step: dict, elapsed: float, n_iters: int, lo
         scalars["grad-norm"] = float(grad_norm)
     if step.get("params_norm") is not None:
         scalars["params-norm"] = step["params_norm"]
-    tb.add_scalars(scalars, run.iteration)
+    writers.add_scalars(scalars, run.iteration)
 
 
 def _report_memory(run: Run) -> None:
@@ -132,15 +152,28 @@ def _stop_reason(cfg: Config, iteration: int, signal_any: bool, duration_any: bo
     return "exit-duration" if duration_any else None
 
 
-def train(run: Run, train_iterators, valid_iterators, tb: TensorBoard) -> str:
+def train(run: Run, train_iterators, valid_iterators, writers: Writers) -> str:
     """The loop. Returns why it stopped: 'done', 'signal', 'exit-interval' or 'exit-duration'."""
+    cfg = run.cfg
+    profiler = StepProfiler(cfg.logging, run.ps.rank, run.device)
+    try:
+        return _train(run, train_iterators, valid_iterators, writers, profiler)
+    finally:
+        profiler.stop()
+
+
+def _train(
+    run: Run, train_iterators, valid_iterators, writers: Writers, profiler: StepProfiler
+) -> str:
     cfg = run.cfg
     stop = _StopSignal(cfg.train.exit_signal_handler)
     start, last_log, since_log = time.time(), time.time(), 0
     loss_sum = torch.zeros(2, dtype=torch.float64)
     while run.iteration < cfg.total_train_iters:
+        profiler.before_iteration(run.iteration + 1)
         step = train_step(run, train_iterators)
         run.iteration += 1
+        profiler.after_iteration(run.iteration)
         run.consumed_samples += run.microbatches.get_current_global_batch_size()
         since_log += 1
         loss = step["loss"]
@@ -164,17 +197,12 @@ def train(run: Run, train_iterators, valid_iterators, tb: TensorBoard) -> str:
                     "(--check-for-nan-in-loss); lower --lr or use --bf16/--fp16 loss scaling"
                 )
         if run.iteration % cfg.logging.log_interval == 0:
-            mean_loss = average_over_last_stage(run, loss_sum)
-            mean_loss = float("nan") if mean_loss is None else mean_loss  # every iteration nan
-            if cfg.logging.log_params_norm:  # a collective: every rank, before the log rank's line
-                step["params_norm"] = run.optimizer.params_norm()
-            if run.is_logging_rank:
-                _log(run, tb, step, time.time() - last_log, since_log, mean_loss)
+            _log_interval(run, writers, step, time.time() - last_log, since_log, loss_sum)
             last_log, since_log, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
         if cfg.train.eval_iters and run.iteration % cfg.train.eval_interval == 0:
-            report_eval(run, valid_iterators, "validation", tb)
+            report_eval(run, valid_iterators, "validation", writers)
         if cfg.train.eval_tasks and run.iteration % cfg.train.eval_interval == 0:
-            report_tasks(run, tb)
+            report_tasks(run, writers)
         save_due = (
             bool(cfg.checkpoint.save_interval) and run.iteration % cfg.checkpoint.save_interval == 0
         )
@@ -188,7 +216,7 @@ def train(run: Run, train_iterators, valid_iterators, tb: TensorBoard) -> str:
     return "done"
 
 
-def report_eval(run: Run, iterators, split: str, tb: TensorBoard) -> float | None:
+def report_eval(run: Run, iterators, split: str, writers: Writers) -> float | None:
     if iterators is None:  # --split gives this split no documents
         return None
     loss = evaluate(run, iterators, run.cfg.train.eval_iters)
@@ -199,7 +227,7 @@ def report_eval(run: Run, iterators, split: str, tb: TensorBoard) -> float | Non
             f"{bar}\n {split} loss at iteration {run.iteration} | lm loss value: {loss:.6E} | "
             f"lm loss PPL: {ppl:.6E} |\n{bar}"
         )
-        tb.add_scalars({f"lm loss {split}": loss, f"lm loss {split} ppl": ppl}, run.iteration)
+        writers.add_scalars({f"lm loss {split}": loss, f"lm loss {split} ppl": ppl}, run.iteration)
     return loss
 
 
@@ -209,21 +237,21 @@ def pretrain(cfg: Config) -> Run:
     train_it, valid_it, test_it = build_data_iterators(
         cfg, run.tokenizer, run.ps, run.consumed_samples, num_chunks=len(run.model)
     )
-    tb = TensorBoard(cfg.logging.tensorboard_dir, run.is_logging_rank)
-    reason = train(run, train_it, valid_it, tb)
+    writers = Writers(cfg, run.is_logging_rank)
+    reason = train(run, train_it, valid_it, writers)
     if reason == "done":
         if cfg.train.eval_iters:
             if run.iteration % cfg.train.eval_interval != 0:
-                report_eval(run, valid_it, "validation", tb)
-            report_eval(run, test_it, "test", tb)
+                report_eval(run, valid_it, "validation", writers)
+            report_eval(run, test_it, "test", writers)
         if cfg.train.eval_tasks and run.iteration % cfg.train.eval_interval != 0:
-            report_tasks(run, tb)
+            report_tasks(run, writers)
         last_saved = (
             cfg.checkpoint.save_interval and run.iteration % cfg.checkpoint.save_interval == 0
         )
         if cfg.checkpoint.save and not last_saved:
             save(run)
-    tb.close()
+    writers.close()
     dist.barrier()
     return run
 

@@ -31,6 +31,7 @@ from megatron_lite.optim import (
 )
 from megatron_lite.parallel_state import ParallelState, init_distributed
 from megatron_lite.tensor_parallel import set_random_seed
+from megatron_lite.timers import Timers
 from megatron_lite.training.faults import FaultInjector
 from megatron_lite.training.log import print_rank
 
@@ -52,6 +53,7 @@ class Run:
     scheduler: OptimizerParamScheduler
     microbatches: NumMicroBatchesCalculator  # constant, or growing with --rampup-batch-size
     faults: FaultInjector = field(default_factory=FaultInjector)
+    timers: Timers = field(default_factory=Timers)  # --timing-log-level
     iteration: int = 0
     consumed_samples: int = 0
     skipped_iters: int = 0
@@ -92,6 +94,7 @@ def setup(cfg: Config) -> Run:
     microbatches = build_num_microbatches_calculator(cfg)
     run = Run(cfg, ps, dev, tokenizer, padded, model, optimizer, scheduler, microbatches)
     run.faults = FaultInjector.from_env()
+    run.timers = Timers(cfg.logging.timing_log_level, cfg.logging.timing_log_option, dev)
     if cfg.checkpoint.load:
         state = checkpointing.load_checkpoint(
             cfg.checkpoint.load,
@@ -113,7 +116,7 @@ def setup(cfg: Config) -> Run:
                     f"{run.iteration} (consumed samples {run.consumed_samples})"
                 )
         elif cfg.checkpoint.exit_on_missing_checkpoint:
-            raise FileNotFoundError(
+            raise checkpointing.CheckpointError(
                 f"--load {cfg.checkpoint.load}: no checkpoint there (no "
                 f"{checkpointing.LATEST_FILE}) and --exit-on-missing-checkpoint is set"
             )

@@ -23,6 +23,7 @@ from megatron_lite.distributed import (
 )
 from megatron_lite.optim import MegatronOptimizer
 from megatron_lite.pipeline import get_forward_backward_func
+from megatron_lite.timers import NO_TIMERS, Timers
 from megatron_lite.training.setup import Run
 
 
@@ -30,10 +31,13 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
     return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def forward_step(data_iterator, model: torch.nn.Module, poison_loss: bool = False):
+def forward_step(
+    data_iterator, model: torch.nn.Module, poison_loss: bool = False, timers: Timers = NO_TIMERS
+):
     """Megatron's forward step: one microbatch through this chunk; the loss function on the last.
     `poison_loss` makes the loss nan (the fault tests' injected nan)."""
-    batch = _to_device(next(data_iterator), next(model.parameters()).device)
+    with timers("batch-generator", 2):
+        batch = _to_device(next(data_iterator), next(model.parameters()).device)
     output = model(
         batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
     )
@@ -61,34 +65,40 @@ def train_step(run: Run, data_iterators) -> dict:
     run.faults.raise_if_due(iteration, run.ps.rank)
     zero_grad_buffers(run.model)
     forward_backward = get_forward_backward_func(cfg, run.ps)
-    losses = forward_backward(
-        forward_step_func=functools.partial(
-            forward_step, poison_loss=run.faults.nan_loss_at(iteration)
-        ),
-        data_iterator=data_iterators,
-        model=run.model,
-        num_microbatches=run.microbatches.get(),
-        seq_length=cfg.model.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
-        forward_only=False,
-        grad_scale_func=run.optimizer.scale_loss,
-    )
-    finalize_model_grads(run.model, run.ps)
-    success, grad_norm = optimizer_step(run.model, run.optimizer)
+    with run.timers("forward-backward", 1):
+        losses = forward_backward(
+            forward_step_func=functools.partial(
+                forward_step, poison_loss=run.faults.nan_loss_at(iteration), timers=run.timers
+            ),
+            data_iterator=data_iterators,
+            model=run.model,
+            num_microbatches=run.microbatches.get(),
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=False,
+            grad_scale_func=run.optimizer.scale_loss,
+            timers=run.timers,
+        )
+    with run.timers("all-grads-sync", 1):
+        finalize_model_grads(run.model, run.ps)
+    success, grad_norm = optimizer_step(run.model, run.optimizer, run.timers)
     if success:
         run.scheduler.step(run.microbatches.get_current_global_batch_size())  # counts samples
     return {"loss": _mean_reported(losses), "success": success, "grad_norm": grad_norm}
 
 
 def optimizer_step(
-    model: list[DistributedDataParallel], optimizer: MegatronOptimizer
+    model: list[DistributedDataParallel], optimizer: MegatronOptimizer, timers: Timers = NO_TIMERS
 ) -> tuple[bool, float | None]:
     """Land the last step's parameter all-gathers, step, start this step's (ZeRO-1).
     -> (stepped, grad norm), as `MegatronOptimizer.step`."""
-    finish_param_gather(model)
-    success, grad_norm = optimizer.step()
+    with timers("params-all-gather", 1):
+        finish_param_gather(model)
+    with timers("optimizer", 1):
+        success, grad_norm = optimizer.step()
     if success:
-        start_param_gather(model)
+        with timers("params-all-gather", 1):
+            start_param_gather(model)
     return success, grad_norm
 
 

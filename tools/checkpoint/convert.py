@@ -28,8 +28,9 @@ from megatron_lite.checkpointing import CheckpointError, CheckpointReader  # noq
 from megatron_lite.checkpointing.hf_export import export_hf  # noqa: E402
 from megatron_lite.checkpointing.hf_reader import DTYPES, HFReader, parse_dtype  # noqa: E402
 from megatron_lite.checkpointing.hf_rules import model_flags  # noqa: E402
+from megatron_lite.checkpointing.megatron import MegatronReader, is_megatron_dir  # noqa: E402
 from megatron_lite.checkpointing.reshard import check_logits, reshard  # noqa: E402
-from megatron_lite.config import ConfigError  # noqa: E402
+from megatron_lite.errors import UserError, UserFileNotFoundError  # noqa: E402
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 
@@ -47,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load-dir", required=True, help="Source checkpoint or HF model directory.")
     p.add_argument("--save-dir", required=True, help="Where the converted checkpoint goes.")
-    p.add_argument("--loader", choices=["megatron_lite", "hf"], default="megatron_lite")
+    p.add_argument(
+        "--loader",
+        choices=["megatron_lite", "hf", "megatron", "mcore"],
+        default="megatron_lite",
+        help="Source format: ours, a HF directory, or Megatron-LM's legacy torch checkpoint "
+        "(megatron and mcore: the same files; megatron_lite also recognises them).",
+    )
     p.add_argument("--saver", choices=["megatron_lite", "hf"], default="megatron_lite")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
@@ -67,10 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open_source(args):
+    if not os.path.isdir(args.load_dir):
+        raise UserFileNotFoundError(f"--load-dir {args.load_dir}: no such directory")
     if args.loader == "hf":
         if not os.path.isfile(os.path.join(args.load_dir, "config.json")):
             raise CheckpointError(f"--loader hf: {args.load_dir} has no config.json")
         return HFReader(args.load_dir)
+    if args.loader in ("megatron", "mcore") or is_megatron_dir(args.load_dir, args.iteration):
+        return MegatronReader(args.load_dir, args.iteration)
     return CheckpointReader(args.load_dir, args.iteration)
 
 
@@ -93,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.loader == "hf":
                 print(f"train on with: {model_flags(reader.config['model'])} --finetune")
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError) as e:  # bad flags, files, checkpoints
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"converted in {time.perf_counter() - start:.1f} s")
     if args.check:
         short = {v: k for k, v in DTYPES.items() if len(k) == 4}.get(dtype, "fp32")
         tol = args.check_tolerance or DEFAULT_TOLERANCE[short]
-        source_iteration = args.iteration if args.loader == "megatron_lite" else None
+        source_iteration = args.iteration if args.loader != "hf" else None
         diff = check_logits(args.load_dir, args.save_dir, source_iteration=source_iteration)
         if diff > tol:
             print(f"check FAILED: max abs logit diff {diff:.3e} > tolerance {tol:g}")
