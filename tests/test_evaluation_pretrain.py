@@ -110,3 +110,25 @@ def test_unknown_eval_task_fails_before_training(capsys):
     flags += " --tokenizer-type NullTokenizer --vocab-size 50 --train-iters 2"
     assert main([*flags.split(), "--eval-tasks", "lambda=x.jsonl"]) == 2
     assert "unknown task 'lambda'; known tasks: arc_challenge" in capsys.readouterr().err
+
+
+def test_layouts_eval_tasks_cannot_score_yet_are_refused_with_what_to_do(tmp_path):
+    from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
+    from megatron_lite.evaluation.pretraining import check_eval_tasks
+
+    (tmp_path / "choice.jsonl").write_text('{"context": "a", "choices": [" b", " c"], "gold": 0}\n')
+    model = ModelConfig(num_layers=4, hidden_size=16, num_attention_heads=2)
+    train = TrainConfig(eval_tasks=["choice"], eval_tasks_dir=str(tmp_path))
+    check_eval_tasks(Config(model=model, train=train))  # fine
+    for parallel, words in (
+        (
+            ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+            "--sequence-parallel",
+        ),
+        (
+            ParallelConfig(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1),
+            "tools/evaluate.py",
+        ),
+    ):
+        with pytest.raises(ValueError, match=words):
+            check_eval_tasks(Config(model=model, parallel=parallel, train=train))
