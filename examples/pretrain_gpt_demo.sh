@@ -52,6 +52,11 @@ OMP_NUM_THREADS=1 torchrun --nproc_per_node="$NPROC" --master_addr=127.0.0.1 \
   --log-interval 10 --eval-interval 100 --eval-iters 10 --distributed-timeout-minutes 5 \
   2>&1 | tee "$OUT/train.log"
 
+step "downstream tasks from held-out text (the last documents, which --split 90,8,2 leaves out)"
+$PY tools/make_eval_tasks.py --input "$OUT/data/corpus.jsonl" --output-dir "$OUT/eval"
+$PY tools/evaluate.py --load "$OUT/checkpoints" --tasks-dir "$OUT/eval" --tasks lambada,choice \
+  --context-free-baseline --batch-size 16 --output "$OUT/eval/results.json" | tee "$OUT/eval.txt"
+
 step "done"
 echo "corpus:        $OUT/data/corpus.jsonl"
 echo "tokenizer:     $OUT/tokenizer/{vocab.json,merges.txt}"
@@ -59,5 +64,6 @@ echo "dataset:       $OUT/data/demo_text_document.{bin,idx}"
 echo "checkpoints:   $OUT/checkpoints (latest: $(cat "$OUT/checkpoints/latest_checkpointed_iteration.txt"))"
 echo "tensorboard:   tensorboard --logdir $OUT/tensorboard"
 echo "training log:  $OUT/train.log"
+echo "downstream:    $OUT/eval.txt (tools/evaluate.py; TASK:context-free = the choices without context)"
 cat "$OUT/baseline.txt"
 grep -E "(validation|test) loss at iteration" "$OUT/train.log" | tail -2

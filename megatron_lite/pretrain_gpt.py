@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             "PREFIX, or --mock-data"
         )
     from megatron_lite import training
+    from megatron_lite.evaluation.pretraining import check_eval_tasks
 
+    try:  # a bad --eval-tasks (name, file, layout) fails before training starts
+        check_eval_tasks(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     training.pretrain(cfg)
     training.shutdown()
     return 0

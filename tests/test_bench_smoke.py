@@ -20,6 +20,7 @@ SMOKE = {
     ),
     "bench_clean.py": (["--smoke"], "speedup 2 workers vs 1"),
     "bench_data.py": (["--corpus-mb", "0.2"], "build_sample_idx"),
+    "bench_eval.py": (["--smoke"], "ratio megatron_lite / transformers"),
     "bench_ddp.py": (
         ["--layers", "1", "--hidden", "32", "--vocab", "512", "--steps", "2"],
         "ratio",

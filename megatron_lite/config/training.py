@@ -114,6 +114,14 @@ class TrainConfig:
     train_samples: int | None = flag(None, "Samples to train (instead of --train-iters).", type=int)
     eval_interval: int = flag(1000, "Iterations between validation runs.", type=int)
     eval_iters: int = flag(100, "Validation batches per evaluation.", type=int)
+    eval_tasks: list[str] | None = flag(
+        None,
+        "Downstream tasks scored at each --eval-interval: NAME or NAME=PATH "
+        "(lambada, hellaswag, arc_easy, arc_challenge, piqa, mmlu, humaneval, perplexity).",
+        nargs="+",
+    )
+    eval_tasks_dir: str | None = flag(None, "Where --eval-tasks given without a path are found.")
+    eval_num_fewshot: int = flag(0, "Solved examples per prompt for --eval-tasks.", type=int)
     seed: int = flag(1234, "Random seed.", type=int)
     exit_interval: int | None = flag(
         None, "Save and exit at an iteration divisible by this.", type=int
@@ -138,6 +146,10 @@ class TrainConfig:
             "exit_duration_in_mins",
         )
         require(self.eval_iters >= 0, f"--eval-iters must be non-negative, got {self.eval_iters}")
+        require(
+            self.eval_num_fewshot >= 0,
+            f"--eval-num-fewshot must be non-negative, got {self.eval_num_fewshot}",
+        )
         require(
             not (self.train_iters and self.train_samples),
             "use only one of --train-iters and --train-samples",

@@ -19,6 +19,7 @@ import copy
 import math
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -109,12 +110,13 @@ def load_model(
     dtype: torch.dtype | str | None = "auto",
     iteration: int | None = None,
     device: torch.device | None = None,
+    data_parallel: bool = False,
 ) -> LanguageModel:
     """Build this rank's stage of the model at `ps`'s tp x pp and load `path` into it (any saved
     layout, or a HF directory) through the checkpoint loader's reshard path. `dtype` "auto": as
-    saved."""
+    saved. `data_parallel`: every dp replica loads the model (evaluation splits its requests)."""
     ps = ps or ParallelState.single()
-    if ps.dp_size != 1:
+    if ps.dp_size != 1 and not data_parallel:
         raise ValueError(f"generation runs one model replica: dp must be 1, got {ps.dp_size}")
     reader = open_checkpoint(path, iteration)
     cfg = inference_config(reader.config, ps.tp_size, ps.pp_size)
@@ -227,7 +229,7 @@ def _broadcast_token(t: torch.Tensor | None, ps: ParallelState) -> torch.Tensor:
 @dataclass
 class GenerationOutput:
     tokens: list[int]  # the new tokens (the end-of-document token included when it stopped there)
-    finish_reason: str  # "eod" or "length"
+    finish_reason: str  # "eod", "length" or "stop"
     step_logits: list[torch.Tensor] | None = None  # [vocab] fp32 per step (last stage), on request
 
 
@@ -242,11 +244,13 @@ def generate(
     use_cache: bool = True,
     seed: int = 0,
     return_logits: bool = False,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> GenerationOutput:
     """Extend `prompt` by up to `max_new_tokens` tokens, stopping after `eod` (end of document).
 
     With `use_cache` the prompt runs once and each later step feeds only the newest token against
     the cached keys/values; without it every step runs the whole sequence (same result, slower).
+    `stop(new_tokens)` true ends it too (finish_reason "stop"): evaluation's stop sequences.
     """
     params = params or SamplingParams()
     if not prompt:
@@ -277,6 +281,9 @@ def generate(
         new.append(int(token[0]))
         if eod is not None and new[-1] == eod:
             reason = "eod"
+            break
+        if stop is not None and stop(new):
+            reason = "stop"
             break
         step_input = token.view(1, 1)
         seq = torch.cat([seq, step_input], dim=1)

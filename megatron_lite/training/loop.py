@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_lite import checkpointing, comm, device
 from megatron_lite.config import Config
+from megatron_lite.evaluation.pretraining import report_tasks
 from megatron_lite.training.log import (
     Writers,
     format_log_line,
@@ -200,6 +201,8 @@ def _train(
             last_log, since_log, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
         if cfg.train.eval_iters and run.iteration % cfg.train.eval_interval == 0:
             report_eval(run, valid_iterators, "validation", writers)
+        if cfg.train.eval_tasks and run.iteration % cfg.train.eval_interval == 0:
+            report_tasks(run, writers)
         save_due = (
             bool(cfg.checkpoint.save_interval) and run.iteration % cfg.checkpoint.save_interval == 0
         )
@@ -241,6 +244,8 @@ def pretrain(cfg: Config) -> Run:
             if run.iteration % cfg.train.eval_interval != 0:
                 report_eval(run, valid_it, "validation", writers)
             report_eval(run, test_it, "test", writers)
+        if cfg.train.eval_tasks and run.iteration % cfg.train.eval_interval != 0:
+            report_tasks(run, writers)
         last_saved = (
             cfg.checkpoint.save_interval and run.iteration % cfg.checkpoint.save_interval == 0
         )
