@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch.distributed as dist  # noqa: E402
 
 from megatron_lite.checkpointing import CheckpointError  # noqa: E402
-from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
 from megatron_lite.evaluation.requests import Scorer  # noqa: E402
 from megatron_lite.evaluation.runner import (  # noqa: E402
     evaluate_task,
@@ -32,14 +31,16 @@ from megatron_lite.evaluation.runner import (  # noqa: E402
     format_results,
 )
 from megatron_lite.evaluation.tasks import TaskError, known_tasks, load_tasks  # noqa: E402
-from megatron_lite.inference.generation import build_generation_tokenizer, load_model  # noqa: E402
-from megatron_lite.parallel_state import ParallelState, init_distributed  # noqa: E402
+from megatron_lite.inference.tool_args import (  # noqa: E402
+    add_checkpoint_args,
+    load_for_tool,
+    tool_parallel_state,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="Checkpoint or HF model directory.")
-    p.add_argument("--iteration", type=int, help="Checkpoint iteration (default: the latest).")
+    add_checkpoint_args(p)
     p.add_argument("--tasks", required=True, help=f"Comma-separated NAME[=PATH]: {known_tasks()}")
     p.add_argument("--tasks-dir", help="Where tasks given without a path are looked up.")
     p.add_argument("--num-fewshot", type=int, default=0, help="Solved examples per prompt.")
@@ -55,39 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="Write the results here as JSON.")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    tok = p.add_argument_group("tokenizer (default: the checkpoint's)")
-    tok.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES)
-    tok.add_argument("--vocab-file")
-    tok.add_argument("--merge-file")
-    tok.add_argument("--tokenizer-model")
-    tok.add_argument("--vocab-size", type=int)
     return p
-
-
-def _parallel_state(tp: int | None, pp: int) -> ParallelState:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = tp or world // pp
-    if tp < 1 or pp < 1 or world % (tp * pp):
-        raise ValueError(f"tp ({tp}) x pp ({pp}) must divide the number of ranks ({world})")
-    if world <= 1:
-        return ParallelState.single()
-    init_distributed()
-    return ParallelState.build(tp=tp, pp=pp)
 
 
 def run(args: argparse.Namespace) -> dict:
     tasks = load_tasks(args.tasks, args.tasks_dir)  # bad names and files fail before the model
-    ps = _parallel_state(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    lm = load_model(args.load, ps, dtype=args.dtype, iteration=args.iteration, data_parallel=True)
-    tokenizer = build_generation_tokenizer(
-        lm,
-        tokenizer_type=args.tokenizer_type,
-        vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
-        tokenizer_model=args.tokenizer_model,
-        vocab_size=args.vocab_size,
-    )
+    ps = tool_parallel_state(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    lm, tokenizer = load_for_tool(args, ps, data_parallel=True)
     scorer = Scorer(lm, tokenizer, args.batch_size)
     results = evaluate_tasks(
         scorer,

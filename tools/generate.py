@@ -25,21 +25,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch.distributed as dist  # noqa: E402
 
 from megatron_lite.cli import report_user_error, run_main  # noqa: E402
-from megatron_lite.config import TOKENIZER_TYPES  # noqa: E402
 from megatron_lite.errors import UserError  # noqa: E402
 from megatron_lite.inference.generation import (  # noqa: E402
     SamplingParams,
-    build_generation_tokenizer,
     generate,
-    load_model,
 )
-from megatron_lite.parallel_state import ParallelState, init_distributed  # noqa: E402
+from megatron_lite.inference.tool_args import (  # noqa: E402
+    add_checkpoint_args,
+    load_for_tool,
+    tool_parallel_state,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="Checkpoint or HF model directory.")
-    p.add_argument("--iteration", type=int, help="Checkpoint iteration (default: the latest).")
+    add_checkpoint_args(p)
     p.add_argument(
         "--pipeline-model-parallel-size",
         type=int,
@@ -55,13 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-kv-cache", action="store_true", help="Recompute the whole sequence.")
     p.add_argument("--no-stop-at-eod", action="store_true", help="Go on past end-of-document.")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    tok = p.add_argument_group("tokenizer (default: the checkpoint's)")
-    tok.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES)
-    tok.add_argument("--vocab-file")
-    tok.add_argument("--merge-file")
-    tok.add_argument("--tokenizer-model")
-    tok.add_argument("--vocab-size", type=int)
     srv = p.add_argument_group("server")
     srv.add_argument("--server", action="store_true", help="Serve POST /generate (JSON).")
     srv.add_argument("--host", default="127.0.0.1", help="Address to bind (default loopback).")
@@ -70,18 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prompt-tokens", type=int, help="Default: the model's positions - 1.")
     srv.add_argument("--max-new-tokens-limit", type=int, default=256)
     return p
-
-
-def _parallel_state(pp: int) -> ParallelState:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if pp < 1 or world % pp:
-        raise ValueError(
-            f"--pipeline-model-parallel-size ({pp}) must divide the number of ranks ({world})"
-        )
-    if world <= 1:
-        return ParallelState.single()
-    init_distributed()
-    return ParallelState.build(tp=world // pp, pp=pp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,16 +81,8 @@ def _main(args: argparse.Namespace) -> int:
     if not args.server and args.prompt is None:
         print("error: give --prompt, or --server", file=sys.stderr)
         return 2
-    ps = _parallel_state(args.pipeline_model_parallel_size)
-    lm = load_model(args.load, ps, dtype=args.dtype, iteration=args.iteration)
-    tokenizer = build_generation_tokenizer(
-        lm,
-        tokenizer_type=args.tokenizer_type,
-        vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
-        tokenizer_model=args.tokenizer_model,
-        vocab_size=args.vocab_size,
-    )
+    ps = tool_parallel_state(None, args.pipeline_model_parallel_size)
+    lm, tokenizer = load_for_tool(args, ps)
     if args.server:
         from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
 
