@@ -21,7 +21,13 @@ from megatron_lite.checkpointing.hf_reader import open_checkpoint
 from megatron_lite.config import Config, DataConfig, ModelConfig
 from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.distributed.testing import run_distributed
-from megatron_lite.inference.generation import SamplingParams, generate, load_model, sample
+from megatron_lite.inference.generation import (
+    SamplingParams,
+    generate,
+    generate_batch,
+    load_model,
+    sample,
+)
 from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
@@ -324,3 +330,42 @@ def test_server_answers_408_to_a_body_that_never_arrives(lms):
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+BATCH_PROMPTS = [PROMPT, [7, 1], [3, 9, 27, 81 % EOD, 43, 29, 87, 61, 83, 49, 47], [11]]
+
+
+def _one_at_a_time(lm, params, seeds):
+    return [
+        generate(lm, p, 10, params, eod=EOD, seed=s).tokens for p, s in zip(BATCH_PROMPTS, seeds)
+    ]
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_a_batch_of_prompts_of_different_lengths_gives_each_prompts_own_tokens(lms, flavour):
+    """Left-padded prompts (learned positions shifted per sequence; rotary ones need no shift) in
+    one KV-cached batch: greedy and seeded sampling give what one generate per prompt gives."""
+    lm, seeds = lms[flavour], [3, 4, 5, 6]
+    for params in (SamplingParams(temperature=0), SAMPLED):
+        batch = generate_batch(lm, BATCH_PROMPTS, 10, params, eod=EOD, seeds=seeds)
+        assert [o.tokens for o in batch] == _one_at_a_time(lm, params, seeds), (flavour, params)
+    stopped = generate_batch(
+        lm, BATCH_PROMPTS, 10, eod=EOD, stop=lambda i, new: i == 1 and len(new) == 2
+    )
+    assert len(stopped[1].tokens) == 2 and stopped[1].finish_reason == "stop"
+
+
+def _split_batches(paths, tp, pp):
+    ps = ParallelState.build(tp, pp)
+    return [
+        [o.tokens for o in generate_batch(load_model(p, ps, dtype=torch.float32, device=CPU),
+                                          BATCH_PROMPTS, 10, SAMPLED, eod=EOD, seeds=[3, 4, 5, 6])]
+        for p in paths
+    ]  # fmt: skip
+
+
+def test_batched_generation_at_tp2_pp2_equals_one_process(models, lms):
+    want = [_one_at_a_time(lms[f], SAMPLED, [3, 4, 5, 6]) for f in FLAVOURS]
+    paths = [models[f][0] for f in FLAVOURS]
+    for got in run_distributed(_split_batches, 4, paths, 2, 2, timeout=120):
+        assert got == want

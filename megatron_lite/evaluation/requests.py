@@ -23,7 +23,7 @@ import torch
 from megatron_lite import comm
 from megatron_lite import device as device_mod
 from megatron_lite.data.tokenizer import Tokenizer
-from megatron_lite.inference.generation import LanguageModel, SamplingParams, generate
+from megatron_lite.inference.generation import LanguageModel, SamplingParams, generate_batch
 
 TokenPair = tuple[list[int], list[int]]
 
@@ -125,32 +125,62 @@ class Scorer:
         The text returned stops before the first stop sequence, as lm-eval's does."""
         encoded = [self.tok.tokenize(c) for c, _ in requests]
         order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
-        texts = []
-        for i in order[self.ps.dp_rank :: self.ps.dp_size]:
-            texts.append(self._generate_one(encoded[i], requests[i][1], i))
+        mine = order[self.ps.dp_rank :: self.ps.dp_size]
+        jobs = [self._generation_job(encoded[i], requests[i][1], i) for i in mine]
+        texts: list[str] = [""] * len(jobs)
+        # a batch: neighbours in length order that share the sampling settings and token budget
+        start = 0
+        while start < len(jobs):
+            end = start + 1
+            while (
+                end < len(jobs)
+                and end - start < self.batch_size
+                and jobs[end][1:3] == jobs[start][1:3]
+            ):
+                end += 1
+            for k, text in zip(range(start, end), self._generate_batch(jobs[start:end])):
+                texts[k] = text
+            start = end
         return self._gather_texts(texts, order)
 
-    def _generate_one(self, prompt: list[int], kw: dict, index: int) -> str:
+    def _generation_job(self, prompt: list[int], kw: dict, index: int) -> tuple:
+        """(prompt, sampling params, max new tokens, stop strings, seed) of one request."""
         until = [u for u in kw.get("until", []) if u]
         max_new = int(kw.get("max_gen_toks", 256))
         prompt = prompt[-max(self.lm.max_length - max_new, 1) :]  # keep the end, as lm-eval
         max_new = min(max_new, self.lm.max_length - len(prompt))
         temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", True) else 0.0
         params = SamplingParams(temperature, int(kw.get("top_k", 0)), float(kw.get("top_p", 1.0)))
-
-        def text_of(tokens: list[int]) -> str:
-            return self.tok.detokenize([t for t in tokens if t != self.tok.eod])
-
-        def stop(tokens: list[int]) -> bool:
-            text = text_of(tokens)
-            return any(u in text for u in until)
-
         seed = int(kw.get("seed", 0)) + index  # per request, so any layout draws alike
-        out = generate(self.lm, prompt, max_new, params, eod=self.tok.eod, seed=seed, stop=stop)
-        text = text_of(out.tokens)
-        for u in until:
-            text = text.split(u)[0]
-        return text
+        return prompt, params, max_new, until, seed
+
+    def _text_of(self, tokens: list[int]) -> str:
+        return self.tok.detokenize([t for t in tokens if t != self.tok.eod])
+
+    def _generate_batch(self, jobs: list[tuple]) -> list[str]:
+        """One KV-cached batch of prompts (`generate_batch`); each stops at its own stop strings."""
+        params, max_new = jobs[0][1], jobs[0][2]
+
+        def stop(i: int, tokens: list[int]) -> bool:
+            text = self._text_of(tokens)
+            return any(u in text for u in jobs[i][3])
+
+        outs = generate_batch(
+            self.lm,
+            [j[0] for j in jobs],
+            max_new,
+            params,
+            eod=self.tok.eod,
+            seeds=[j[4] for j in jobs],
+            stop=stop,
+        )
+        texts = []
+        for out, job in zip(outs, jobs):
+            text = self._text_of(out.tokens)
+            for u in job[3]:
+                text = text.split(u)[0]
+            texts.append(text)
+        return texts
 
     def _gather_texts(self, mine: list[str], order: list[int]) -> list[str]:
         encoded = [t.encode("utf-8") for t in mine]

@@ -77,7 +77,10 @@ class LanguageModel:
 
     @torch.no_grad()
     def logits(
-        self, tokens: torch.Tensor, inference_params: InferenceParams | None = None
+        self,
+        tokens: torch.Tensor,
+        inference_params: InferenceParams | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Full logits [b, s, vocab] (gathered over tp) of `tokens` [b, s] on the last pipeline
         stage; None on the others (they pass their hidden states on)."""
@@ -89,7 +92,9 @@ class LanguageModel:
             )
             dist.recv(hidden, ps.prev_rank)
             self.model.set_input_tensor(hidden.to(param.device))
-        out = self.model(tokens.to(param.device), inference_params=inference_params)
+        if position_ids is not None:
+            position_ids = position_ids.to(param.device)
+        out = self.model(tokens.to(param.device), position_ids, inference_params=inference_params)
         if not ps.is_last_stage:
             dist.send(out.to(device_mod.comm_device(ps.backend)).contiguous(), ps.next_rank)
             return None
@@ -215,13 +220,13 @@ def sample(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _broadcast_token(t: torch.Tensor | None, ps: ParallelState) -> torch.Tensor:
+def _broadcast_token(t: torch.Tensor | None, ps: ParallelState, batch: int = 1) -> torch.Tensor:
     """The token sampled on the last stage's tp rank 0, on every rank of the model (each rank must
     extend the same text); other ranks pass None."""
     if ps.tp_size * ps.pp_size == 1:
         return t
     dev = device_mod.comm_device(ps.backend)
-    buf = t.to(dev) if t is not None else torch.zeros(1, dtype=torch.long, device=dev)
+    buf = t.to(dev) if t is not None else torch.zeros(batch, dtype=torch.long, device=dev)
     comm.broadcast(buf, ps.mp_ranks[(ps.pp_size - 1) * ps.tp_size], ps.mp_group)
     return buf.cpu()
 
@@ -253,15 +258,7 @@ def generate(
     `stop(new_tokens)` true ends it too (finish_reason "stop"): evaluation's stop sequences.
     """
     params = params or SamplingParams()
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    if len(prompt) + max_new_tokens > lm.max_length:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's {lm.max_length} positions"
-        )
-    if any(not 0 <= t < lm.vocab_size for t in prompt):
-        raise ValueError(f"prompt token ids must be in [0, {lm.vocab_size})")
+    _check_prompt(lm, prompt, max_new_tokens)
     generator = torch.Generator().manual_seed(seed)
     seq = torch.tensor([prompt], dtype=torch.long)
     cache = InferenceParams(1, len(prompt) + max_new_tokens) if use_cache else None
@@ -288,3 +285,71 @@ def generate(
         step_input = token.view(1, 1)
         seq = torch.cat([seq, step_input], dim=1)
     return GenerationOutput(new, reason, logged if return_logits else None)
+
+
+def _check_prompt(lm: LanguageModel, prompt: list[int], max_new_tokens: int) -> None:
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(prompt) + max_new_tokens > lm.max_length:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's {lm.max_length} positions"
+        )
+    if any(not 0 <= t < lm.vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must be in [0, {lm.vocab_size})")
+
+
+def generate_batch(
+    lm: LanguageModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
+    *,
+    eod: int | None = None,
+    seeds: list[int] | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
+) -> list[GenerationOutput]:
+    """`generate` for many prompts of different lengths in one batch, with the KV cache.
+
+    Prompts are left-padded to the longest: padding slots are masked out of every real token's
+    attention, learned positions count from each prompt's first token, and rotary embeddings,
+    which see only position differences, need no shift. Each sequence stops on its own (after
+    `eod`, or when `stop(i, new_tokens)` says so) and draws from its own generator (`seeds[i]`),
+    so the result is what one `generate` per prompt gives.
+    """
+    params = params or SamplingParams()
+    for p in prompts:
+        _check_prompt(lm, p, max_new_tokens)
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    total = longest + max_new_tokens
+    slots = torch.arange(total)
+    cache = InferenceParams(b, total, key_padding=slots[None] < pad[:, None])
+    step_input = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long)
+    positions = (slots[None, :longest] - pad[:, None]).clamp(min=0)
+    generators = [torch.Generator().manual_seed(s) for s in (seeds or [0] * b)]
+    new: list[list[int]] = [[] for _ in range(b)]
+    reasons: list[str | None] = [None] * b
+    for _ in range(max_new_tokens):
+        logits = lm.logits(step_input, cache, positions)  # [b, s, vocab] | None
+        cache.sequence_len_offset += step_input.shape[1]
+        tokens = None
+        if logits is not None:  # the last pipeline stage
+            rows = logits[:, -1]
+            tokens = torch.cat(
+                [sample(rows[i : i + 1], params, g) for i, g in enumerate(generators)]
+            )
+        tokens = _broadcast_token(tokens, lm.ps, b)
+        for i in range(b):
+            if reasons[i] is not None:
+                continue
+            new[i].append(int(tokens[i]))
+            if eod is not None and new[i][-1] == eod:
+                reasons[i] = "eod"
+            elif stop is not None and stop(i, new[i]):
+                reasons[i] = "stop"
+        if all(r is not None for r in reasons):
+            break
+        step_input = tokens.view(b, 1)
+        positions = (cache.sequence_len_offset - pad).view(b, 1)
+    return [GenerationOutput(t, r or "length", None) for t, r in zip(new, reasons)]
