@@ -47,8 +47,8 @@ def _claim_report(message: str) -> bool:
         return os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         first = store.add(USER_ERROR_KEY, 1) == 1
-        if first:  # pipeline peers blocked in a transfer learn of it and stop (pipeline/p2p.py)
-            from megatron_lite.pipeline.p2p import signal_abort
+        if first:  # pipeline peers blocked in a transfer learn of it and stop (pipeline/abort.py)
+            from megatron_lite.pipeline.abort import signal_abort
 
             signal_abort(f"a rank stopped with: error: {message}")
         return first

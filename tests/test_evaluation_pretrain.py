@@ -104,31 +104,57 @@ def test_a_trained_model_beats_the_context_free_baseline_on_held_out_tasks(train
 
 
 def test_unknown_eval_task_fails_before_training(capsys):
+    from megatron_lite.cli import run_main
     from megatron_lite.pretrain_gpt import main
 
     flags = "--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 16 --mock-data"
     flags += " --tokenizer-type NullTokenizer --vocab-size 50 --train-iters 2"
-    assert main([*flags.split(), "--eval-tasks", "lambda=x.jsonl"]) == 2
+    assert run_main(main, [*flags.split(), "--eval-tasks", "lambda=x.jsonl"]) == 2
     assert "unknown task 'lambda'; known tasks: arc_challenge" in capsys.readouterr().err
 
 
-def test_layouts_eval_tasks_cannot_score_yet_are_refused_with_what_to_do(tmp_path):
-    from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
-    from megatron_lite.evaluation.pretraining import check_eval_tasks
-
-    (tmp_path / "choice.jsonl").write_text('{"context": "a", "choices": [" b", " c"], "gold": 0}\n')
-    model = ModelConfig(num_layers=4, hidden_size=16, num_attention_heads=2)
-    train = TrainConfig(eval_tasks=["choice"], eval_tasks_dir=str(tmp_path))
-    check_eval_tasks(Config(model=model, train=train))  # fine
-    for parallel, words in (
-        (
-            ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
-            "--sequence-parallel",
-        ),
-        (
-            ParallelConfig(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1),
-            "tools/evaluate.py",
-        ),
-    ):
-        with pytest.raises(ValueError, match=words):
-            check_eval_tasks(Config(model=model, parallel=parallel, train=train))
+@pytest.mark.parametrize(
+    "nproc,layout",
+    [
+        (2, [*layout_flags(2, 1), "--sequence-parallel"]),
+        (2, [*layout_flags(1, 2), "--num-layers-per-virtual-pipeline-stage", "1"]),
+    ],
+    ids=["tp2-sequence-parallel", "pp2-virtual-stages"],
+)
+def test_eval_tasks_score_under_sequence_parallel_and_virtual_stages(tmp_path, nproc, layout):
+    """The training model's own layout scores the tasks (sequences padded to a multiple of tp
+    under SP; every virtual chunk in stage order): the scores equal tools/evaluate.py's on the
+    checkpoint saved at that iteration."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [
+        {"context": " ".join(str(7 * i + j) for j in range(5 + i % 4)), "choices": [" 3", " 9 1"],
+         "gold": i % 2}
+        for i in range(12)
+    ]  # fmt: skip
+    (tasks / "choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "text.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(str((5 * i + j) % 90) for j in range(9 + i))}) + "\n"
+                for i in range(6))
+    )  # fmt: skip
+    flags = [
+        *("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 32").split(),
+        *("--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 4").split(),
+        *("--lr 1e-3 --hidden-dropout 0 --attention-dropout 0 --log-interval 1").split(),
+        *("--train-iters 2 --eval-interval 2 --eval-iters 1 --mock-data").split(),
+        *(
+            "--tokenizer-type NullTokenizer --vocab-size 100 --distributed-timeout-minutes 1"
+        ).split(),
+        *("--eval-tasks", "choice", "perplexity", "--eval-tasks-dir", str(tasks)),
+        *("--save", str(tmp_path / "ckpt"), "--tensorboard-dir", str(tmp_path / "tb")),
+        *layout,
+    ]
+    log = run_pretrain(nproc, flags).stdout
+    assert " downstream tasks at iteration 2 |" in log, log[-3000:]
+    tb = _tensorboard(tmp_path / "tb")
+    out = tmp_path / "scores.json"
+    args = ["--load", str(tmp_path / "ckpt"), "--tasks-dir", str(tasks), "--output", str(out)]
+    assert _tool("evaluate").main([*args, "--tasks", "choice,perplexity"]) == 0
+    for task, scores in json.loads(out.read_text()).items():
+        for metric, value in scores.items():
+            assert tb[f"eval/{task}/{metric}"][2] == pytest.approx(value, rel=1e-5), (task, metric)

@@ -369,3 +369,36 @@ def test_batched_generation_at_tp2_pp2_equals_one_process(models, lms):
     paths = [models[f][0] for f in FLAVOURS]
     for got in run_distributed(_split_batches, 4, paths, 2, 2, timeout=120):
         assert got == want
+
+
+def _sequence_parallel_tokens(paths):
+    """Tokens of the same weights built with --sequence-parallel at tp 2 (each step padded to a
+    multiple of tp), next to the plain tp 2 model's."""
+    import copy
+    import dataclasses
+
+    from megatron_lite.model import GPTModel
+
+    ps, out = ParallelState.build(2, 1), []
+    for path in paths:
+        lm = load_model(path, ps, dtype=torch.float32, device=CPU)
+        cfg = copy.deepcopy(lm.cfg)
+        cfg.parallel.sequence_parallel = True
+        m = lm.model
+        model = GPTModel(cfg, ps, m.columns * 2, m.layer_numbers, vocab_size=lm.vocab_size)
+        model.load_state_dict(m.state_dict())
+        sp = dataclasses.replace(lm, model=model.eval(), cfg=cfg)
+        for one in (lm, sp):
+            out.append(
+                (
+                    generate(one, PROMPT, 9, SAMPLED, seed=2).tokens,
+                    [o.tokens for o in generate_batch(one, BATCH_PROMPTS, 9, seeds=[1, 2, 3, 4])],
+                )
+            )
+    return out
+
+
+def test_sequence_parallel_generation_gives_the_plain_models_tokens(models):
+    paths = [models[f][0] for f in FLAVOURS]
+    for got in run_distributed(_sequence_parallel_tokens, 2, paths, timeout=120):
+        assert got[0] == got[1] and got[2] == got[3]

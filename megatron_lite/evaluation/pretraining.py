@@ -28,13 +28,6 @@ def check_eval_tasks(cfg: Config) -> None:
     train = cfg.train
     if not train.eval_tasks:
         return
-    if cfg.parallel.sequence_parallel:
-        raise ValueError("--eval-tasks does not run under --sequence-parallel yet: drop one")
-    if cfg.parallel.num_layers_per_virtual_pipeline_stage:
-        raise ValueError(
-            "--eval-tasks does not run with --num-layers-per-virtual-pipeline-stage yet: "
-            "score the saved checkpoint with tools/evaluate.py instead"
-        )
     _tasks(tuple(train.eval_tasks), train.eval_tasks_dir)
 
 
@@ -44,11 +37,18 @@ def score_tasks(run) -> dict[str, dict[str, float]]:
 
     cfg = run.cfg
     land_params(run)
-    chunk = run.model[0]
-    module = getattr(chunk, "module", chunk)
-    lm = LanguageModel(module, cfg, run.ps, run.tokenizer.vocab_size, path="(training)")
+    modules = [getattr(c, "module", c) for c in run.model]
+    lm = LanguageModel(
+        modules[0],
+        cfg,
+        run.ps,
+        run.tokenizer.vocab_size,
+        path="(training)",
+        chunks=modules if len(modules) > 1 else None,
+    )
     tasks = _tasks(tuple(cfg.train.eval_tasks), cfg.train.eval_tasks_dir)
-    chunk.eval()
+    for c in run.model:
+        c.eval()
     try:
         return evaluate_tasks(
             Scorer(lm, run.tokenizer, BATCH_SIZE),
@@ -57,7 +57,8 @@ def score_tasks(run) -> dict[str, dict[str, float]]:
             seed=cfg.train.seed,
         )
     finally:
-        chunk.train()
+        for c in run.model:
+            c.train()
 
 
 def report_tasks(run, tb) -> dict[str, dict[str, float]]:

@@ -70,10 +70,18 @@ class LanguageModel:
     vocab_size: int  # true vocabulary: logits past it are padding
     path: str
     data_config: dict = field(default_factory=dict)  # how the checkpoint was tokenized
+    chunks: list[GPTModel] | None = None  # this rank's virtual-pipeline chunks, when more than one
 
     @property
     def max_length(self) -> int:
         return self.cfg.model.max_position_embeddings
+
+    @property
+    def cache_margin(self) -> int:
+        """Extra KV-cache slots a step needs: under sequence parallelism a step of s tokens runs
+        as a multiple of tp (the real tokens first, padding after, overwritten by the next step)."""
+        tp = self.ps.tp_size
+        return tp - 1 if self.cfg.parallel.sequence_parallel and tp > 1 else 0
 
     @torch.no_grad()
     def logits(
@@ -83,23 +91,44 @@ class LanguageModel:
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Full logits [b, s, vocab] (gathered over tp) of `tokens` [b, s] on the last pipeline
-        stage; None on the others (they pass their hidden states on)."""
-        ps, param = self.ps, next(self.model.parameters())
-        if not ps.is_first_stage:  # the previous stage's hidden states [s, b, h]
-            shape = (tokens.shape[1], tokens.shape[0], self.cfg.model.hidden_size)
+        stage; None on the others (they pass their hidden states on). Every chunk of this rank runs
+        in virtual-stage order (`chunks`: the interleaved schedule's, during training)."""
+        s = tokens.shape[1]
+        pad = (-s) % self.ps.tp_size if self.cache_margin else 0
+        if pad:  # right padding: causal attention keeps it out of the real tokens' logits
+            tokens = torch.nn.functional.pad(tokens, (0, pad))
+            if position_ids is None:  # the positions the model would take, then the padding's
+                off = inference_params.sequence_len_offset if inference_params is not None else 0
+                position_ids = torch.arange(off, off + s)[None].expand(tokens.shape[0], s)
+            last = position_ids[:, -1:] + torch.arange(1, pad + 1)
+            position_ids = torch.cat([position_ids, last.clamp(max=self.max_length - 1)], 1)
+        out = None
+        chunks = self.chunks or [self.model]
+        for c, chunk in enumerate(chunks):
+            out = self._chunk_forward(chunk, c, len(chunks), tokens, inference_params, position_ids)
+        if out is None:
+            return None
+        out = gather_from_tensor_model_parallel_region(out, self.ps.tp_group)  # [b, s, V/tp] -> V
+        return out[:, :s, : self.vocab_size]
+
+    def _chunk_forward(self, chunk, c, v, tokens, inference_params, position_ids):
+        ps, param = self.ps, next(chunk.parameters())
+        first, last = ps.is_first_stage and c == 0, ps.is_last_stage and c == v - 1
+        if not first:  # the previous (virtual) stage's hidden states [s, b, h] ([s/tp, ...] SP)
+            s = tokens.shape[1] // (ps.tp_size if self.cache_margin else 1)
+            shape = (s, tokens.shape[0], self.cfg.model.hidden_size)
             hidden = torch.empty(
                 shape, dtype=param.dtype, device=device_mod.comm_device(ps.backend)
             )
             dist.recv(hidden, ps.prev_rank)
-            self.model.set_input_tensor(hidden.to(param.device))
+            chunk.set_input_tensor(hidden.to(param.device))
         if position_ids is not None:
             position_ids = position_ids.to(param.device)
-        out = self.model(tokens.to(param.device), position_ids, inference_params=inference_params)
-        if not ps.is_last_stage:
+        out = chunk(tokens.to(param.device), position_ids, inference_params=inference_params)
+        if not last:
             dist.send(out.to(device_mod.comm_device(ps.backend)).contiguous(), ps.next_rank)
             return None
-        out = gather_from_tensor_model_parallel_region(out, ps.tp_group)  # [b, s, V/tp] -> V
-        return out[..., : self.vocab_size]
+        return out
 
 
 def _saved_dtype(reader) -> torch.dtype:
@@ -261,7 +290,9 @@ def generate(
     _check_prompt(lm, prompt, max_new_tokens)
     generator = torch.Generator().manual_seed(seed)
     seq = torch.tensor([prompt], dtype=torch.long)
-    cache = InferenceParams(1, len(prompt) + max_new_tokens) if use_cache else None
+    cache = (
+        InferenceParams(1, len(prompt) + max_new_tokens + lm.cache_margin) if use_cache else None
+    )
     new, logged, reason = [], [], "length"
     step_input = seq
     for _ in range(max_new_tokens):
@@ -322,7 +353,7 @@ def generate_batch(
         _check_prompt(lm, p, max_new_tokens)
     b, longest = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([longest - len(p) for p in prompts])
-    total = longest + max_new_tokens
+    total = longest + max_new_tokens + lm.cache_margin
     slots = torch.arange(total)
     cache = InferenceParams(b, total, key_padding=slots[None] < pad[:, None])
     step_input = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long)

@@ -12,10 +12,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from megatron_lite.errors import UserError
+
 KINDS = ("multiple_choice", "loglikelihood", "rolling", "generate")
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task that cannot be read: unknown name, missing file, malformed line (file:line)."""
 
 
