@@ -121,3 +121,12 @@ def test_ranks_stop_within_seconds_when_the_agent_is_killed(tmp_path):
                 os.kill(p, signal.SIGKILL)
         if proc.poll() is None:
             kill_job(proc)
+
+
+def test_a_bad_eval_task_is_one_line_from_one_rank():
+    flags = [*TINY_GPT, "--train-iters", "2", *layout_flags(1, 2)]
+    out = run_pretrain(2, [*flags, "--eval-tasks", "choice=/nonexistent.jsonl"], check=False)
+    errors = [ln for ln in out.stdout.splitlines() if ln.startswith("error: ")]
+    assert out.returncode != 0
+    assert errors == ["error: task 'choice': /nonexistent.jsonl does not exist"], out.stdout[-3000:]
+    assert " iteration " not in out.stdout
