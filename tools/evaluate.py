@@ -23,16 +23,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch.distributed as dist  # noqa: E402
 
-from megatron_lite.checkpointing import CheckpointError  # noqa: E402
+from megatron_lite.cli import report_user_error, run_main  # noqa: E402
+from megatron_lite.errors import UserError  # noqa: E402
 from megatron_lite.evaluation.requests import Scorer  # noqa: E402
 from megatron_lite.evaluation.runner import (  # noqa: E402
     evaluate_task,
     evaluate_tasks,
     format_results,
 )
-from megatron_lite.evaluation.tasks import TaskError, known_tasks, load_tasks  # noqa: E402
+from megatron_lite.evaluation.tasks import known_tasks, load_tasks  # noqa: E402
 from megatron_lite.inference.tool_args import (  # noqa: E402
     add_checkpoint_args,
+    finish_tool,
     load_for_tool,
     tool_parallel_state,
 )
@@ -86,20 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(args)
         rc = 0
-    except (ValueError, FileNotFoundError, CheckpointError, TaskError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        results, rc = None, 2
+    except (UserError, ValueError, FileNotFoundError) as e:  # bad flags, files, tasks
+        results, rc = None, report_user_error(e)  # one line, from one rank
     if results is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         print(format_results(results), flush=True)
         if args.output:
             with open(args.output, "w") as f:
                 json.dump(results, f, indent=2)
-    if dist.is_initialized():
-        if rc == 0:
-            dist.barrier()
-        dist.destroy_process_group()
-    return rc
+    return finish_tool(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

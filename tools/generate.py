@@ -22,7 +22,6 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch.distributed as dist  # noqa: E402
 
 from megatron_lite.cli import report_user_error, run_main  # noqa: E402
 from megatron_lite.errors import UserError  # noqa: E402
@@ -32,6 +31,7 @@ from megatron_lite.inference.generation import (  # noqa: E402
 )
 from megatron_lite.inference.tool_args import (  # noqa: E402
     add_checkpoint_args,
+    finish_tool,
     load_for_tool,
     tool_parallel_state,
 )
@@ -70,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = _main(build_parser().parse_args(argv))
     except (UserError, ValueError, FileNotFoundError) as e:  # bad flags, files, lengths
         rc = report_user_error(e)  # one line, from one rank
-    if dist.is_initialized():  # every rank done before the groups go (else gloo may abort at exit)
-        if rc == 0:
-            dist.barrier()
-        dist.destroy_process_group()
-    return rc
+    return finish_tool(rc)
 
 
 def _main(args: argparse.Namespace) -> int:

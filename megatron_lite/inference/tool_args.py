@@ -1,11 +1,13 @@
 """What the checkpoint-reading tools (tools/generate.py, tools/evaluate.py) share: the flags that
 name a checkpoint, its dtype and (optionally) another tokenizer, the model-parallel state of the
-ranks torchrun started, and the model and tokenizer those flags load."""
+ranks torchrun started, the model and tokenizer those flags load, and the way out."""
 
 from __future__ import annotations
 
 import argparse
 import os
+
+import torch.distributed as dist
 
 from megatron_lite.config import TOKENIZER_TYPES
 from megatron_lite.data.tokenizer import Tokenizer
@@ -50,3 +52,12 @@ def load_for_tool(
     lm = load_model(args.load, ps, dtype=args.dtype, iteration=args.iteration, **load_kwargs)
     tokenizer = build_generation_tokenizer(lm, **{k: getattr(args, k) for k in TOKENIZER_FLAGS})
     return lm, tokenizer
+
+
+def finish_tool(rc: int) -> int:
+    """Every rank done before the groups go (else gloo may abort a rank at exit); -> `rc`."""
+    if dist.is_initialized():
+        if rc == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    return rc
