@@ -119,7 +119,9 @@ def launch(nproc: int, flags: list[str], env: dict | None = None) -> tuple:
         env=full_env,
     )
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    # proc.reader ends when every writer of the pipe (agent and ranks) has gone: join it to read all
+    proc.reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    proc.reader.start()
     return proc, lines
 
 

@@ -57,7 +57,7 @@ def sigterm_run(tmp_path_factory):
     finally:
         if proc.poll() is None:
             kill_job(proc)
-    time.sleep(0.5)  # the reader thread drains the pipe
+    proc.reader.join(timeout=30)  # the whole output, to the last rank's line
     return rc, "".join(lines), save
 
 
@@ -112,7 +112,7 @@ def test_ranks_stop_within_seconds_when_the_agent_is_killed(tmp_path):
             time.sleep(0.05)
         took = time.monotonic() - killed
         assert not any(_alive(p) for p in ranks), f"ranks still running {took:.1f} s after"
-        time.sleep(0.5)
+        proc.reader.join(timeout=30)
         text = "".join(lines)
         assert text.count("the launching agent (pid") == 2, text[-2000:]
     finally:

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 CLONE_NEWNET, CLONE_NEWNS = 0x40000000, 0x00020000
@@ -187,8 +188,9 @@ def run_program(
             _kill_group(proc.pid)
             out, err = proc.communicate()
             return Outcome(False, "timeout", _text(out), _text(err))
-        finally:
-            _kill_group(proc.pid)  # anything it left behind in its group
+        finally:  # anything it left behind in its group, gone before we return
+            _kill_group(proc.pid)
+            _wait_group_gone(proc.pid)
         if proc.returncode == 0:
             return Outcome(True, "passed", _text(out), _text(err))
         reason = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else "failed"
@@ -202,6 +204,18 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _wait_group_gone(pgid: int, limit_s: float = 5.0) -> None:
+    """Until no process of the (killed, leader reaped) group is left, at most `limit_s`: a SIGKILL
+    is delivered asynchronously, and the orphans' reaping by init takes a moment."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.01)
 
 
 def _text(b: bytes) -> str:
