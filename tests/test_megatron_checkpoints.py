@@ -149,7 +149,7 @@ def _stage_of(name: str, pp: int, vpp: int) -> tuple[int, int, str]:
 
 
 def write_megatron(root, full: dict, flavour: str, tp: int, pp: int, vpp: int = 1, te: bool = False,
-                   iteration: int = 3, **shape) -> None:  # fmt: skip
+                   iteration: int = 3, extra_args: dict | None = None, **shape) -> None:  # fmt: skip
     swiglu = flavour == "llama"
     files: dict[tuple[int, int], dict] = {}
     for name, t in full.items():
@@ -167,8 +167,11 @@ def write_megatron(root, full: dict, flavour: str, tp: int, pp: int, vpp: int = 
     for (r, stage), chunks in files.items():
         sub = os.path.join(d, f"mp_rank_{r:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
         os.makedirs(sub, exist_ok=True)
+        args = _args(flavour, tp, pp, **shape)
+        for k, v in (extra_args or {}).items():
+            setattr(args, k, v)
         sd = {
-            "args": _args(flavour, tp, pp, **shape),
+            "args": args,
             "checkpoint_version": 3.0,
             "iteration": iteration,
             "optimizer": {"optimizer": {"state": {}, "param_groups": []}},
@@ -228,6 +231,9 @@ def test_every_megatron_layout_reads_back_megatron_cores_tensors(mcore, tmp_path
         for name, t in want.items():
             assert torch.equal(reader.full_tensor(name), t), (tp, pp, vpp, te, name)
         assert reader.config["model"]["swiglu"] == (flavour == "llama")
+        if flavour == "gpt2" and pp > 1:  # the last stage's tied copy, split as the embedding
+            emb = full["embedding.word_embeddings.weight"]
+            assert torch.equal(reader.full_tensor("output_layer.weight"), emb), (tp, pp)
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
@@ -256,15 +262,13 @@ class NotAllowed:
 
 def test_any_other_pickled_object_is_still_refused(mcore, tmp_path):
     root = tmp_path / "evil"
-    write_megatron(root, mcore["gpt2"], "gpt2", 1, 1, **_shape("gpt2"))
-    path = root / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt"
-    sd = torch.load(path, weights_only=False)
-    sd["args"].hook = NotAllowed()
-    torch.save(sd, path)
+    write_megatron(root, mcore["gpt2"], "gpt2", 1, 1, extra_args={"hook": NotAllowed()},
+                   **_shape("gpt2"))  # fmt: skip
     with pytest.raises(CheckpointError, match=r"mp_rank_00/model_optim_rng.pt: not loadable"):
         MegatronReader(str(root))
-    sd["args"].hook = os.system  # a callable: the classic attack
-    torch.save(sd, path)
+    # a callable: the classic attack
+    write_megatron(root, mcore["gpt2"], "gpt2", 1, 1, extra_args={"hook": os.system},
+                   **_shape("gpt2"))  # fmt: skip
     with pytest.raises(CheckpointError, match="not loadable as a Megatron-LM checkpoint"):
         MegatronReader(str(root))
 

@@ -36,8 +36,11 @@ from megatron_lite.checkpointing.files import (
     iteration_dir,
     read_latest_iteration,
 )
+from megatron_lite.checkpointing.hf_rules import OUTPUT_WEIGHT, WORD_EMBEDDING
 from megatron_lite.checkpointing.load import CHECKPOINT_MODEL_ARGS, assemble_full_tensor
 from megatron_lite.config import Config
+from megatron_lite.model.gpt import build_meta_chunk
+from megatron_lite.tensor_parallel.utils import ParamTags, tags_of
 
 _NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
 _RECONSTRUCT = getattr(np, "_core", np.core).multiarray._reconstruct
@@ -162,7 +165,13 @@ class MegatronReader:
             if iteration is None:
                 raise CheckpointError(f"no {LATEST_FILE} in {load_dir}: nothing to load")
         self.dir = iteration_dir(load_dir, iteration)
-        first = load_megatron_file(self.path(0, 0, pp=None))
+        # the first file names the layout (tp 0 of stage 0: mp_rank_00, or mp_rank_00_000 at pp > 1)
+        first_dir = (
+            "mp_rank_00"
+            if os.path.isdir(os.path.join(self.dir, "mp_rank_00"))
+            else "mp_rank_00_000"
+        )
+        first = load_megatron_file(os.path.join(self.dir, first_dir, MODEL_FILE))
         self.args = first["args"]
         self.config = config_from_args(self.args)
         self.tp = int(self.args.tensor_model_parallel_size)
@@ -175,6 +184,7 @@ class MegatronReader:
         self.vocab_size: int | None = None  # every saved row is a real one: Megatron masks none
         self._check_supported()
         self._stages: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self._param_tags: dict[str, ParamTags] | None = None
 
     def _check_supported(self) -> None:
         a = self.args
@@ -190,15 +200,8 @@ class MegatronReader:
         if getattr(a, "expert_model_parallel_size", 1) not in (1, None):
             raise CheckpointError(f"{self.dir}: expert-parallel files are not supported yet")
 
-    def path(self, tp_rank: int, pp_rank: int, pp: int | None = 0) -> str:
-        pp = self.pp if pp == 0 else pp
-        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if (pp or 1) > 1 else "")
-        if pp is None:  # before args are read: whichever naming the directory uses
-            name = (
-                "mp_rank_00"
-                if os.path.isdir(os.path.join(self.dir, "mp_rank_00"))
-                else "mp_rank_00_000"
-            )
+    def path(self, tp_rank: int, pp_rank: int) -> str:
+        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
         return os.path.join(self.dir, name, MODEL_FILE)
 
     def _stage(self, pp_rank: int) -> list[dict[str, torch.Tensor]]:
@@ -241,20 +244,21 @@ class MegatronReader:
         if stage is None:
             raise CheckpointError(f"{self.dir} holds no tensor named {name}")
         shards = [s[name] for s in self._stage(stage)]
-        dim, stride = _partition(name, self.config["model"])
-        if dim < 0 or self.tp == 1:
+        tags = self._tags().get(name)
+        if self.tp == 1 or tags is None or not tags.tensor_model_parallel:
             return shards[0]
-        return assemble_full_tensor(shards, dim, stride)
+        return assemble_full_tensor(shards, tags.partition_dim, tags.partition_stride)
 
-
-def _partition(name: str, m: dict) -> tuple[int, int]:
-    """(tp split dim, stride) of a parameter, as megatron-core's layers split it."""
-    if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-        return 0, 1
-    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-        return 0, 1
-    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
-        return 0, 2 if m.get("swiglu") else 1
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return 1, 1
-    return -1, 1
+    def _tags(self) -> dict[str, ParamTags]:
+        """How each tensor is split over tp: the tags of our model of the same config (whose names
+        and splits are megatron-core's), built once on the meta device."""
+        if self._param_tags is None:
+            cfg = Config.from_dict(self.config)
+            cfg.parallel.pipeline_model_parallel_size = 1
+            cfg.parallel.num_layers_per_virtual_pipeline_stage = None
+            model = build_meta_chunk(cfg, 0, cfg.model.make_vocab_size_divisible_by)
+            tags = {n: tags_of(t) for n, t in model.state_dict(keep_vars=True).items()}
+            # tied at pp > 1, the last stage's copy of the embedding is split as the embedding
+            tags.setdefault(OUTPUT_WEIGHT, tags[WORD_EMBEDDING])
+            self._param_tags = tags
+        return self._param_tags
