@@ -360,10 +360,11 @@ def load_checkpoint(
             if not os.path.isdir(load_dir):
                 raise CheckpointError(f"--load directory {load_dir} does not exist")
             return {"iteration": 0, "consumed_samples": 0, "loaded": False}
-    from megatron_lite.checkpointing.megatron import MegatronReader, is_megatron_dir
+    from megatron_lite.checkpointing.hf_reader import open_checkpoint
+    from megatron_lite.checkpointing.megatron import MegatronReader
 
-    if is_megatron_dir(load_dir, iteration):
-        reader = MegatronReader(load_dir, iteration)
+    reader = open_checkpoint(load_dir, iteration)  # ours, or Megatron-LM's legacy files
+    if isinstance(reader, MegatronReader):
         if load_optim and optimizer is not None:
             raise CheckpointError(
                 f"--load {load_dir} is a Megatron-LM checkpoint: its weights, iteration and "
@@ -371,8 +372,6 @@ def load_checkpoint(
                 "(the optimizer starts fresh) or --finetune"
             )
         load_rng = False  # Megatron's RNG streams are not ours: the run reseeds from --seed
-    else:
-        reader = CheckpointReader(load_dir, iteration)
     check_same_model(reader, cfg, vocab_size)
     load_weights(reader, model_chunks, ps)
     optimizer_loaded = load_optim and optimizer is not None
