@@ -33,8 +33,11 @@ REGIONS = {
 class Timers:
     def __init__(self, level: int = 0, option: str = "minmax", dev: torch.device | None = None):
         self.level, self.option, self.device = level, option, dev or torch.device("cpu")
+        self._reset()
+
+    def _reset(self) -> None:
         self.elapsed = dict.fromkeys(REGIONS, 0.0)
-        self.entered = dict.fromkeys(REGIONS, False)
+        self.entered = dict.fromkeys(REGIONS, False)  # 0 s timed and never entered differ
 
     @contextlib.contextmanager
     def __call__(self, name: str, level: int) -> Iterator[None]:
@@ -63,8 +66,7 @@ class Timers:
         world = comm.group_size(dist.group.WORLD)
         rows = [torch.empty_like(local) for _ in range(world)]
         comm.all_gather_list(rows, local, dist.group.WORLD)
-        self.elapsed = dict.fromkeys(REGIONS, 0.0)
-        self.entered = dict.fromkeys(REGIONS, False)
+        self._reset()
         table = torch.stack(rows).cpu()
         return {n: [v for v in table[:, i].tolist() if v >= 0] for i, n in enumerate(names)}
 

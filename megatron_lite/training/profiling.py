@@ -54,13 +54,10 @@ class StepProfiler:
 
     def after_iteration(self, iteration: int) -> None:
         """`iteration`: the one that just ran."""
-        if self.torch_profiler is not None:
-            if iteration + 1 >= self.cfg.profile_step_end:
-                self.stop()
-            else:
-                self.torch_profiler.step()
-        elif self.capturing and iteration + 1 >= self.cfg.profile_step_end:
-            self.stop()
+        if iteration + 1 >= self.cfg.profile_step_end:
+            self.stop()  # a no-op unless profiling
+        elif self.torch_profiler is not None:
+            self.torch_profiler.step()
 
     def stop(self) -> None:
         """End profiling now (at the last profiled iteration, or when the run stops early)."""
