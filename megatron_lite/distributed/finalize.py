@@ -8,7 +8,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron_lite import comm
-from megatron_lite.tensor_parallel.utils import tags_of
+from megatron_lite.tensor_parallel.utils import tag_of
 
 if TYPE_CHECKING:
     from megatron_lite.parallel_state import ParallelState
@@ -22,9 +22,7 @@ def grad_of(p: torch.nn.Parameter) -> torch.Tensor | None:
 
 
 def _params(chunks: list[torch.nn.Module], tag: str) -> list[torch.nn.Parameter]:
-    return [
-        p for c in chunks for p in c.parameters() if p.requires_grad and getattr(tags_of(p), tag)
-    ]
+    return [p for c in chunks for p in c.parameters() if p.requires_grad and tag_of(p, tag)]
 
 
 def _allreduce_coalesced(grads: list[torch.Tensor], group: comm.Group) -> None:

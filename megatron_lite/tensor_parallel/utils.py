@@ -28,9 +28,17 @@ class ParamTags:
     init_rows: int | None = None  # rows drawn at init (the true vocabulary); the rest start zero
 
 
+_DEFAULTS = {f.name: f.default for f in fields(ParamTags)}
+
+
 def tags_of(t: torch.Tensor) -> ParamTags:
     """The tags of `t` (the one reader of the attributes the layers set)."""
-    return ParamTags(**{f.name: getattr(t, f.name, f.default) for f in fields(ParamTags)})
+    return ParamTags(**{name: getattr(t, name, d) for name, d in _DEFAULTS.items()})
+
+
+def tag_of(t: torch.Tensor, name: str):
+    """One tag of `t`, without building the others (for per-step loops over every parameter)."""
+    return getattr(t, name, _DEFAULTS[name])
 
 
 def set_tensor_model_parallel_attributes(
