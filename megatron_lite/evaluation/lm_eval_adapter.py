@@ -87,7 +87,8 @@ class MegatronLiteLM(LM):
         return self.scorer.generate_until(out)
 
 
-register_model(NAME)(MegatronLiteLM)
+if __name__ != "__main__":  # run with -m, the importable module (below) is the one registered
+    register_model(NAME)(MegatronLiteLM)
 
 
 def install_hook(site_dir: str | None = None) -> str:
@@ -120,4 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the module's own name, not __main__: the installed hook names it (a second class would clash)
+    from megatron_lite.evaluation.lm_eval_adapter import main as _main
+
+    sys.exit(_main())
