@@ -44,6 +44,23 @@ SHAPE_FIELDS = (
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
 )
+# RoPE scaling and the sliding window (Megatron's names where Megatron has the setting)
+LONG_CONTEXT_FIELDS = (
+    "rotary_percent",
+    "rotary_seq_len_interpolation_factor",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "rope_type",
+    "rotary_scaling_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "window_size",
+)
 # --use-checkpoint-args takes these from a checkpoint (as Megatron's load_args_from_checkpoint):
 # the shape-defining settings and those that decide the model's numerics
 CHECKPOINT_MODEL_ARGS = (
@@ -53,6 +70,7 @@ CHECKPOINT_MODEL_ARGS = (
     "layernorm_epsilon",
     "rotary_base",
     "make_vocab_size_divisible_by",
+    *LONG_CONTEXT_FIELDS,
 )
 
 
