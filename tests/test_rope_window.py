@@ -9,12 +9,14 @@ sliding-window attention (--window-size), through the model, training, generatio
   past the original context and the window (where the scaling and the window change the logits),
   export back to the same tensors, and print flags that rebuild the same model.
 - Training through the real entry point with a window and YaRN at tp2 (with sequence parallelism)
-  gives the single-process losses step by step; default --make-vocab-size-divisible-by.
+  and at pp2 (fused kernel) gives the single-process losses step by step, with the default
+  --make-vocab-size-divisible-by.
 - Generation with the KV cache past the window equals full recomputation and transformers' own
   sliding-window greedy decoding; left-padded batches equal one prompt at a time.
 - Bad values are refused with one line naming the flag.
 """
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -314,14 +316,19 @@ LONG_FLAGS = [
 ]
 
 
-def test_windowed_yarn_training_at_tp2_matches_single_process_losses():
+def test_windowed_yarn_training_at_tp2_and_pp2_matches_single_process_losses():
+    """tp2 with sequence parallelism (SDPA, as the reference), and pp2 on the fused kernel."""
     ref = losses(run_pretrain(1, [*LONG_FLAGS, *layout_flags(1, 1)]).stdout)
     assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1]
-    out = run_pretrain(2, [*LONG_FLAGS, *layout_flags(2, 1), "--sequence-parallel"]).stdout
-    got = losses(out)
-    assert sorted(got) == sorted(ref), out[-3000:]
-    for it, want in ref.items():
-        assert got[it] == pytest.approx(want, rel=1e-5), (it, got[it], want)
+    for nproc, extra in (
+        (2, [*layout_flags(2, 1), "--sequence-parallel"]),
+        (2, [*layout_flags(1, 2), "--attention-backend", "fused"]),
+    ):
+        out = run_pretrain(nproc, [*LONG_FLAGS, *extra]).stdout
+        got = losses(out)
+        assert sorted(got) == sorted(ref), out[-3000:]
+        for it, want in ref.items():
+            assert got[it] == pytest.approx(want, rel=1e-5), (extra, it, got[it], want)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -389,3 +396,25 @@ def test_unsupported_hf_settings_and_exports_are_refused_with_the_reason():
         cfg = Config(model=ModelConfig(**model)).to_dict()
         with pytest.raises(CheckpointError, match=words):
             hf_config(cfg, VOCAB, torch.float32)
+
+
+def test_megatron_lm_checkpoint_args_carry_rope_scaling_and_the_window():
+    from megatron_lite.checkpointing.megatron import config_from_args
+
+    args = argparse.Namespace(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        position_embedding_type="rope",
+        rotary_base=500000,
+        use_rope_scaling=True,
+        rope_scaling_factor=16.0,
+        window_size=(4095, 0),  # Megatron's tuple_type
+    )
+    m = config_from_args(args)["model"]
+    assert (m["rotary_base"], m["use_rope_scaling"], m["rope_scaling_factor"]) == (
+        500000,
+        True,
+        16.0,
+    )
+    assert m["window_size"] == [4095, 0] and ModelConfig(**m).window_left == 4095

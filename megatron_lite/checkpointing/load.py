@@ -26,6 +26,7 @@ from megatron_lite.checkpointing.files import (
 )
 from megatron_lite.checkpointing.rng import set_rng_state
 from megatron_lite.config import Config, ModelConfig, flag_name
+from megatron_lite.config.model import LONG_CONTEXT_FIELDS
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of, tags_of
 
@@ -43,23 +44,6 @@ SHAPE_FIELDS = (
     "max_position_embeddings",
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
-)
-# RoPE scaling and the sliding window (Megatron's names where Megatron has the setting)
-LONG_CONTEXT_FIELDS = (
-    "rotary_percent",
-    "rotary_seq_len_interpolation_factor",
-    "use_rope_scaling",
-    "rope_scaling_factor",
-    "low_freq_factor",
-    "high_freq_factor",
-    "rope_type",
-    "rotary_scaling_factor",
-    "original_max_position_embeddings",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "mscale_all_dim",
-    "window_size",
 )
 # --use-checkpoint-args takes these from a checkpoint (as Megatron's load_args_from_checkpoint):
 # the shape-defining settings and those that decide the model's numerics

@@ -247,6 +247,26 @@ class ModelConfig:
         return not self.untie_embeddings_and_output_weights
 
 
+# RoPE scaling and the sliding window: settings of the model's numerics a checkpoint carries
+# (Megatron's names where Megatron has the setting)
+LONG_CONTEXT_FIELDS = (
+    "rotary_percent",
+    "rotary_seq_len_interpolation_factor",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "rope_type",
+    "rotary_scaling_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "window_size",
+)
+
+
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of divisible_by x tp."""
     multiple = divisible_by * tp_size
