@@ -18,13 +18,12 @@ sliding-window attention (--window-size), through the model, training, generatio
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import shlex
 
 import pytest
 import torch
-from launch_utils import ROOT, TINY_GPT, layout_flags, losses, run_pretrain
+from launch_utils import TINY_GPT, layout_flags, load_tool, losses, run_pretrain
 
 from megatron_lite.arguments import parse_args
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader
@@ -82,14 +81,7 @@ DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 UNSCALED = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 1.0}  # HF's default + partial
 
 
-def _load_convert_tool():
-    spec = importlib.util.spec_from_file_location("convert", ROOT / "tools/checkpoint/convert.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-convert_tool = _load_convert_tool()
+convert_tool = load_tool("checkpoint/convert.py")
 
 
 def _hf_model(rope_parameters: dict, window: int | None = None, state: dict | None = None):
