@@ -32,15 +32,19 @@ class HFChatFormat(ChatFormat):
         self.has_generation_blocks = bool(_GENERATION_BLOCK.search(jinja))
         self.stop_token_ids = self._find_stop_tokens()
 
-    def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        out = self.hf.apply_chat_template(
+    def _apply(self, messages: list[dict], add_generation_prompt: bool, mask: bool = False):
+        """apply_chat_template's dict: input_ids (and assistant_masks where `mask`)."""
+        return self.hf.apply_chat_template(
             messages,
             chat_template=self.jinja,
             tokenize=True,
             add_generation_prompt=add_generation_prompt,
             return_dict=True,
+            return_assistant_tokens_mask=mask,
         )
-        return [int(t) for t in out["input_ids"]]
+
+    def _ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        return [int(t) for t in self._apply(messages, add_generation_prompt)["input_ids"]]
 
     def _find_stop_tokens(self) -> list[int]:
         """eos, and the special tokens the template puts after an assistant's content (ChatML's
@@ -71,14 +75,7 @@ class HFChatFormat(ChatFormat):
     ) -> tuple[list[int], list[int]]:
         check_messages(messages)
         if self.has_generation_blocks:
-            out = self.hf.apply_chat_template(
-                messages,
-                chat_template=self.jinja,
-                tokenize=True,
-                add_generation_prompt=add_generation_prompt,
-                return_dict=True,
-                return_assistant_tokens_mask=True,
-            )
+            out = self._apply(messages, add_generation_prompt, mask=True)
             return [int(t) for t in out["input_ids"]], [int(m) for m in out["assistant_masks"]]
         ids = self._ids(messages, add_generation_prompt)
         spans = [
