@@ -133,6 +133,9 @@ class TrainConfig:
     check_for_nan_in_loss: bool = flag(
         False, "Stop with an error on a nan/inf loss.", action="store_true"
     )
+    dpo_beta: float = flag(
+        0.1, "--dpo: the KL weight beta of the DPO loss (Rafailov et al. 2023).", type=float
+    )
 
     def __post_init__(self) -> None:
         positive(
@@ -144,6 +147,7 @@ class TrainConfig:
             "eval_interval",
             "exit_interval",
             "exit_duration_in_mins",
+            "dpo_beta",
         )
         require(self.eval_iters >= 0, f"--eval-iters must be non-negative, got {self.eval_iters}")
         require(

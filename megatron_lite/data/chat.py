@@ -71,6 +71,7 @@ def check_messages(messages: object, where: str = "messages") -> list[dict]:
 class ChatFormat:
     """The common interface; `for_tokenizer` returns the right subclass."""
 
+    tokenizer: Tokenizer
     stop_token_ids: list[int]
     name: str
 
