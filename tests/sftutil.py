@@ -37,6 +37,16 @@ def reverse_task(n: int, seed: int) -> list[dict]:
     return out
 
 
+def addition_task(n: int, seed: int, top: int = 4) -> list[dict]:
+    """'what is A+B': prompt `A B`, response their sum, numbers k written as id 10 + k."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, top), rng.randint(0, top)
+        out.append({"prompt": f"{10 + a} {10 + b}", "response": str(10 + a + b)})
+    return out
+
+
 def write_records(path, records: list[dict]) -> str:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:

@@ -30,7 +30,11 @@ import numpy as np  # noqa: E402
 from preprocess_data import add_tokenizer_args  # noqa: E402
 
 from megatron_lite.data.chat import BUILTIN_TEMPLATES, ChatFormat  # noqa: E402
-from megatron_lite.data.conversations import dpo_example, sft_example  # noqa: E402
+from megatron_lite.data.conversations import (  # noqa: E402
+    dpo_example,
+    loss_mask_prefix,
+    sft_example,
+)
 from megatron_lite.data.corpus import iter_lines, parse_json_object  # noqa: E402
 from megatron_lite.data.indexed_dataset import (  # noqa: E402
     IndexedDatasetBuilder,
@@ -38,7 +42,6 @@ from megatron_lite.data.indexed_dataset import (  # noqa: E402
     index_file_path,
     token_dtype,
 )
-from megatron_lite.data.sft_dataset import loss_mask_prefix  # noqa: E402
 from megatron_lite.data.tokenizer import build_tokenizer  # noqa: E402
 from megatron_lite.errors import UserError  # noqa: E402
 

@@ -22,6 +22,12 @@ from megatron_lite.data.corpus import BadLineError
 from megatron_lite.errors import DataError
 
 Example = tuple[np.ndarray, np.ndarray]  # token ids, 0/1 loss mask
+LOSS_MASK_SUFFIX = "_loss_mask"
+
+
+def loss_mask_prefix(prefix: str) -> str:
+    """Where the loss masks of the token files at `prefix` are (a `.bin/.idx` pair of uint8)."""
+    return prefix + LOSS_MASK_SUFFIX
 
 
 def _string(obj: dict, key: str, path: str, lineno: int) -> str:

@@ -21,16 +21,11 @@ import logging
 import numpy as np
 import torch
 
+from megatron_lite.data.conversations import loss_mask_prefix
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.errors import DataError
 
 logger = logging.getLogger(__name__)
-LOSS_MASK_SUFFIX = "_loss_mask"
-
-
-def loss_mask_prefix(prefix: str) -> str:
-    """Where the loss masks of the token files at `prefix` are."""
-    return prefix + LOSS_MASK_SUFFIX
 
 
 class MaskedDataset:
