@@ -15,7 +15,7 @@ from megatron_lite.arguments import parse_args
 
 VOCAB = 60  # NullTokenizer ids 0..59, eod 60
 LETTERS = range(10, 40)
-LOSS_RE = re.compile(r" iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([0-9.]+E[+-]\d+) \|")
+LOSS_RE = re.compile(r" iteration\s+(\d+)/\s*\d+ \|.*? lm loss: (-?[0-9.]+E[+-]\d+) \|")
 
 TINY = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
