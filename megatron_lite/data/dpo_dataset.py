@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from megatron_lite.data.sft_dataset import MaskedDataset
+from megatron_lite.data.sft_dataset import MaskedSplit
 from megatron_lite.errors import DataError
 
 
@@ -73,37 +73,19 @@ def load_reference(prefix: str, num_pairs: int, seq_length: int) -> np.ndarray:
     return logps
 
 
-class DPODataset(torch.utils.data.Dataset):
+class DPODataset(MaskedSplit):
     """Pairs `document_ids` of a MaskedDataset in a seeded random order, epoch after epoch."""
 
-    def __init__(
-        self,
-        dataset: MaskedDataset,
-        document_ids: np.ndarray,
-        num_samples: int | None,
-        split_name: str,
-        *,
-        seq_length: int,
-        seed: int,
-        tokenizer,
-    ) -> None:
-        self.dataset, self.split_name = dataset, split_name
-        self.path_prefix = dataset.path_prefix
-        self.identifiers = {"class": type(self).__name__, "dataset_path": self.path_prefix}
-        self.seq_length, self.pad_id = seq_length, int(tokenizer.eod)
-        self.vocab_size = tokenizer.vocab_size
+    def _index(self, ids: np.ndarray, num_samples: int | None, rng) -> None:
+        dataset = self.dataset
         counts = np.diff(dataset.tokens.document_indices)
         if len(counts) and not np.all(counts == 2):
             raise DataError(
                 f"{self.path_prefix}: not preference pairs (documents of {sorted(set(counts))} "
                 "sequences, expected 2): write it with tools/preprocess_sft_data.py --task dpo"
             )
-        self.reference = load_reference(self.path_prefix, len(dataset), seq_length)
-        ids = np.asarray(document_ids, dtype=np.int64)
-        if len(ids) == 0:
-            raise DataError(f"the {split_name} split of {self.path_prefix} has no pairs")
+        self.reference = load_reference(self.path_prefix, len(dataset), self.seq_length)
         epochs = 1 if num_samples is None else -(-num_samples // len(ids))
-        rng = np.random.RandomState(seed)
         self.order = np.concatenate([rng.permutation(ids) for _ in range(epochs)])
 
     def __len__(self) -> int:

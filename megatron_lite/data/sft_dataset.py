@@ -114,8 +114,10 @@ def packed_sample(
     }
 
 
-class SFTDataset(torch.utils.data.Dataset):
-    """Rows of packed conversations from the sequences `document_ids` of `prefix`'s files."""
+class MaskedSplit(torch.utils.data.Dataset):
+    """What the SFT and DPO samples of one split share: the files, the split's documents
+    (`document_ids`, checked non-empty), the row length and the padding id; `_index` builds the
+    sample order from `num_samples` and `seed`."""
 
     def __init__(
         self,
@@ -129,22 +131,37 @@ class SFTDataset(torch.utils.data.Dataset):
         tokenizer,
     ) -> None:
         self.dataset, self.split_name = dataset, split_name
-        self.path_prefix = prefix = dataset.path_prefix
+        self.path_prefix = dataset.path_prefix
         self.seq_length, self.pad_id = seq_length, int(tokenizer.eod)
         self.vocab_size = tokenizer.vocab_size
-        self.identifiers = {"class": type(self).__name__, "dataset_path": prefix}
+        self.identifiers = {"class": type(self).__name__, "dataset_path": self.path_prefix}
         document_ids = np.asarray(document_ids, dtype=np.int64)
         if len(document_ids) == 0:
-            raise DataError(f"the {split_name} split of {prefix} has no conversations")
+            raise DataError(f"the {split_name} split of {self.path_prefix} has no documents")
+        self._index(document_ids, num_samples, np.random.RandomState(seed))
+
+    def _index(self, document_ids: np.ndarray, num_samples: int | None, rng) -> None:
+        raise NotImplementedError
+
+
+class SFTDataset(MaskedSplit):
+    """Rows of packed conversations from the sequences `document_ids` of `prefix`'s files."""
+
+    def _index(self, document_ids: np.ndarray, num_samples: int | None, rng) -> None:
+        seq_length, prefix, dataset = self.seq_length, self.path_prefix, self.dataset
+        if np.any(np.diff(dataset.tokens.document_indices) != 1):
+            raise DataError(
+                f"{prefix}: documents of more than one sequence (DPO pairs?): --sft trains on "
+                "conversations from tools/preprocess_sft_data.py --task sft (pairs need --dpo)"
+            )
         lengths = dataset.document_lengths()
         long = int(np.count_nonzero(lengths[document_ids] > seq_length + 1))
         if long:
             logger.warning(
                 "%s: %d of %d %s conversations are longer than --seq-length %d + 1 and are cut",
-                prefix, long, len(document_ids), split_name, seq_length,
+                prefix, long, len(document_ids), self.split_name, seq_length,
             )  # fmt: skip
         # epochs (each its own shuffle, packed on its own) until there are num_samples rows
-        rng = np.random.RandomState(seed)
         orders, starts, offset, rows = [], [np.zeros(1, np.int64)], 0, 0
         while rows == 0 or (num_samples is not None and rows < num_samples):
             order = document_ids.copy()
