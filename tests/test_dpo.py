@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from datautil import write_documents
 from sftutil import TINY, VOCAB, losses, preprocess, train, write_records
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_lite.data.dpo_dataset import reference_paths
 from megatron_lite.distributed.testing import run_distributed
@@ -60,11 +61,17 @@ def test_dpo_raises_the_held_out_margin(setup):
     d, base, pairs, held = setup
     tuned = str(d / "tuned")
     flags = [*TINY, *DPO, "--data-path", pairs, "--load", base, "--save", tuned]
-    log = run_distributed(
-        train, 1, [*flags, "--train-iters", "40", "--lr", "1e-2", "--lr-decay-style", "constant"]
-    )[0]
+    flags += ["--train-iters", "40", "--lr", "1e-2", "--lr-decay-style", "constant"]
+    log = run_distributed(train, 1, [*flags, "--tensorboard-dir", str(d / "tb")])[0]
     got = losses(log)
     assert got[1] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at the start
+    events = EventAccumulator(str(d / "tb"))
+    events.Reload()
+    for name in DPO_METRICS:  # TensorBoard gets what the log line has, every iteration
+        logged = losses(log, name)
+        assert [e.step for e in events.Scalars(name)] == sorted(logged) == list(range(1, 41))
+        for e in events.Scalars(name):
+            assert e.value == pytest.approx(logged[e.step], rel=1e-5, abs=1e-6), name
     assert sum(got[i] for i in range(31, 41)) / 10 < math.log(2) - 0.03
     before = reference(base, held, str(d / "before.npy"))
     after = reference(tuned, held, str(d / "after.npy"))

@@ -274,15 +274,16 @@ def accuracy(path: str, tasks: list[dict]) -> float:
 
 
 def pretrain_and_finetune(tmp_path) -> tuple[str, str]:
-    """A base model pretrained on letter text, and the same fine-tuned (--sft --finetune) on
-    'what is A+B' from its checkpoint."""
+    """A base model pretrained on letter text, and the same fine-tuned (--sft) on 'what is A+B'
+    from its checkpoint (--pretrained-checkpoint: --load is empty at the first start)."""
     docs = [np.random.default_rng(i).integers(10, 40, 30) for i in range(200)]
     corpus = write_documents(str(tmp_path / "letters"), [np.append(d, EOD) for d in docs])
     base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
     train([*TINY, "--data-path", corpus, "--train-iters", "20", "--save", base])
     task = write_records(tmp_path / "add.jsonl", addition_task(2000, 3))
     sft = [*TINY, "--sft", "--data-path", preprocess(task, str(tmp_path / "add"))]
-    sft += ["--load", base, "--finetune", "--save", tuned, "--train-iters", "100"]
+    sft += ["--pretrained-checkpoint", base, "--load", tuned, "--save", tuned]  # resumable
+    sft += ["--train-iters", "100"]
     sft += ["--micro-batch-size", "16", "--global-batch-size", "32", "--lr", "1e-2"]
     train([*sft, "--lr-decay-style", "constant"])  # later flags win
     return base, tuned

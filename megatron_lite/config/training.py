@@ -19,6 +19,11 @@ class CheckpointConfig:
     finetune: bool = flag(
         False, "Load weights only; restart iteration count and optimizer.", action="store_true"
     )
+    pretrained_checkpoint: str | None = flag(
+        None,
+        "Fine-tuning: when --load holds no checkpoint (a first start), load this one's weights "
+        "as --finetune would; later starts resume from --load.",
+    )
     use_checkpoint_args: bool = flag(
         False,
         "Take the model's shape and the tokenizer (unless given) from the --load checkpoint.",
