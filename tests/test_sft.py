@@ -104,6 +104,10 @@ def test_hf_chat_template_masks_assistant_turns(tokenizers, template):
     assert ids == list(rendered["input_ids"])
     assert masked_text(hf, ids, mask) == "The lazy dog.<|im_end|>numbers 0 1<|im_end|>"
     assert fmt.render(CHAT[:2], True).endswith("<|im_start|>assistant\n")
+    prompt = fmt.prompt_ids(CHAT[:2])
+    assert prompt == fmt.encode(CHAT[:2], add_generation_prompt=True)[0] == ids[: len(prompt)]
+    first, first_mask = fmt.encode(CHAT[2:3])  # an assistant turn first: only it is masked
+    assert masked_text(hf, first, first_mask) == "The lazy dog.<|im_end|>"
 
 
 def test_preprocess_tool_writes_tokens_and_masks_and_names_bad_lines(tmp_path, capsys):

@@ -105,6 +105,11 @@ class ChatFormat:
         """The conversation as text (for reading, logs and the server's prompt echo)."""
         raise NotImplementedError
 
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The ids of a prompt for generation: the conversation and an opened assistant turn
+        (what the server feeds the model; no mask is computed)."""
+        return self.encode(messages, add_generation_prompt=True)[0]
+
     def encode_prompt_response(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         """A `prompt`/`response` pair as one user turn and one assistant turn."""
         return self.encode(

@@ -70,6 +70,9 @@ class HFChatFormat(ChatFormat):
             add_generation_prompt=add_generation_prompt,
         )
 
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self._ids(check_messages(messages), add_generation_prompt=True)
+
     def encode(
         self, messages: list[dict], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[int]]:
@@ -85,9 +88,23 @@ class HFChatFormat(ChatFormat):
         ]
         return ids, mask_spans(len(ids), spans)
 
+    def _first_turn_start(self, ids: list[int]) -> int:
+        """Where the content of a conversation's opening assistant turn starts: after the first
+        occurrence of the generation prompt's tokens (a conversation cannot be rendered empty)."""
+        user = self._ids(_PROBE[:1], add_generation_prompt=False)
+        opened = self._ids(_PROBE[:1], add_generation_prompt=True)
+        header = opened[len(user) :] if opened[: len(user)] == user else []
+        for j in range(len(ids) - len(header) + 1):
+            if ids[j : j + len(header)] == header:
+                return j + len(header)
+        return 0
+
     def _turn_span(self, messages: list[dict], i: int, ids: list[int]) -> tuple[int, int]:
         """[start, end) of assistant turn i in `ids`, the whole conversation's tokens."""
-        before = self._ids(messages[:i], add_generation_prompt=True) if i else []
+        if i == 0:  # an assistant turn first: after the template's assistant header
+            before = ids[: self._first_turn_start(ids)]
+        else:
+            before = self._ids(messages[:i], add_generation_prompt=True)
         through = self._ids(messages[: i + 1], add_generation_prompt=False)
         if ids[: len(through)] != through or through[: len(before)] != before:
             raise TokenizerError(
