@@ -112,8 +112,12 @@ def train_step(run: Run, data_iterators) -> dict:
     if success:
         run.scheduler.step(run.microbatches.get_current_global_batch_size())  # counts samples
     reported = {n: _mean_reported(losses, n) for n in reported_names(cfg)}
-    return {"loss": reported["lm loss"], "reported": reported, "success": success,
-            "grad_norm": grad_norm}  # fmt: skip
+    return {
+        "loss": reported["lm loss"],
+        "reported": reported,
+        "success": success,
+        "grad_norm": grad_norm,
+    }
 
 
 def optimizer_step(
