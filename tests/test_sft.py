@@ -110,6 +110,20 @@ def test_hf_chat_template_masks_assistant_turns(tokenizers, template):
     assert masked_text(hf, first, first_mask) == "The lazy dog.<|im_end|>"
 
 
+def test_preprocess_tool_applies_the_hf_tokenizers_own_template(tokenizers, tmp_path):
+    import preprocess_sft_data  # tools/ (on the path through datautil)
+
+    _, hf = tokenizers
+    jsonl = write_records(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf.hf.name_or_path]
+    assert (
+        preprocess_sft_data.main(["--input", jsonl, "--output-prefix", str(tmp_path / "c"), *flags])
+        == 0
+    )
+    ((ids, mask),) = MaskedDataset(str(tmp_path / "c_sft_document"))[0]
+    assert (ids.tolist(), mask.tolist()) == ChatFormat.for_tokenizer(hf).encode(CHAT)
+
+
 def test_preprocess_tool_writes_tokens_and_masks_and_names_bad_lines(tmp_path, capsys):
     import preprocess_sft_data  # tools/ (on the path through datautil)
 
