@@ -42,6 +42,7 @@ from megatron_lite.inference.generation import (
 from megatron_lite.inference.kv_cache import SlotKVCache
 
 _DONE = object()  # the end of a request's token stream
+DEFAULT_MAX_REQUESTS = 8  # Megatron's --inference-max-requests default: rows of the batch
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Request:
     stop: Callable[[list[int]], bool] | None = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    cancelled: bool = False  # set by `cancel()`: the client went away
     error: BaseException | None = None
     _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -69,6 +71,10 @@ class Request:
         self.finish_reason, self.error = reason, error
         self._done.set()
         self._events.put(_DONE)
+
+    def cancel(self) -> None:
+        """Stop after the next step (finish_reason "cancelled"): its row goes to the next one."""
+        self.cancelled = True
 
     def stream(self) -> Iterator[int]:
         """The new tokens as the engine samples them; raises the engine's error if it failed."""
@@ -143,7 +149,7 @@ class EngineCore:
         return _broadcast_token(sampled, self.lm.ps, len(rows)).tolist()
 
 
-def follow(lm: LanguageModel, max_batch_size: int) -> None:
+def follow(lm: LanguageModel, max_batch_size: int = DEFAULT_MAX_REQUESTS) -> None:
     """Loop of the ranks other than the serving one: run each step it broadcasts, until a stop."""
     core = EngineCore(lm, max_batch_size)
     while (plan := broadcast_json(None, lm)) is not None:
@@ -154,7 +160,7 @@ class Engine:
     """The serving rank's scheduler: `submit` from any thread; `start` runs the steps in a thread
     of their own (or call `run_until_idle` from one thread); `stop` ends it and the followers."""
 
-    def __init__(self, lm: LanguageModel, max_batch_size: int = 8):
+    def __init__(self, lm: LanguageModel, max_batch_size: int = DEFAULT_MAX_REQUESTS):
         self.core = EngineCore(lm, max_batch_size)
         self.lm = lm
         self._waiting: deque[Request] = deque()
@@ -162,7 +168,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = {"prefill": 0, "decode": 0}  # counts, for tests and benchmarks
+        self.steps = {"prefill": 0, "decode": 0, "peak_batch": 0}  # for tests and benchmarks
 
     def submit(self, req: Request) -> Request:
         if req.max_new_tokens < 1:
@@ -227,6 +233,7 @@ class Engine:
             self.steps["prefill"] += 1
         if self._active:
             rows = sorted(self._active)
+            self.steps["peak_batch"] = max(self.steps["peak_batch"], len(rows))
             self._run({"decode": rows, "tokens": [self._active[r].tokens[-1] for r in rows]}, rows)
             self.steps["decode"] += 1
 
@@ -250,6 +257,8 @@ class Engine:
 
 
 def _finish_reason(req: Request) -> str | None:
+    if req.cancelled:
+        return "cancelled"
     if req.eod is not None and req.tokens[-1] == req.eod:
         return "eod"
     if req.stop is not None and req.stop(req.tokens):
