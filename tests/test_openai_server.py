@@ -1,0 +1,296 @@
+"""Continuous batching (inference/engine.py) and the OpenAI-compatible server (openai_api.py).
+
+The engine must give every request the tokens one `generate` call gives it, while requests join
+and leave the running batch; the official `openai` client must complete and stream against the
+server on 127.0.0.1; 16 concurrent clients must get the one-at-a-time greedy answers; the server
+split over 2 gloo ranks (tp 2, then pp 2) must answer as one process. No timings are asserted.
+"""
+
+import threading
+
+import openai
+import pytest
+import torch
+
+from megatron_lite.checkpointing import save_checkpoint
+from megatron_lite.config import Config, DataConfig, ModelConfig
+from megatron_lite.data.chat import ChatFormat
+from megatron_lite.data.tokenizer import NullTokenizer
+from megatron_lite.distributed.testing import run_distributed
+from megatron_lite.inference.engine import Engine, Request
+from megatron_lite.inference.generation import SamplingParams, generate, load_model
+from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
+from megatron_lite.model import build_model_chunks
+from megatron_lite.parallel_state import ParallelState
+
+CPU = torch.device("cpu")
+VOCAB, EOD = 100, 99  # NullTokenizer(99): text is space-separated ids, 99 ends a document
+GREEDY = SamplingParams(temperature=0)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9)
+FLAVOURS = {
+    "gpt2": {},  # learned positions: each row's own positions matter
+    "llama": dict(
+        swiglu=True,
+        normalization="RMSNorm",
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=True,
+        add_bias_linear=False,
+        group_query_attention=True,
+        num_query_groups=2,
+    ),
+}
+CHAT = [{"role": "user", "content": "5 17 42"}]
+
+
+def _save(path, flavour):
+    m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=48,
+                    **FLAVOURS[flavour])  # fmt: skip
+    cfg = Config(model=m, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=EOD))
+    cfg.finalize(1)
+    ps = ParallelState.single()
+    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(VOCAB))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # away from the init, so that greedy answers differ per prompt
+        for p in chunks[0].parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    save_checkpoint(str(path), 1, chunks, None, None, cfg, ps, 0, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    for f in FLAVOURS:
+        _save(d / f, f)
+    return {f: str(d / f) for f in FLAVOURS}
+
+
+@pytest.fixture(scope="module")
+def lms(paths):
+    return {f: load_model(p, dtype=torch.float32, device=CPU) for f, p in paths.items()}
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 14, (n,), generator=g).tolist()
+    return [torch.randint(0, EOD, (k,), generator=g).tolist() for k in lengths]
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_requests_joining_a_running_batch_get_their_one_at_a_time_tokens(lms, flavour):
+    """12 prompts of 1..13 tokens through 5 rows: newcomers join between decode steps as rows
+    free up; greedy and seeded sampling give each request what `generate` alone gives."""
+    lm, prompts = lms[flavour], _prompts(12)
+    budgets = [4 + i % 9 for i in range(12)]  # different lengths: rows free at different steps
+    for params in (GREEDY, SAMPLED):
+        want = [generate(lm, p, n, params, eod=EOD, seed=i).tokens
+                for i, (p, n) in enumerate(zip(prompts, budgets))]  # fmt: skip
+        engine = Engine(lm, max_batch_size=5)
+        reqs = [engine.submit(Request(p, n, params, seed=i, eod=EOD))
+                for i, (p, n) in enumerate(zip(prompts, budgets))]  # fmt: skip
+        engine.run_until_idle()
+        assert [r.result().tokens for r in reqs] == want, params
+        assert engine.steps["prefill"] == 12 and engine.steps["peak_batch"] == 5
+        assert engine.steps["decode"] < sum(budgets) - 12  # decode steps were shared
+    engine = Engine(lm, max_batch_size=2)
+    stopped = engine.submit(Request(prompts[0], 10, GREEDY, stop=lambda new: len(new) == 3))
+    cancelled = engine.submit(Request(prompts[1], 10, GREEDY))
+    cancelled.cancel()  # the client went away: it leaves after its first step
+    engine.run_until_idle()
+    assert (len(stopped.tokens), stopped.finish_reason) == (3, "stop")
+    assert (len(cancelled.tokens), cancelled.finish_reason) == (1, "cancelled")
+    with pytest.raises(ValueError, match="exceeds the model's 48 positions"):
+        engine.submit(Request(prompts[0], 48, GREEDY))
+
+
+class _Serving:
+    """A GenerationServer in a thread, and an openai client for it."""
+
+    def __init__(self, lm, **kwargs):
+        self.server = GenerationServer(lm, NullTokenizer(EOD), "127.0.0.1", 0, **kwargs)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        host, port = self.server.address
+        self.url = f"http://{host}:{port}/v1"
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=60)
+
+    def close(self):
+        self.server.shutdown()
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive()
+
+
+def _text(tokens: list[int]) -> str:
+    return NullTokenizer(EOD).detokenize([t for t in tokens if t != EOD])
+
+
+def _expected_chat(lm, max_tokens, params=GREEDY, seed=0):
+    prompt = ChatFormat.for_tokenizer(NullTokenizer(EOD)).encode(CHAT, True)[0]
+    return generate(lm, prompt, max_tokens, params, eod=EOD, seed=seed)
+
+
+def _stream_chat(client, model, **kwargs) -> tuple[str, str | None]:
+    pieces, reason = [], None
+    for chunk in client.chat.completions.create(model=model, messages=CHAT, stream=True, **kwargs):
+        pieces.append(chunk.choices[0].delta.content or "")
+        reason = chunk.choices[0].finish_reason or reason
+    return "".join(pieces), reason
+
+
+def test_openai_client_completes_and_streams_a_chat(lms):
+    lm = lms["llama"]
+    serving = _Serving(lm)
+    try:
+        client, model = serving.client(), serving.server.limits["model"]
+        assert serving.server.address[0] == "127.0.0.1"
+        assert [m.id for m in client.models.list().data] == [model] == ["llama"]
+        out = client.completions.create(model=model, prompt="5 17 42 8 3", max_tokens=9,
+                                        temperature=0)  # fmt: skip
+        want = generate(lm, [5, 17, 42, 8, 3], 9, GREEDY, eod=EOD)
+        assert out.choices[0].text == _text(want.tokens)
+        assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == len(want.tokens)
+        chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12,
+                                              temperature=0)  # fmt: skip
+        want = _expected_chat(lm, 12)
+        assert chat.choices[0].message.role == "assistant"
+        assert chat.choices[0].message.content == _text(want.tokens)
+        assert chat.choices[0].finish_reason == ("length" if want.finish_reason == "length"
+                                                 else "stop")  # fmt: skip
+        streamed, reason = _stream_chat(client, model, max_tokens=12, temperature=0)
+        assert (streamed, reason) == (chat.choices[0].message.content, chat.choices[0].finish_reason)
+        sampled = _expected_chat(lm, 12, SAMPLED, seed=7)
+        got = _stream_chat(client, model, max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+        assert got[0] == _text(sampled.tokens)
+        # a stop string: the text before its first occurrence, streamed or not
+        full = _text(want.tokens)
+        stop = " " + full.split()[3]
+        cut = full[: full.find(stop)]
+        chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12,
+                                              temperature=0, stop=[stop])  # fmt: skip
+        assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (cut, "stop")
+        assert _stream_chat(client, model, max_tokens=12, temperature=0, stop=stop) == (cut, "stop")
+    finally:
+        serving.close()
+
+
+def test_refused_requests_name_the_field(lms):
+    serving = _Serving(lms["gpt2"], max_new_tokens=20)
+    try:
+        client, model = serving.client(), serving.server.limits["model"]
+        bad = [
+            (dict(n=2), "'n' = 2 is not supported"),
+            (dict(logprobs=True), "'logprobs'"),
+            (dict(presence_penalty=0.5), "'presence_penalty'"),
+            (dict(max_tokens=21), "'max_tokens' must be an integer in [1, 20]"),
+            (dict(temperature=-1), "temperature must be a number in [0, 100]"),
+            (dict(stop=["a", "b", "c", "d", "e"]), "at most 4"),
+            (dict(extra_body={"bogus": 1}), "unknown field(s) ['bogus']"),
+            (dict(messages=[{"role": "robot", "content": "1"}]), "role 'robot'"),
+        ]
+        for kwargs, message in bad:
+            kwargs = {"messages": CHAT, **kwargs}
+            with pytest.raises(openai.BadRequestError, match=None) as e:
+                client.chat.completions.create(model=model, **kwargs)
+            assert message in e.value.body["message"], (kwargs, e.value.body)
+        with pytest.raises(openai.BadRequestError, match="several requests"):
+            client.completions.create(model=model, prompt=["1 2", "3 4"])
+        with pytest.raises(openai.BadRequestError, match="'echo'"):
+            client.completions.create(model=model, prompt="1 2", echo=True)
+        with pytest.raises(openai.BadRequestError, match="exceeds the model's 48 positions"):
+            client.completions.create(model=model, prompt=" ".join(["1"] * 40), max_tokens=10)
+        with pytest.raises(openai.NotFoundError, match="serves 'gpt2'"):
+            client.completions.create(model="gpt-4", prompt="1 2")
+        ok = client.completions.create(model=model, prompt="1 2", max_tokens=2)  # still serving
+        assert ok.usage.completion_tokens == 2
+    finally:
+        serving.close()
+
+
+def test_sixteen_concurrent_clients_get_the_one_at_a_time_greedy_answers(lms):
+    lm, prompts = lms["gpt2"], _prompts(16, seed=1)
+    want = [_text(generate(lm, p, 8 + i % 5, GREEDY, eod=EOD).tokens) for i, p in enumerate(prompts)]
+    serving = _Serving(lm, max_batch_size=8)
+    got, start = [None] * 16, threading.Barrier(16)
+
+    def client(i):
+        c = serving.client()
+        start.wait()
+        text = " ".join(map(str, prompts[i]))
+        if i % 2:  # half of them stream
+            chunks = c.completions.create(model="gpt2", prompt=text, max_tokens=8 + i % 5,
+                                          temperature=0, stream=True)  # fmt: skip
+            got[i] = "".join(ch.choices[0].text for ch in chunks)
+        else:
+            got[i] = c.completions.create(model="gpt2", prompt=text, max_tokens=8 + i % 5,
+                                          temperature=0).choices[0].text  # fmt: skip
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == want
+        assert serving.server.engine.steps["peak_batch"] >= 2  # they were batched
+    finally:
+        serving.close()
+
+
+def _serve_split(path, layouts):
+    """On 2 ranks, per (tp, pp): rank 0 serves a completion, a streamed chat and 6 concurrent
+    completions to the openai client; the other rank follows the engine's steps."""
+    answers = []
+    for tp, pp in layouts:
+        ps = ParallelState.build(tp, pp)
+        lm = load_model(path, ps, dtype=torch.float32, device=CPU)
+        if not is_serving_rank(ps):
+            follow(lm, NullTokenizer(EOD), 4)
+            continue
+        serving = _Serving(lm, max_batch_size=4)
+        try:
+            c = serving.client()
+            one = c.completions.create(model="llama", prompt="5 17 42 8 3", max_tokens=9,
+                                       temperature=0).choices[0].text  # fmt: skip
+            chat = _stream_chat(c, "llama", max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+            texts = [" ".join(map(str, p)) for p in _prompts(6, seed=2)]
+            many = [None] * 6
+
+            def ask(i, c=c):
+                many[i] = c.completions.create(model="llama", prompt=texts[i], max_tokens=7,
+                                               temperature=0).choices[0].text  # fmt: skip
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            answers.append((one, chat[0], many))
+        finally:
+            serving.close()
+    return answers
+
+
+def test_server_at_tp2_and_pp2_answers_as_one_process(paths, lms):
+    lm = lms["llama"]
+    want = (
+        _text(generate(lm, [5, 17, 42, 8, 3], 9, GREEDY, eod=EOD).tokens),
+        _text(_expected_chat(lm, 12, SAMPLED, seed=7).tokens),
+        [_text(generate(lm, p, 7, GREEDY, eod=EOD).tokens) for p in _prompts(6, seed=2)],
+    )
+    served, followed = run_distributed(_serve_split, 2, paths["llama"], [(2, 1), (1, 2)],
+                                       timeout=180)  # fmt: skip
+    assert followed == [] and served == [want, want]
+
+
+def test_cli_refuses_a_batch_of_no_requests(paths, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_tool", Path(__file__).resolve().parents[1] / "tools/generate.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--load", paths["gpt2"], "--server", "--inference-max-requests", "0"]) == 2
+    assert "--inference-max-requests must be >= 1, got 0" in capsys.readouterr().err
