@@ -158,7 +158,10 @@ def test_openai_client_completes_and_streams_a_chat(lms):
         assert chat.choices[0].finish_reason == ("length" if want.finish_reason == "length"
                                                  else "stop")  # fmt: skip
         streamed, reason = _stream_chat(client, model, max_tokens=12, temperature=0)
-        assert (streamed, reason) == (chat.choices[0].message.content, chat.choices[0].finish_reason)
+        assert (streamed, reason) == (
+            chat.choices[0].message.content,
+            chat.choices[0].finish_reason,
+        )
         sampled = _expected_chat(lm, 12, SAMPLED, seed=7)
         got = _stream_chat(client, model, max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
         assert got[0] == _text(sampled.tokens)
@@ -207,31 +210,39 @@ def test_refused_requests_name_the_field(lms):
         serving.close()
 
 
-def test_sixteen_concurrent_clients_get_the_one_at_a_time_greedy_answers(lms):
-    lm, prompts = lms["gpt2"], _prompts(16, seed=1)
-    want = [_text(generate(lm, p, 8 + i % 5, GREEDY, eod=EOD).tokens) for i, p in enumerate(prompts)]
-    serving = _Serving(lm, max_batch_size=8)
-    got, start = [None] * 16, threading.Barrier(16)
+def _complete(client, model: str, text: str, max_tokens: int, stream: bool) -> str:
+    kwargs = dict(model=model, prompt=text, max_tokens=max_tokens, temperature=0)
+    if stream:
+        return "".join(
+            ch.choices[0].text for ch in client.completions.create(stream=True, **kwargs)
+        )
+    return client.completions.create(**kwargs).choices[0].text
+
+
+def _concurrently(serving, model: str, prompts: list[list[int]], budgets: list[int]) -> list[str]:
+    """Each prompt from its own thread and client, all released at once; odd ones stream."""
+    got, start = [None] * len(prompts), threading.Barrier(len(prompts))
 
     def client(i):
         c = serving.client()
         start.wait()
-        text = " ".join(map(str, prompts[i]))
-        if i % 2:  # half of them stream
-            chunks = c.completions.create(model="gpt2", prompt=text, max_tokens=8 + i % 5,
-                                          temperature=0, stream=True)  # fmt: skip
-            got[i] = "".join(ch.choices[0].text for ch in chunks)
-        else:
-            got[i] = c.completions.create(model="gpt2", prompt=text, max_tokens=8 + i % 5,
-                                          temperature=0).choices[0].text  # fmt: skip
+        got[i] = _complete(c, model, " ".join(map(str, prompts[i])), budgets[i], i % 2 == 1)
 
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return got
+
+
+def test_sixteen_concurrent_clients_get_the_one_at_a_time_greedy_answers(lms):
+    lm, prompts = lms["gpt2"], _prompts(16, seed=1)
+    budgets = [8 + i % 5 for i in range(16)]
+    want = [_text(generate(lm, p, n, GREEDY, eod=EOD).tokens) for p, n in zip(prompts, budgets)]
+    serving = _Serving(lm, max_batch_size=8)
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert got == want
+        assert _concurrently(serving, "gpt2", prompts, budgets) == want
         assert serving.server.engine.steps["peak_batch"] >= 2  # they were batched
     finally:
         serving.close()
@@ -250,21 +261,9 @@ def _serve_split(path, layouts):
         serving = _Serving(lm, max_batch_size=4)
         try:
             c = serving.client()
-            one = c.completions.create(model="llama", prompt="5 17 42 8 3", max_tokens=9,
-                                       temperature=0).choices[0].text  # fmt: skip
+            one = _complete(c, "llama", "5 17 42 8 3", 9, stream=False)
             chat = _stream_chat(c, "llama", max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
-            texts = [" ".join(map(str, p)) for p in _prompts(6, seed=2)]
-            many = [None] * 6
-
-            def ask(i, c=c):
-                many[i] = c.completions.create(model="llama", prompt=texts[i], max_tokens=7,
-                                               temperature=0).choices[0].text  # fmt: skip
-
-            threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=60)
+            many = _concurrently(serving, "llama", _prompts(6, seed=2), [7] * 6)
             answers.append((one, chat[0], many))
         finally:
             serving.close()
