@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from megatron_lite.data.chat import ChatFormat
@@ -218,6 +219,12 @@ class GenerationServer:
 def _handler_class(server: GenerationServer, socket_timeout: float):
     class Handler(BaseHTTPRequestHandler):
         timeout = socket_timeout  # a client that never sends its body cannot hold the server
+
+        def setup(self):
+            super().setup()
+            # small writes (headers, then the body; a stream's chunks) leave at once: Nagle's
+            # algorithm would hold each back until the client's delayed ACK (~40 ms)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def log_message(self, format, *args):  # noqa: A002 - quiet: one line per request
             pass
