@@ -162,6 +162,10 @@ def test_openai_client_completes_and_streams_a_chat(lms):
             chat.choices[0].message.content,
             chat.choices[0].finish_reason,
         )
+        chunks = list(client.completions.create(model=model, prompt="5 17 42 8 3", max_tokens=9,
+                      temperature=0, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+        assert "".join(c.choices[0].text for c in chunks[:-1]) == out.choices[0].text
+        assert chunks[-1].choices == [] and chunks[-1].usage == out.usage
         sampled = _expected_chat(lm, 12, SAMPLED, seed=7)
         got = _stream_chat(client, model, max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
         assert got[0] == _text(sampled.tokens)

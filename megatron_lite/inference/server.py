@@ -294,6 +294,8 @@ def _handler_class(server: GenerationServer, socket_timeout: float):
                 handle, text = server.openai_submit(req)
             except OpenAIError as e:
                 return self._reply(e.status, e.body())
+            except RuntimeError as e:  # the engine is stopping
+                return self._error(503, str(e))
             if req.stream:
                 return self._stream(server.openai_stream(req, handle, text), handle)
             try:
