@@ -3,7 +3,8 @@
 The engine must give every request the tokens one `generate` call gives it, while requests join
 and leave the running batch; the official `openai` client must complete and stream against the
 server on 127.0.0.1; 16 concurrent clients must get the one-at-a-time greedy answers; the server
-split over 2 gloo ranks (tp 2, then pp 2) must answer as one process. No timings are asserted.
+split over 2 gloo ranks (tp 2, then pp 2) and 4 (tp 2 x pp 2) must answer as one process. No
+timings are asserted.
 """
 
 import threading
@@ -274,7 +275,7 @@ def _serve_split(path, layouts):
     return answers
 
 
-def test_server_at_tp2_and_pp2_answers_as_one_process(paths, lms):
+def test_server_at_tp2_pp2_and_tp2_x_pp2_answers_as_one_process(paths, lms):
     lm = lms["llama"]
     want = (
         _text(generate(lm, [5, 17, 42, 8, 3], 9, GREEDY, eod=EOD).tokens),
@@ -284,6 +285,8 @@ def test_server_at_tp2_and_pp2_answers_as_one_process(paths, lms):
     served, followed = run_distributed(_serve_split, 2, paths["llama"], [(2, 1), (1, 2)],
                                        timeout=180)  # fmt: skip
     assert followed == [] and served == [want, want]
+    served, *followed = run_distributed(_serve_split, 4, paths["llama"], [(2, 2)], timeout=180)
+    assert followed == [[], [], []] and served == [want]
 
 
 def test_cli_refuses_a_batch_of_no_requests(paths, capsys):
