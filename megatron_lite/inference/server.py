@@ -222,8 +222,8 @@ def _handler_class(server: GenerationServer, socket_timeout: float):
 
         def setup(self):
             super().setup()
-            # small writes (headers, then the body; a stream's chunks) leave at once: Nagle's
-            # algorithm would hold each back until the client's delayed ACK (~40 ms)
+            # a stream's small chunks leave as they are written, not held back by Nagle's
+            # algorithm for the client's ACK of the previous one
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def log_message(self, format, *args):  # noqa: A002 - quiet: one line per request
