@@ -20,6 +20,7 @@ from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.inference.engine import Engine, Request
 from megatron_lite.inference.generation import SamplingParams, generate, load_model
+from megatron_lite.inference.openai_api import TextStream
 from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
@@ -101,6 +102,28 @@ def test_requests_joining_a_running_batch_get_their_one_at_a_time_tokens(lms, fl
     assert (len(cancelled.tokens), cancelled.finish_reason) == (1, "cancelled")
     with pytest.raises(ValueError, match="exceeds the model's 48 positions"):
         engine.submit(Request(prompts[0], 48, GREEDY))
+
+
+class _Pieces:
+    """A tokenizer whose ids are text pieces; id 3 and 4 are the two halves of one character."""
+
+    PIECES = ["Hel", "lo", " wor", "\xe2", "\x82\xac", "ld", "!"]
+
+    def detokenize(self, ids):
+        raw = "".join(self.PIECES[i] for i in ids).encode("latin-1")
+        return raw.decode("utf-8", errors="replace")  # half a character -> U+FFFD
+
+
+def test_streamed_text_holds_back_what_may_still_change():
+    text = TextStream(_Pieces(), ["ld!"], hidden={6})
+    deltas = [text.delta([0, 1, 2, 3, 4, 5, 6][: n + 1]) for n in range(6)]
+    # what may begin the stop string ("l", "ld") waits, and so does half of the euro sign
+    assert deltas == ["He", "llo", " wor", "", "\u20ac", ""]
+    assert text.delta([0, 1, 2, 3, 4, 5], final=True) == "ld"
+    assert text.stopped([0, 1, 6]) and not text.stopped([0, 1])  # a hidden (stop) id
+    cut = TextStream(_Pieces(), ["ld!"], hidden=set())
+    assert cut.text([0, 1, 2, 5, 6]) == ("Hello wor", True)  # the stop string and what follows go
+    assert cut.stopped([0, 1, 2, 5, 6])
 
 
 class _Serving:
