@@ -312,6 +312,31 @@ def test_server_at_tp2_pp2_and_tp2_x_pp2_answers_as_one_process(paths, lms):
     assert followed == [[], [], []] and served == [want]
 
 
+def test_cli_server_answers_the_openai_client_under_its_served_name(paths, lms):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools/generate.py"
+    cmd = [sys.executable, str(tool), "--load", paths["llama"], "--server", "--port", "0",
+           "--dtype", "fp32", "--served-model-name", "tiny-chat", "--chat-template", "plain",
+           "--inference-max-requests", "3"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving POST http://127.0.0.1:PORT/generate, ..."
+        assert "as 'tiny-chat'" in line and "3 requests at once" in line, proc.stderr.read()
+        url = line.split()[2].rsplit("/", 1)[0] + "/v1"
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+        got = client.chat.completions.create(model="tiny-chat", messages=CHAT, max_tokens=12,
+                                             temperature=0)  # fmt: skip
+        assert got.choices[0].message.content == _text(_expected_chat(lms["llama"], 12).tokens)
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the server stops cleanly
+        assert proc.wait(timeout=30) == 0
+
+
 def test_cli_refuses_a_batch_of_no_requests(paths, capsys):
     import importlib.util
     from pathlib import Path
