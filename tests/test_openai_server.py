@@ -337,7 +337,7 @@ def test_cli_server_answers_the_openai_client_under_its_served_name(paths, lms):
         assert proc.wait(timeout=30) == 0
 
 
-def test_cli_refuses_a_batch_of_no_requests(paths, capsys):
+def test_cli_refuses_no_requests_at_once_and_an_unknown_chat_template(paths, capsys):
     import importlib.util
     from pathlib import Path
 
@@ -348,3 +348,5 @@ def test_cli_refuses_a_batch_of_no_requests(paths, capsys):
     spec.loader.exec_module(tool)
     assert tool.main(["--load", paths["gpt2"], "--server", "--inference-max-requests", "0"]) == 2
     assert "--inference-max-requests must be >= 1, got 0" in capsys.readouterr().err
+    assert tool.main(["--load", paths["gpt2"], "--server", "--chat-template", "nosuch"]) == 2
+    assert "--chat-template 'nosuch': expected default, chatml, plain" in capsys.readouterr().err

@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--chat-template",
-        help="'chatml', 'plain' or a Jinja string (default: the tokenizer's own, else chatml).",
+        "--sft-tokenizer-prompt-format",
+        default="default",
+        help="default (the tokenizer's own, else built-in), chatml, plain, or a Jinja file "
+        "(as tools/preprocess_sft_data.py takes it).",
     )
     return p
 
@@ -124,12 +127,30 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_template(choice: str) -> str | None:
+    """--chat-template: None (the tokenizer's own), a built-in name, or a Jinja file's text."""
+    from megatron_lite.data.chat import BUILTIN_TEMPLATES
+
+    if choice == "default":
+        return None
+    if choice in BUILTIN_TEMPLATES:
+        return choice
+    if not os.path.isfile(choice):
+        raise UserError(
+            f"--chat-template {choice!r}: expected default, {', '.join(BUILTIN_TEMPLATES)} "
+            "or a Jinja template file"
+        )
+    with open(choice, encoding="utf-8") as f:
+        return f.read()
+
+
 def _serve(args: argparse.Namespace, ps, lm, tokenizer) -> int:
     """--server: the first rank serves HTTP, the others follow its engine's steps."""
     from megatron_lite.data.chat import ChatFormat
     from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
 
-    ChatFormat.for_tokenizer(tokenizer, args.chat_template)  # a bad one fails on every rank
+    template = _chat_template(args.chat_template)
+    ChatFormat.for_tokenizer(tokenizer, template)  # a bad one fails on every rank
     if not is_serving_rank(ps):
         follow(lm, tokenizer, args.inference_max_requests)
         return 0
@@ -144,7 +165,7 @@ def _serve(args: argparse.Namespace, ps, lm, tokenizer) -> int:
         default_new_tokens=args.max_new_tokens,
         max_batch_size=args.inference_max_requests,
         model_name=args.served_model_name,
-        chat_template=args.chat_template,
+        chat_template=template,
     )
     host, port = server.address
     print(
