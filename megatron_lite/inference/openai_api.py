@@ -75,9 +75,11 @@ class OpenAIRequest:
 
 def _check_fields(req: dict, kind: str) -> None:
     for name, off in REFUSED.items():
-        if name in req and req[name] != off and not (off is False and req[name] is None):
-            raise OpenAIError(400, f"'{name}' = {req[name]!r} is not supported by this server "
-                              f"(only {off!r})", name)  # fmt: skip
+        value = req.get(name)  # null, and false for an on/off field, mean "off" too
+        if value is not None and value != off and not (off is None and value is False):
+            allowed = "leave it out" if off is None else f"only {json.dumps(off)} is"
+            raise OpenAIError(400, f"'{name}' = {json.dumps(value)} is not supported by this "
+                              f"server ({allowed})", name)  # fmt: skip
     unknown = sorted(set(req) - FIELDS[kind] - set(REFUSED))
     if unknown:
         raise OpenAIError(400, f"unknown field(s) {unknown}; accepted: {sorted(FIELDS[kind])}")
