@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-new-tokens-limit", type=int, default=256)
     srv.add_argument(
         "--inference-max-requests",
-        "--inference-max-batch-size",
+        "--max-batch-size",  # the older spelling of Megatron's text generation server
         type=int,
         default=DEFAULT_MAX_REQUESTS,
         help="Requests decoded together (continuous batching); more wait their turn.",
