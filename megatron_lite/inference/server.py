@@ -137,12 +137,12 @@ def is_serving_rank(ps) -> bool:
 
 def follow(lm: LanguageModel, tokenizer=None, max_batch_size: int = DEFAULT_MAX_REQUESTS) -> None:
     """Loop of the other ranks: run each engine step the serving rank broadcasts, until a stop.
-    `max_batch_size` must be the serving rank's."""
+    `max_batch_size` must be the serving rank's; `tokenizer` is unused (the serving rank
+    tokenizes), kept so that callers of the one-request-at-a-time server still work."""
     engine_mod.follow(lm, max_batch_size)
 
 
 POST_PATHS = {"/generate": None, "/v1/completions": "completion", "/v1/chat/completions": "chat"}
-GET_PATHS = ("/health", "/v1/models")
 
 
 class GenerationServer:
