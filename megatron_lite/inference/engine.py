@@ -7,9 +7,9 @@
     engine.stop()
 
 The engine keeps up to `max_batch_size` sequences in a `SlotKVCache`, each row at its own length.
-Each round it admits waiting requests into free rows (one prefill step per newcomer: its prompt
-through the model, which samples its first token), then runs one decode step of every active row
-together (one token each). A sequence leaves after its end-of-document token, a stop condition or
+Each round it admits waiting requests into free rows (one prefill step for all the newcomers:
+their prompts through the model, right-padded to the longest, which samples each one's first
+token), then runs one decode step of every active row together (one token each). A sequence leaves after its end-of-document token, a stop condition or
 `max_new_tokens`, and its row takes the next newcomer. Each sequence draws from its own generator
 seeded by its request, so it gets the tokens one `generate` call would give.
 
@@ -123,23 +123,29 @@ class EngineCore:
 
     @torch.no_grad()
     def step(self, plan: dict) -> list[int]:
-        """plan {"prefill": row, "tokens": prompt, "sampling": [t, k, p], "seed": s} starts a
-        sequence in `row`; {"decode": rows, "tokens": last token of each} extends them by one."""
+        """plan {"prefill": rows, "tokens": prompts, "sampling": [[t, k, p], ...], "seeds": [...]}
+        starts a sequence in each row; {"decode": rows, "tokens": last token of each} extends them
+        by one. Prompts of one prefill are right-padded to the longest: each row's padding lies
+        past its own last token, where its causal mask does not look, and the next step
+        overwrites it (the row advances by its own prompt only)."""
         if "prefill" in plan:
-            row = plan["prefill"]
-            self.cache.reset(row)
-            self.params[row] = SamplingParams(*plan["sampling"])
-            self.generators[row] = torch.Generator().manual_seed(plan["seed"])
-            rows, tokens = [row], torch.tensor([plan["tokens"]], dtype=torch.long)
+            rows, prompts = plan["prefill"], plan["tokens"]
+            for row, sampling, seed in zip(rows, plan["sampling"], plan["seeds"]):
+                self.cache.reset(row)
+                self.params[row] = SamplingParams(*sampling)
+                self.generators[row] = torch.Generator().manual_seed(seed)
         else:
-            rows = plan["decode"]
-            tokens = torch.tensor(plan["tokens"], dtype=torch.long)[:, None]  # [b, 1]
+            rows, prompts = plan["decode"], [[t] for t in plan["tokens"]]
+        lengths = torch.tensor([len(p) for p in prompts])
+        tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # [b, s]
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
         self.cache.select(rows)
         logits = self.lm.logits(tokens, self.cache)  # [b, s, vocab] on the last stage
-        self.cache.advance(tokens.shape[1])
+        self.cache.advance(lengths)
         sampled = None
         if logits is not None:
-            last = logits[:, -1]
+            last = logits[torch.arange(len(rows)), lengths.to(logits.device) - 1]  # [b, vocab]
             sampled = torch.cat(
                 [
                     sample(last[i : i + 1], self.params[r], self.generators[r])
@@ -168,7 +174,8 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = {"prefill": 0, "decode": 0, "peak_batch": 0}  # for tests and benchmarks
+        # for tests and benchmarks: steps run, requests admitted, the most rows in one decode step
+        self.steps = {"prefill": 0, "decode": 0, "admitted": 0, "peak_batch": 0}
 
     def submit(self, req: Request) -> Request:
         if req.max_new_tokens < 1:
@@ -219,18 +226,22 @@ class Engine:
             self.round()
 
     def round(self) -> None:
-        """Admit newcomers into free rows (a prefill step each), then one decode step of all."""
+        """Admit the newcomers that fit into free rows (one prefill step), then one decode step of all
+        the active rows."""
         free = [r for r in range(len(self.core.params)) if r not in self._active]
-        for row in free:
-            with self._wake:
-                if not self._waiting:
-                    break
-                req = self._waiting.popleft()
-            self._active[row] = req
-            plan = {"prefill": row, "tokens": req.prompt, "seed": req.seed}
-            plan["sampling"] = [req.params.temperature, req.params.top_k, req.params.top_p]
-            self._run(plan, [row])
+        with self._wake:
+            n = min(len(free), len(self._waiting))
+            newcomers = [self._waiting.popleft() for _ in range(n)]
+        if newcomers:
+            rows = free[:n]
+            self._active.update(zip(rows, newcomers))
+            plan = {"prefill": rows, "tokens": [r.prompt for r in newcomers]}
+            plan["seeds"] = [r.seed for r in newcomers]
+            plan["sampling"] = [[r.params.temperature, r.params.top_k, r.params.top_p]
+                                for r in newcomers]  # fmt: skip
+            self._run(plan, rows)
             self.steps["prefill"] += 1
+            self.steps["admitted"] += n
         if self._active:
             rows = sorted(self._active)
             self.steps["peak_batch"] = max(self.steps["peak_batch"], len(rows))

@@ -36,7 +36,8 @@ class SlotKVCache(InferenceParams):
         self.rows = torch.tensor(rows, dtype=torch.long)
         self.start = self.lengths[self.rows]
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int | torch.Tensor) -> None:
+        """The step's rows hold `n` (per row: [b]) more tokens."""
         self.lengths[self.rows] += n
 
     def position_ids(self, s: int, device: torch.device | None = None) -> torch.Tensor:
