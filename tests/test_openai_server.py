@@ -44,18 +44,18 @@ FLAVOURS = {
 CHAT = [{"role": "user", "content": "5 17 42"}]
 
 
-def _save(path, flavour):
+def _save(path, flavour, vocab=VOCAB):
     m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=48,
                     **FLAVOURS[flavour])  # fmt: skip
-    cfg = Config(model=m, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=EOD))
+    cfg = Config(model=m, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=vocab - 1))
     cfg.finalize(1)
     ps = ParallelState.single()
-    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(VOCAB))
+    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(vocab))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # away from the init, so that greedy answers differ per prompt
         for p in chunks[0].parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    save_checkpoint(str(path), 1, chunks, None, None, cfg, ps, 0, vocab_size=VOCAB)
+    save_checkpoint(str(path), 1, chunks, None, None, cfg, ps, 0, vocab_size=vocab)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,9 @@ def test_streamed_text_holds_back_what_may_still_change():
 class _Serving:
     """A GenerationServer in a thread, and an openai client for it."""
 
-    def __init__(self, lm, **kwargs):
-        self.server = GenerationServer(lm, NullTokenizer(EOD), "127.0.0.1", 0, **kwargs)
+    def __init__(self, lm, tokenizer=None, **kwargs):
+        tokenizer = tokenizer or NullTokenizer(EOD)
+        self.server = GenerationServer(lm, tokenizer, "127.0.0.1", 0, **kwargs)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         host, port = self.server.address
@@ -156,9 +157,10 @@ def _expected_chat(lm, max_tokens, params=GREEDY, seed=0):
     return generate(lm, prompt, max_tokens, params, eod=EOD, seed=seed)
 
 
-def _stream_chat(client, model, **kwargs) -> tuple[str, str | None]:
+def _stream_chat(client, model, messages=CHAT, **kwargs) -> tuple[str, str | None]:
     pieces, reason = [], None
-    for chunk in client.chat.completions.create(model=model, messages=CHAT, stream=True, **kwargs):
+    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                **kwargs):  # fmt: skip
         pieces.append(chunk.choices[0].delta.content or "")
         reason = chunk.choices[0].finish_reason or reason
     return "".join(pieces), reason
@@ -203,6 +205,59 @@ def test_openai_client_completes_and_streams_a_chat(lms):
                                               temperature=0, stop=[stop])  # fmt: skip
         assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (cut, "stop")
         assert _stream_chat(client, model, max_tokens=12, temperature=0, stop=stop) == (cut, "stop")
+    finally:
+        serving.close()
+
+
+# ChatML-like, and strict the way many models' templates are
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+    "{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def _byte_level_tokenizer(d):
+    """A byte-level BPE HuggingFaceTokenizer (256 bytes, one merge, <|endoftext|>) with
+    STRICT_TEMPLATE as its chat template."""
+    import json
+
+    import transformers
+
+    from megatron_lite.data.tokenizer import HuggingFaceTokenizer, bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + ["he", "<|endoftext|>"])}
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\nh e\n")
+    transformers.GPT2TokenizerFast.from_pretrained(str(d)).save_pretrained(str(d / "tok"))
+    tok = HuggingFaceTokenizer(str(d / "tok"))
+    tok.hf.chat_template = STRICT_TEMPLATE
+    return tok
+
+
+def test_a_tokenizers_own_chat_template_is_applied_and_its_refusals_are_400s(tmp_path):
+    """Byte-level BPE: the answer is the template's prompt through `generate`, and the streamed
+    text (random bytes: characters split over tokens, invalid ones) joins to the same text."""
+    tok = _byte_level_tokenizer(tmp_path)
+    _save(tmp_path / "bpe", "llama", vocab=tok.vocab_size)
+    lm = load_model(str(tmp_path / "bpe"), dtype=torch.float32, device=CPU)
+    messages = [{"role": "user", "content": "h\u00e9\u20ac"}]
+    prompt = ChatFormat.for_tokenizer(tok).encode(messages, add_generation_prompt=True)[0]
+    assert prompt == tok.hf.encode("<|user|>h\u00e9\u20ac<|endoftext|><|assistant|>")
+    want = generate(lm, prompt, 16, GREEDY, eod=tok.eod)
+    serving = _Serving(lm, tok)
+    try:
+        client = serving.client()
+        chat = client.chat.completions.create(model="bpe", messages=messages, max_tokens=16,
+                                              temperature=0)  # fmt: skip
+        text = tok.detokenize([t for t in want.tokens if t != tok.eod])
+        assert chat.choices[0].message.content == text
+        assert _stream_chat(client, "bpe", messages, max_tokens=16, temperature=0)[0] == text
+        with pytest.raises(openai.BadRequestError, match="roles must alternate"):
+            client.chat.completions.create(model="bpe", messages=[{"role": "assistant",
+                                           "content": "hi"}])  # fmt: skip
     finally:
         serving.close()
 

@@ -112,6 +112,10 @@ def _prompt_ids(req: dict, kind: str, tokenizer, chat: ChatFormat | None) -> lis
             return chat.encode(req.get("messages"), add_generation_prompt=True)[0]
         except UserError as e:
             raise OpenAIError(400, str(e), "messages") from None
+        except Exception as e:  # a HF template's own checks (jinja2: "roles must alternate", ...)
+            raise OpenAIError(
+                400, f"the chat template refused the messages: {e}", "messages"
+            ) from None
     prompt = req.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt
