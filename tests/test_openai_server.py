@@ -41,6 +41,9 @@ FLAVOURS = {
         num_query_groups=2,
     ),
 }
+# --window-size 5,0: each query sees itself and 5 keys before it (rows of different lengths must
+# each keep their own window)
+FLAVOURS["window"] = dict(FLAVOURS["llama"], window_size=[5, 0])
 CHAT = [{"role": "user", "content": "5 17 42"}]
 
 

@@ -2,9 +2,12 @@
 
 `InferenceParams` (model/transformer.py) keeps one offset for the whole batch, so every sequence of
 a batch must start together. Here each of `slots` rows has its own length: a step runs any subset
-of rows (`select`), writes each row's new keys/values right after that row's cached ones, and
-masks, per row, the slots past its own length. A newcomer's prompt runs as a step of its own row
-while the other rows wait; a decode step then runs one token of every active row together.
+of rows (`select`) and writes each row's new keys/values right after that row's cached ones. The
+attention then sees each row's keys right-aligned, as left padding would lay them out: the step's
+queries are the last s of T key columns for every row (T = the longest row's length after the
+step), the columns before a shorter row's first token are masked, and a key's distance from a
+query in columns is its distance in positions, so the sliding window (which counts columns from the
+right) holds for every row.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ class SlotKVCache(InferenceParams):
     """Keys/values [max_len, slots, ng, d] per layer; `lengths[r]` tokens of row r are cached.
 
     Call `select(rows)` before a step's forward and `advance(n)` after it (n real tokens per row:
-    a sequence-parallel step's padding after them is overwritten by the next step).
+    a step's padding after them, sequence-parallel or a shorter prompt's, is overwritten next).
     """
 
     def __init__(self, slots: int, max_sequence_length: int):
@@ -49,28 +52,41 @@ class SlotKVCache(InferenceParams):
         pos = self.position_ids(s, cos.device).T  # [s, b]
         return cos[:, 0, 0][pos][:, :, None], sin[:, 0, 0][pos][:, :, None]
 
-    def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [s, b, ng, d] after each row's cached tokens; -> the rows' keys and values
-        [T, b, ng, d], T = the longest row's length after the step (shorter rows: masked)."""
-        s, b = k.shape[:2]
-        end = int(self.start.max()) + s
-        if end > self.max_sequence_length:
+    def _columns(self, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position of each key column per row [T, b], clamped to 0; the shift [b] of each row:
+        its columns before it are not its tokens)."""
+        end = self.start + s
+        width = int(end.max())
+        if width > self.max_sequence_length:
             raise ValueError(
-                f"KV cache holds {self.max_sequence_length} tokens per sequence; this step needs {end}"
+                f"KV cache holds {self.max_sequence_length} tokens per sequence; this step "
+                f"needs {width}"
             )
-        if layer not in self.key_value_memory:  # zeros: a masked slot must not hold a NaN
+        shift = (width - end).to(device)
+        pos = torch.arange(width, device=device)[:, None] - shift[None]  # [T, b]
+        return pos.clamp(min=0), shift
+
+    def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [s, b, ng, d] after each row's cached tokens; -> each row's keys and values
+        right-aligned, [T, b, ng, d] (a shorter row's first columns: masked)."""
+        s = k.shape[0]
+        if layer not in self.key_value_memory:  # zeros: a masked column must not hold a NaN
             shape = (self.max_sequence_length, self.max_batch_size, *k.shape[2:])
             self.key_value_memory[layer] = (k.new_zeros(shape), v.new_zeros(shape))
         k_cache, v_cache = self.key_value_memory[layer]
-        rows = self.rows.to(k.device)
-        pos = self.position_ids(s, k.device).T  # [s, b]
-        k_cache[pos, rows[None]] = k
-        v_cache[pos, rows[None]] = v
-        return k_cache[:end, rows], v_cache[:end, rows]
+        cols, _ = self._columns(s, k.device)  # checks the length before any write
+        rows = self.rows.to(k.device)[None]
+        new = self.position_ids(s, k.device).T  # [s, b]
+        k_cache[new, rows] = k
+        v_cache[new, rows] = v
+        return k_cache[cols, rows], v_cache[cols, rows]
 
     def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:
-        """[b, 1, s, T], True = masked: query i of row r (at position start[r] + i) sees that row's
-        keys up to its own position and nothing past it."""
-        end = int(self.start.max()) + s
-        own = self.position_ids(s, device)[:, None, :, None]  # [b, 1, s, 1]
-        return torch.arange(end, device=device)[None, None, None] > own
+        """[b, 1, s, T], True = masked: query i (column T - s + i) sees the columns up to its own,
+        from its row's first token on."""
+        _, shift = self._columns(s, device)
+        width = int((self.start + s).max())
+        col = torch.arange(width, device=device)
+        future = col[None] > (width - s + torch.arange(s, device=device))[:, None]  # [s, T]
+        before = col[None] < shift[:, None]  # [b, T]
+        return (future[None] | before[:, None])[:, None]
