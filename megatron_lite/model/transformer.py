@@ -97,6 +97,16 @@ class InferenceParams:
         v_cache[start:end, :b] = v
         return k_cache[:end, :b], v_cache[:end, :b]
 
+    def position_ids(self, s: int, device: torch.device | None = None) -> torch.Tensor:
+        """Positions [1, s] of this step's tokens: they continue the cached sequence."""
+        off = self.sequence_len_offset
+        return torch.arange(off, off + s, device=device)[None]
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor, s: int):
+        """This step's rows [s, 1, 1, d] of the rotary tables [max_len, 1, 1, d]."""
+        off = self.sequence_len_offset
+        return cos[off : off + s], sin[off : off + s]
+
     def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:
         """[1 or b, 1, s, offset + s], True = masked: query i (at position offset + i) sees keys <= it,
         and none of its sequence's padding slots (a padding query sees itself, so no row is empty)."""
@@ -204,10 +214,9 @@ class SelfAttention(nn.Module):
         if self.rope:
             if inference_params is None:
                 cos, sin = self._cos_sin(s, x.device)
-            else:  # positions offset .. offset + s of the cached sequence
-                off = inference_params.sequence_len_offset
+            else:  # the positions that continue the cached sequence(s)
                 cos, sin = self._cos_sin(inference_params.max_sequence_length, x.device)
-                cos, sin = cos[off : off + s], sin[off : off + s]
+                cos, sin = inference_params.rotary(cos, sin, s)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if inference_params is not None:
             mask = inference_params.causal_mask(s, x.device)
