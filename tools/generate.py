@@ -127,29 +127,12 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat_template(choice: str) -> str | None:
-    """--chat-template: None (the tokenizer's own), a built-in name, or a Jinja file's text."""
-    from megatron_lite.data.chat import BUILTIN_TEMPLATES
-
-    if choice == "default":
-        return None
-    if choice in BUILTIN_TEMPLATES:
-        return choice
-    if not os.path.isfile(choice):
-        raise UserError(
-            f"--chat-template {choice!r}: expected default, {', '.join(BUILTIN_TEMPLATES)} "
-            "or a Jinja template file"
-        )
-    with open(choice, encoding="utf-8") as f:
-        return f.read()
-
-
 def _serve(args: argparse.Namespace, ps, lm, tokenizer) -> int:
     """--server: the first rank serves HTTP, the others follow its engine's steps."""
-    from megatron_lite.data.chat import ChatFormat
+    from megatron_lite.data.chat import ChatFormat, template_choice
     from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
 
-    template = _chat_template(args.chat_template)
+    template = template_choice(args.chat_template)
     ChatFormat.for_tokenizer(tokenizer, template)  # a bad one fails on every rank
     if not is_serving_rank(ps):
         follow(lm, tokenizer, args.inference_max_requests)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from preprocess_data import add_tokenizer_args  # noqa: E402
 
-from megatron_lite.data.chat import BUILTIN_TEMPLATES, ChatFormat  # noqa: E402
+from megatron_lite.data.chat import ChatFormat, template_choice  # noqa: E402
 from megatron_lite.data.conversations import (  # noqa: E402
     dpo_example,
     loss_mask_prefix,
@@ -49,13 +49,8 @@ from megatron_lite.errors import UserError  # noqa: E402
 def chat_format(args: argparse.Namespace) -> ChatFormat:
     """The ChatFormat --sft-tokenizer-prompt-format names."""
     tokenizer = build_tokenizer(args)
-    choice = args.sft_tokenizer_prompt_format
-    if choice == "default":
-        return ChatFormat.for_tokenizer(tokenizer)
-    if choice in BUILTIN_TEMPLATES:
-        return ChatFormat.for_tokenizer(tokenizer, choice)
-    with open(choice, encoding="utf-8") as f:  # a Jinja template file
-        return ChatFormat.for_tokenizer(tokenizer, f.read())
+    template = template_choice(args.sft_tokenizer_prompt_format, "--sft-tokenizer-prompt-format")
+    return ChatFormat.for_tokenizer(tokenizer, template)
 
 
 def output_prefix(args: argparse.Namespace) -> str:

@@ -26,6 +26,7 @@ stop condition).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,22 @@ BUILTIN_TEMPLATES = {
     "chatml": BuiltinTemplate("chatml", "<|im_start|>{role}\n", "<|im_start|>assistant\n"),
     "plain": BuiltinTemplate("plain", "", ""),
 }
+
+
+def template_choice(choice: str, flag: str = "--chat-template") -> str | None:
+    """A --chat-template / --sft-tokenizer-prompt-format value as `ChatFormat.for_tokenizer` takes
+    it: None for "default" (the tokenizer's own), a built-in name, or a Jinja file's text."""
+    if choice == "default":
+        return None
+    if choice in BUILTIN_TEMPLATES:
+        return choice
+    if not os.path.isfile(choice):
+        raise DataError(
+            f"{flag} {choice!r}: expected default, {', '.join(BUILTIN_TEMPLATES)} "
+            "or a Jinja template file"
+        )
+    with open(choice, encoding="utf-8") as f:
+        return f.read()
 
 
 def check_messages(messages: object, where: str = "messages") -> list[dict]:
