@@ -1,0 +1,502 @@
+"""`--ckpt-format torch_dist`: checkpoints through `torch.distributed.checkpoint` (DCP).
+
+    <save>/iter_0000100/.metadata          DCP's index: every tensor's global shape and its chunks
+    <save>/iter_0000100/__R_0.distcp       rank R's chunks (every rank writes its own)
+    <save>/iter_0000100/common.pt          plain data (iteration, config, layout, schedule, ...)
+    <save>/iter_0000100/rng_TT_PPP_DDD.pt  each rank's RNG state
+    <save>/latest_checkpointed_iteration.txt
+
+Tensors are keyed by global names, `model/<name>` and `optim/<name>/<state>` (exp_avg, exp_avg_sq,
+master), at their full (tp = 1) shape; each rank writes the chunks it owns, with their offsets in the
+full tensor: the tp shard of a parameter (split in `partition_stride` pieces where it has one), and
+under `--use-distributed-optimizer` the dp rank's flat slice of the optimizer state, cut into
+rectangular boxes. Nothing is gathered. Loading reads, per tensor, the full tensor (DCP assembles it
+from whichever chunks cover it) and slices this rank's shard out with the loader `--ckpt-format torch`
+uses, so any tp x pp x dp loads into any other.
+
+Safety: DCP's tensor data is read with `torch.load(weights_only=True)`; its `.metadata` is a pickle,
+read here with an Unpickler that allows only `SAFE_METADATA_GLOBALS` (DCP's metadata dataclasses,
+torch.Size, dtypes, memory formats) and refuses anything else by name. `common.pt` and the RNG files
+are read with `weights_only=True`. No byte (pickled object) entries are ever loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_md
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+from megatron_lite.checkpointing.files import (
+    FORMAT_VERSION,
+    LATEST_FILE,
+    CheckpointError,
+    barrier,
+    chunk_tensors,
+    iteration_dir,
+    pause_for_test,
+    plain,
+    read_latest_iteration,
+    safe_load,
+    shard_info_of,
+    write_durably,
+)
+from megatron_lite.checkpointing.rng import get_rng_state
+
+COMMON_FILE = "common.pt"
+METADATA_FILE = ".metadata"
+SAFE_METADATA_GLOBALS = frozenset(
+    {
+        "torch.distributed.checkpoint.metadata.Metadata",
+        "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
+        "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
+        "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
+        "torch.distributed.checkpoint.metadata.TensorProperties",
+        "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
+        "torch.distributed.checkpoint.metadata.MetadataIndex",
+        "torch.distributed.checkpoint.metadata.StorageMeta",
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        "torch.distributed.checkpoint.filesystem._StoragePrefix",
+        "torch.Size",
+        "torch.layout",
+        "torch.strided",
+        "torch.memory_format",
+        "torch.contiguous_format",
+        "torch.serialization._get_layout",
+        "collections.OrderedDict",
+        "pathlib.PosixPath",  # the checkpoint_id DCP records (a path; builds nothing else)
+        "pathlib.WindowsPath",
+        "builtins.set",
+        *(f"torch.{n}" for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32")),
+        *(f"torch.{n}" for n in ("uint8", "int8", "int16", "bool")),
+    }
+)
+# Test-only pause point (files.PAUSE_ENV): rank 0 stops in the background writer, its data written
+# but the save not finalized.
+ASYNC_PAUSE = "async_write"
+
+Box = tuple[list[int], list[int]]  # offsets, sizes
+
+
+def is_dist_checkpoint(iter_dir: str) -> bool:
+    return os.path.isfile(os.path.join(iter_dir, METADATA_FILE))
+
+
+def rng_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
+    return f"rng_{tp_rank:02d}_{pp_rank:03d}_{dp_rank:03d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunks: where a rank's data sits in the full tensor
+
+
+def flat_boxes(shape: list[int], start: int, end: int) -> list[Box]:
+    """The flat range [start, end) of a tensor of `shape` as rectangular boxes (row-major)."""
+    if start >= end:
+        return []
+    if len(shape) <= 1:
+        return [([start], [end - start])]
+    row = 1
+    for s in shape[1:]:
+        row *= s
+    first, last = start // row, (end - 1) // row
+    if first == last:
+        return [
+            ([first, *o], [1, *s])
+            for o, s in flat_boxes(shape[1:], start - first * row, end - first * row)
+        ]
+    boxes, full_from, full_to = [], first, last + 1
+    if start % row:
+        boxes += flat_boxes(shape, start, (first + 1) * row)
+        full_from = first + 1
+    if end % row:
+        full_to = last
+    if full_to > full_from:
+        boxes.append(([full_from] + [0] * (len(shape) - 1), [full_to - full_from, *shape[1:]]))
+    if end % row:
+        boxes += flat_boxes(shape, last * row, end)
+    return boxes
+
+
+def global_boxes(box: Box, info: dict) -> list[Box]:
+    """A box in this rank's tp shard -> boxes in the full tensor (`shard_info_of`'s `info`)."""
+    dim, tp = info["partition_dim"], info["tp_size"]
+    if dim < 0 or tp == 1:
+        return [box]
+    offsets, sizes = box
+    piece = info["global_shape"][dim] // (tp * info["partition_stride"])  # rows per stride piece
+    out, at, stop = [], offsets[dim], offsets[dim] + sizes[dim]
+    while at < stop:
+        k, within = divmod(at, piece)
+        n = min(stop - at, piece - within)
+        o, s = list(offsets), list(sizes)
+        o[dim], s[dim] = (k * tp + info["tp_rank"]) * piece + within, n
+        out.append((o, s))
+        at += n
+    return out
+
+
+def _cut(t: torch.Tensor, local: Box) -> torch.Tensor:
+    for d, (o, s) in enumerate(zip(*local)):
+        t = t.narrow(d, o, s)
+    return t
+
+
+def _add_chunks(out: dict, fqn: str, local: torch.Tensor, info: dict, boxes: list[Box]) -> None:
+    """Add to `out[fqn]` the CPU copies of `local`'s `boxes` at their places in the full tensor."""
+    entry = out.setdefault(fqn, (list(info["global_shape"]), []))
+    for box in boxes:
+        at = box[0][info["partition_dim"]] if info["partition_dim"] >= 0 else 0
+        for g in global_boxes(box, info):
+            o = list(box[0])
+            if info["partition_dim"] >= 0:  # where this global piece starts in the local shard
+                d = info["partition_dim"]
+                o[d] = at
+                at += g[1][d]
+            piece = _cut(local, (o, g[1])).detach().to("cpu", copy=True).contiguous()
+            entry[1].append((g[0], piece))
+
+
+def model_chunks(chunks: list[torch.nn.Module], ps) -> dict:
+    """`model/<name>` -> (full shape, [(offsets, CPU tensor)]): dp rank 0's tp shards (a tensor not
+    split over tp from tp rank 0 only)."""
+    out: dict = {}
+    if ps.dp_rank != 0:
+        return out
+    for chunk in chunks:
+        for name, t in chunk_tensors(chunk).items():
+            info = shard_info_of(t, ps.tp_rank, ps.tp_size)
+            if info["partition_dim"] < 0 and ps.tp_rank != 0:
+                continue
+            _add_chunks(out, f"model/{name}", t, info, [([0] * t.dim(), list(t.shape))])
+    return out
+
+
+def optimizer_chunks(optimizer, params: dict[str, torch.Tensor], ps) -> dict:
+    """`optim/<name>/<key>` chunks from this rank's optimizer pieces (its dp slice under ZeRO-1),
+    without communication."""
+    sd = optimizer.sharded_state_dict()
+    distributed = sd["dp_size"] > 1
+    out: dict = {}
+    if not distributed and ps.dp_rank != 0:
+        return out
+    for name, rng in sd["ranges"].items():
+        info = shard_info_of(params[name], ps.tp_rank, ps.tp_size)
+        if info["partition_dim"] < 0 and ps.tp_rank != 0:
+            continue
+        shape = rng["shape"]
+        boxes = flat_boxes(shape, rng["start"], rng["end"])
+        for key, flat in sd["state"][name].items():
+            local = torch.zeros(shape, dtype=flat.dtype)  # only the boxes' region is read
+            local.view(-1)[rng["start"] : rng["end"]] = flat.detach().cpu()
+            _add_chunks(out, f"optim/{name}/{key}", local, info, boxes)
+    return out
+
+
+class ChunkSavePlanner(DefaultSavePlanner):
+    """DCP's default planner, fed with explicit chunks (global offsets) instead of a state dict."""
+
+    def __init__(self, chunks: dict) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._chunks = chunks
+        self._data = {(fqn, tuple(o)): t for fqn, (_, pieces) in chunks.items() for o, t in pieces}
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for fqn, (shape, pieces) in self._chunks.items():
+            for offsets, t in pieces:
+                chunk = dcp_md.ChunkStorageMetadata(torch.Size(offsets), t.size())
+                items.append(
+                    WriteItem(
+                        index=dcp_md.MetadataIndex(fqn, torch.Size(offsets)),
+                        type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(
+                            chunk, dcp_md.TensorProperties.create_from_tensor(t), torch.Size(shape)
+                        ),
+                    )
+                )
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def lookup_object(self, index: dcp_md.MetadataIndex) -> Any:
+        return self._data[(index.fqn, tuple(index.offset))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Save (synchronous or in a background thread)
+
+_PENDING: dict[str, Any] = {}
+_ASYNC_GROUP: list = []
+
+
+def _async_group():
+    """A gloo group of all ranks for the background writer's collectives, apart from training's."""
+    if not _ASYNC_GROUP:
+        _ASYNC_GROUP.append(dist.new_group(backend="gloo") if dist.is_initialized() else None)
+    return _ASYNC_GROUP[0]
+
+
+def write_dist(
+    tmp: str,
+    chunks: dict,
+    common: dict | None,
+    rng: dict | None,
+    rng_name: str,
+    *,
+    group=None,
+    no_dist: bool = False,
+) -> None:
+    """Write this rank's part of a torch_dist checkpoint into `tmp` (collective unless no_dist)."""
+    if common is not None:
+        write_durably(os.path.join(tmp, COMMON_FILE), lambda f: torch.save(common, f))
+    if rng is not None:
+        write_durably(os.path.join(tmp, rng_name), lambda f: torch.save(rng, f))
+    dcp.save(
+        {},
+        storage_writer=FileSystemWriter(tmp, thread_count=1, sync_files=True),
+        planner=ChunkSavePlanner(chunks),
+        process_group=group,
+        no_dist=no_dist,
+    )
+
+
+def save_dist(
+    save_dir: str,
+    iteration: int,
+    model: list[torch.nn.Module],
+    optimizer: Any,
+    common: dict,
+    ps,
+    *,
+    save_optim: bool,
+    save_rng: bool,
+    async_save: bool,
+    publish,
+) -> str:
+    """Every rank writes its chunks; rank 0 then publishes (`publish()`: rename + latest file),
+    at once, or with `async_save` at the next `finalize_async_save()`."""
+    from megatron_lite.checkpointing.files import chunk_params
+
+    final = iteration_dir(save_dir, iteration)
+    tmp = final + ".tmp"
+    if ps.rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    chunks = model_chunks(model, ps)  # CPU copies: training may go on while they are written
+    if optimizer is not None and save_optim:
+        chunks.update(optimizer_chunks(optimizer, chunk_params(model), ps))
+    rng = plain(get_rng_state(), "rng_state") if save_rng else None
+    args = (
+        tmp,
+        chunks,
+        common if ps.rank == 0 else None,
+        rng,
+        rng_file(ps.tp_rank, ps.pp_rank, ps.dp_rank),
+    )
+    if not async_save:
+        write_dist(*args)
+        barrier()
+        publish()
+        barrier()
+        return final
+    group = _async_group()
+
+    def work() -> None:
+        try:
+            write_dist(*args, group=group)
+            if ps.rank == 0:
+                pause_for_test(ASYNC_PAUSE, save_dir)
+        except BaseException as e:  # re-raised by finalize_async_save on the training thread
+            _PENDING["error"] = e
+
+    thread = threading.Thread(target=work, name="megatron-lite-async-save", daemon=True)
+    _PENDING.update(thread=thread, publish=publish, dir=final, error=None)
+    thread.start()
+    return final
+
+
+def finalize_async_save() -> str | None:
+    """Wait for an async save in flight, then publish it (every rank calls it; collective).
+    Returns its directory, or None when none was in flight."""
+    if not _PENDING:
+        return None
+    _PENDING["thread"].join()
+    error, publish, final = _PENDING["error"], _PENDING["publish"], _PENDING["dir"]
+    _PENDING.clear()
+    if error is not None:
+        raise CheckpointError(f"async save to {final} failed: {error}") from error
+    barrier()
+    publish()
+    barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if f"{module}.{name}" not in SAFE_METADATA_GLOBALS:
+            raise CheckpointError(
+                f"DCP metadata refers to {module}.{name}, which is not allowed (only DCP's "
+                "metadata classes, torch.Size, dtypes and memory formats are): refusing to load it"
+            )
+        return super().find_class(module, name)
+
+
+def read_metadata(iter_dir: str) -> dcp_md.Metadata:
+    path = os.path.join(iter_dir, METADATA_FILE)
+    try:
+        with open(path, "rb") as f:
+            md = _SafeUnpickler(f).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(md, dcp_md.Metadata):
+        raise CheckpointError(f"{path} is not DCP metadata (a {type(md).__name__})")
+    return md
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the metadata read once, through the restricted Unpickler."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.metadata = read_metadata(path)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_md.Metadata:  # noqa: ARG002
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = dcp_md.StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+def resolve_iteration_dir(load_dir: str, iteration: int | None) -> str:
+    if iteration is None:
+        iteration = read_latest_iteration(load_dir)
+        if iteration is None:
+            raise CheckpointError(f"no {LATEST_FILE} in {load_dir}: nothing to load")
+    d = iteration_dir(load_dir, iteration)
+    if not os.path.isdir(d) and os.path.isdir(d + ".old"):
+        d += ".old"
+    return d
+
+
+class DCPTensors:
+    """Full tensors by key from a DCP directory (the chunks of any saving layout, assembled)."""
+
+    def __init__(self, iter_dir: str) -> None:
+        self.dir = iter_dir
+        self.storage = SafeFileSystemReader(iter_dir)
+        self.metadata = self.storage.metadata.state_dict_metadata
+
+    def keys(self) -> list[str]:
+        return [k for k, v in self.metadata.items() if isinstance(v, dcp_md.TensorStorageMetadata)]
+
+    def read(self, wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fill tensors shaped like the saved ones (full, or any slice-sized target DCP plans)."""
+        dcp.load(wanted, storage_reader=self.storage, no_dist=True)
+        return wanted
+
+    def full(self, key: str) -> torch.Tensor:
+        md = self.metadata.get(key)
+        if not isinstance(md, dcp_md.TensorStorageMetadata):
+            raise CheckpointError(f"{self.dir} holds no tensor {key}")
+        t = torch.empty(md.size, dtype=md.properties.dtype)
+        return self.read({key: t})[key]
+
+
+class DistReader:
+    """Our torch_dist checkpoint through the CheckpointReader interface (see load.py)."""
+
+    def __init__(self, load_dir: str, iteration: int | None = None) -> None:
+        self.dir = resolve_iteration_dir(load_dir, iteration)
+        if not is_dist_checkpoint(self.dir):
+            raise CheckpointError(f"{self.dir} is not a torch_dist checkpoint (no {METADATA_FILE})")
+        common_path = os.path.join(self.dir, COMMON_FILE)
+        if not os.path.isfile(common_path):
+            raise CheckpointError(
+                f"{self.dir} is a torch_dist checkpoint without {COMMON_FILE}: not written by "
+                "megatron_lite (megatron-core's own: see megatron_lite.checkpointing.mcore_dist)"
+            )
+        self.common = safe_load(common_path)
+        if self.common.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{self.dir}: checkpoint format {self.common.get('format_version')!r}, "
+                f"this version reads {FORMAT_VERSION}"
+            )
+        self.tensors = DCPTensors(self.dir)
+        self.layout: dict = self.common["layout"]
+        self.config: dict = self.common["config"]
+        self.iteration: int = self.common["iteration"]
+        self.consumed_samples: int = self.common["consumed_samples"]
+        self.vocab_size: int | None = self.common["vocab_size"]
+        self.tp, self.pp = self.layout["tp"], self.layout["pp"]
+        self._optim: dict[str, list[str]] = {}
+        self._names: list[str] = []
+        for key in self.tensors.keys():
+            kind, _, rest = key.partition("/")
+            if kind == "model":
+                self._names.append(rest)
+            elif kind == "optim":
+                name, _, state = rest.rpartition("/")
+                self._optim.setdefault(name, []).append(state)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def locate(self, name: str) -> int | None:
+        return 0 if name in self._names else None
+
+    def has_optimizer(self) -> bool:
+        return self.common["optimizer"] is not None
+
+    def optimizer_state_keys(self, name: str) -> list[str]:
+        return list(self._optim.get(name, []))
+
+    def full_tensor(self, name: str, state_key: str | None = None) -> torch.Tensor:
+        return self.tensors.full(
+            f"model/{name}" if state_key is None else f"optim/{name}/{state_key}"
+        )
+
+    def file(self, tp_rank: int = 0, pp_rank: int = 0) -> dict:
+        """The plain entries as a torch-format file has them; RNG states of (tp_rank, pp_rank)."""
+        rng = None
+        if self.common["has_rng"]:
+            rng = [
+                safe_load(os.path.join(self.dir, rng_file(tp_rank, pp_rank, d)))
+                for d in range(self.layout["dp"])
+            ]
+        return {
+            "optimizer": self.common["optimizer"],
+            "opt_param_scheduler": self.common["opt_param_scheduler"],
+            "rng_state": rng,
+            "extra": self.common["extra"],
+        }
+
+
+def open_dist_checkpoint(load_dir: str, iteration: int | None = None):
+    """A DistReader when `load_dir`'s (latest) iteration is a torch_dist checkpoint, else None."""
+    try:
+        d = resolve_iteration_dir(load_dir, iteration)
+    except (CheckpointError, OSError):
+        return None
+    return DistReader(load_dir, iteration) if is_dist_checkpoint(d) else None
