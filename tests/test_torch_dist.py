@@ -7,12 +7,19 @@ from the live ranks must be identical.
 """
 
 import os
+import pickle
+import time
 
+import pytest
 import torch
+from launch_utils import TINY_GPT, kill_job, launch, layout_flags, losses, run_pretrain
 from test_checkpointing_gpt import _assert_same_model_and_optimizer, _setup, _snapshot
 
 from megatron_lite import checkpointing as ckpt
+from megatron_lite.arguments import parse_args
 from megatron_lite.checkpointing import dist as ckdist
+from megatron_lite.checkpointing import dist_read
+from megatron_lite.config import CheckpointConfig, ConfigError
 from megatron_lite.distributed import zero_grad_buffers
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.tensor_parallel.utils import full_shape, name_seed, shard_of
@@ -72,3 +79,82 @@ def test_tp2_pp2_dp2_zero1_loads_into_tp1_and_tp4_pp1(tmp_path):
     _assert_same_model_and_optimizer(src, dst)
     dst = run_distributed(_load, 4, str(tmp_path), 4, 1, False, timeout=90)
     _assert_same_model_and_optimizer(src, dst)
+
+
+ITERS = 8
+DIST = ["--ckpt-format", "torch_dist"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    out = run_pretrain(1, [*TINY_GPT, "--train-iters", str(ITERS), *layout_flags(1, 1)])
+    ref = losses(out.stdout)
+    assert sorted(ref) == list(range(1, ITERS + 1)), out.stdout[-3000:]
+    return ref
+
+
+def _same_losses(got: dict, ref: dict, iters) -> None:
+    assert sorted(got) == list(iters), got
+    for it in iters:
+        assert got[it] == pytest.approx(ref[it], rel=1e-5), (it, got[it], ref[it])
+
+
+def test_tp2_pp2_dp2_torch_dist_checkpoint_resumes_at_tp1_with_the_same_losses(reference, tmp_path):
+    flags = [*TINY_GPT, "--train-iters", str(ITERS), *DIST, "--save", str(tmp_path)]
+    zero1 = ["--use-distributed-optimizer", "--exit-interval", "4"]
+    first = run_pretrain(8, [*flags, *layout_flags(2, 2), *zero1])
+    _same_losses(losses(first.stdout), reference, range(1, 5))
+    assert ckdist.is_dist_checkpoint(ckpt.iteration_dir(str(tmp_path), 4))
+    second = run_pretrain(1, [*flags, *layout_flags(1, 1), "--load", str(tmp_path)])
+    _same_losses(losses(second.stdout), reference, range(5, ITERS + 1))
+
+
+def test_async_save_resumes_exactly_and_a_kill_mid_write_leaves_the_previous_one(
+    reference, tmp_path
+):
+    """dp 2 (the background writer's collectives run beside training's): saves at 2 and 4 in the
+    background, resumed; then the save at 6 is killed while written: 4 stays the latest and whole."""
+    root = str(tmp_path)
+    flags = [*TINY_GPT, "--train-iters", str(ITERS), *layout_flags(1, 1), *DIST, "--async-save"]
+    flags += ["--save", root, "--load", root, "--save-interval", "2"]
+    first = run_pretrain(2, [*flags, "--exit-interval", "4"])
+    _same_losses(losses(first.stdout), reference, range(1, 5))
+    assert "finalized the async checkpoint save" in first.stdout
+    assert ckpt.read_latest_iteration(root) == 4
+    proc, lines = launch(2, flags, env={ckpt.PAUSE_ENV: ckdist.ASYNC_PAUSE})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / ".paused").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "".join(lines)[-4000:]
+        time.sleep(0.2)
+    assert (tmp_path / ".paused").exists()
+    # the save at 6 is being written while training went on past it
+    assert ckpt.read_latest_iteration(root) == 4 and (tmp_path / "iter_0000006.tmp").is_dir()
+    kill_job(proc)
+    proc.wait(timeout=30)
+    assert ckpt.read_latest_iteration(root) == 4 and not (tmp_path / "iter_0000006").exists()
+    resumed = run_pretrain(2, flags)
+    _same_losses(losses(resumed.stdout), reference, range(5, ITERS + 1))
+    assert ckpt.read_latest_iteration(root) == ITERS
+    assert not list(tmp_path.glob("iter_*.tmp"))
+
+
+def test_async_save_needs_torch_dist_and_a_bad_format_is_named(capsys):
+    with pytest.raises(ConfigError, match="--async-save needs --ckpt-format torch_dist"):
+        CheckpointConfig(async_save=True)
+    with pytest.raises(SystemExit):
+        parse_args(["--ckpt-format", "zarr"])
+    assert "--ckpt-format" in capsys.readouterr().err
+    cfg = parse_args(["--ckpt-format", "torch_dist", "--async-save"])
+    assert (cfg.checkpoint.ckpt_format, cfg.checkpoint.async_save) == ("torch_dist", True)
+
+
+def test_dcp_metadata_with_any_other_pickled_object_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    d = tmp_path / "iter_0000001"
+    d.mkdir()
+    (d / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ckpt.CheckpointError, match="posix.system, which is not allowed"):
+        dist_read.read_metadata(str(d))

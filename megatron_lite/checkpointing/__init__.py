@@ -16,7 +16,8 @@ place, and only then is the latest-iteration file replaced (atomically): a job k
 leaves the previous checkpoint whole and named by the latest file.
 """
 
-from megatron_lite.checkpointing.dist import DistReader, finalize_async_save
+from megatron_lite.checkpointing.dist import finalize_async_save
+from megatron_lite.checkpointing.dist_read import DistReader
 from megatron_lite.checkpointing.files import (
     FORMAT_VERSION,
     LATEST_FILE,

@@ -363,8 +363,9 @@ def load_checkpoint(
     from megatron_lite.checkpointing.hf_reader import open_checkpoint
     from megatron_lite.checkpointing.megatron import MegatronReader
 
-    reader = open_checkpoint(load_dir, iteration)  # ours, or Megatron-LM's legacy files
-    if isinstance(reader, MegatronReader):
+    # ours (either format), Megatron-LM's legacy files or megatron-core's torch_dist
+    reader = open_checkpoint(load_dir, iteration, cfg.to_dict())
+    if isinstance(reader, MegatronReader) or getattr(reader, "weights_only", False):
         if load_optim and optimizer is not None:
             raise CheckpointError(
                 f"--load {load_dir} is a Megatron-LM checkpoint: its weights, iteration and "
