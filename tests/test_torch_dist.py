@@ -79,6 +79,27 @@ def test_tp2_pp2_dp2_zero1_loads_into_tp1_and_tp4_pp1(tmp_path):
     _assert_same_model_and_optimizer(src, dst)
     dst = run_distributed(_load, 4, str(tmp_path), 4, 1, False, timeout=90)
     _assert_same_model_and_optimizer(src, dst)
+    # convert.py: torch_dist -> torch files at tp 2 -> torch_dist at tp 1 x pp 2, optimizer kept
+    convert = _convert_tool()
+    files, back = str(tmp_path / "as_torch"), str(tmp_path / "back")
+    assert convert.main(["--load-dir", str(tmp_path), "--save-dir", files,
+                         "--target-tensor-parallel-size", "2"]) == 0  # fmt: skip
+    assert not ckdist.is_dist_checkpoint(ckpt.iteration_dir(files, 2))
+    assert convert.main(["--load-dir", files, "--save-dir", back, "--ckpt-format", "torch_dist",
+                         "--target-pipeline-parallel-size", "2"]) == 0  # fmt: skip
+    assert ckdist.is_dist_checkpoint(ckpt.iteration_dir(back, 2))
+    dst = run_distributed(_load, 1, back, 1, 1, False, timeout=90)
+    _assert_same_model_and_optimizer(src, dst)
+
+
+def _convert_tool():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "checkpoint", "convert.py")
+    spec = importlib.util.spec_from_file_location("convert_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 ITERS = 8
@@ -158,3 +179,104 @@ def test_dcp_metadata_with_any_other_pickled_object_is_refused(tmp_path):
     (d / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ckpt.CheckpointError, match="posix.system, which is not allowed"):
         dist_read.read_metadata(str(d))
+
+
+# ---------------------------------------------------------------------------------------------------
+# megatron-core's own dist_checkpointing.save
+
+
+def _inline_mcore_writer() -> None:
+    """megatron-core writes its files from forked worker processes and syncs CUDA (absent here);
+    on this CPU-only, thread-heavy test process the forks can deadlock, so its per-bucket writer runs
+    inline. The files are the ones megatron-core writes: the same function writes them."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    writer = fa.FileSystemWriterAsync
+
+    def inline(transform_list, use_msc, rank, write_buckets, results):  # noqa: ARG001
+        local, count, out = queue.Queue(), queue.Queue(), {}
+        for i, bucket in enumerate(write_buckets):
+            count.put(i)
+            writer.write_preloaded_data(transform_list, i, bucket, local, count, True)
+            idx, res = local.get()
+            if isinstance(res, Exception):
+                raise res
+            out[idx] = res
+        results.put(out)
+
+    writer.write_preloaded_data_multiproc = staticmethod(inline)
+    fa._get_write_results_queue = queue.Queue
+    fa._process_memory = lambda: 0
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _mcore_dist_save(root: str, flavour: str) -> dict:
+    from megatron.core import dist_checkpointing
+    from test_megatron_checkpoints import GPT2, LLAMA, mcore_model
+
+    shape = GPT2 if flavour == "gpt2" else LLAMA
+    model = mcore_model(flavour, shape["num_query_groups"], shape["ffn_hidden_size"])
+    d = ckpt.iteration_dir(root, 3)
+    os.makedirs(d)
+    _inline_mcore_writer()
+    dist_checkpointing.save(model.sharded_state_dict(), d)
+    ckpt.write_latest(root, 3)
+    return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def _our_flags(flavour: str) -> list[str]:
+    from test_megatron_checkpoints import SHAPE
+
+    flags = [f for f in TINY_GPT if f not in ("--vocab-size", "500")]
+    flags += ["--vocab-size", str(SHAPE["vocab"]), "--train-iters", "1"]
+    if flavour == "llama":
+        flags += (
+            "--swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
+            "--untie-embeddings-and-output-weights --group-query-attention --num-query-groups 2 "
+            "--ffn-hidden-size 96"
+        ).split()
+    return flags
+
+
+def _load_mcore_at_tp2(root: str, flavour: str) -> dict:
+    from megatron_lite.model import build_model_chunks
+    from megatron_lite.parallel_state import ParallelState
+
+    cfg = parse_args([*_our_flags(flavour), *layout_flags(2, 1)]).finalize(2)
+    ps = ParallelState.build(2, 1)
+    chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(128))
+    with pytest.raises(ckpt.CheckpointError, match="--no-load-optim"):
+        ckpt.load_checkpoint(root, chunks, object(), None, cfg, ps)
+    out = ckpt.load_checkpoint(root, chunks, None, None, cfg, ps)
+    assert out["iteration"] == 3
+    return {n: (t.detach().clone(), t.partition_dim, t.partition_stride)
+            for n, t in chunks[0].named_parameters()}  # fmt: skip
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_megatron_cores_own_torch_dist_checkpoint_loads_with_the_same_weights(tmp_path, flavour):
+    """dist_checkpointing.save of megatron-core's GPTModel (stacked layers, Transformer Engine norm
+    names, _extra_state objects): every tensor reads back equal, and --load's path at tp 2 gives
+    each rank its shard of it."""
+    from megatron_lite.checkpointing.mcore_dist import McoreDistReader
+
+    root = str(tmp_path)
+    want = run_distributed(_mcore_dist_save, 1, root, flavour, timeout=300)[0]
+    cfg = parse_args(_our_flags(flavour))
+    reader = McoreDistReader(root, config=cfg.to_dict())
+    assert sorted(reader.names()) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(reader.full_tensor(name), t), name
+    shards = run_distributed(_load_mcore_at_tp2, 2, root, flavour, timeout=120)
+    for name, t in want.items():
+        parts = [s[name] for s in shards]
+        _, dim, stride = parts[0]
+        if "word_embeddings" in name or "output_layer" in name:  # tp 2 pads 128 rows to 256
+            t = torch.cat(
+                [t, t.new_zeros(sum(p[0].shape[0] for p in parts) - t.shape[0], t.shape[1])]
+            )
+        for rank, (got, _, _) in enumerate(parts):
+            assert torch.equal(got, shard_of(t, dim, stride, rank, 2)), (name, rank)

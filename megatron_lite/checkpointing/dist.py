@@ -157,15 +157,18 @@ def _cut(t: torch.Tensor, local: Box) -> torch.Tensor:
     return t
 
 
-def _add_chunks(out: dict, fqn: str, local: torch.Tensor, info: dict, boxes: list[Box]) -> None:
-    """Add to `out[fqn]` the CPU copies of `local`'s `boxes` at their places in the full tensor."""
+def add_chunks(
+    out: dict, fqn: str, local: torch.Tensor, info: dict, boxes: list[Box] | None = None
+):
+    """Add to `out[fqn]` CPU copies of `local`'s `boxes` (default: all of it), each at its place in
+    the full tensor; `info` is `shard_info_of`'s (where `local` sits as a tp shard)."""
     entry = out.setdefault(fqn, (list(info["global_shape"]), []))
-    for box in boxes:
-        at = box[0][info["partition_dim"]] if info["partition_dim"] >= 0 else 0
+    d = info["partition_dim"]
+    for box in boxes if boxes is not None else [([0] * local.dim(), list(local.shape))]:
+        at = box[0][d] if d >= 0 else 0
         for g in global_boxes(box, info):
             o = list(box[0])
-            if info["partition_dim"] >= 0:  # where this global piece starts in the local shard
-                d = info["partition_dim"]
+            if d >= 0:  # where this piece of the full tensor starts in the local shard
                 o[d] = at
                 at += g[1][d]
             piece = _cut(local, (o, g[1])).detach().to("cpu", copy=True).contiguous()
@@ -183,7 +186,7 @@ def model_chunks(chunks: list[torch.nn.Module], ps) -> dict:
             info = shard_info_of(t, ps.tp_rank, ps.tp_size)
             if info["partition_dim"] < 0 and ps.tp_rank != 0:
                 continue
-            _add_chunks(out, f"model/{name}", t, info, [([0] * t.dim(), list(t.shape))])
+            add_chunks(out, f"model/{name}", t, info)
     return out
 
 
@@ -204,7 +207,7 @@ def optimizer_chunks(optimizer, params: dict[str, torch.Tensor], ps) -> dict:
         for key, flat in sd["state"][name].items():
             local = torch.zeros(shape, dtype=flat.dtype)  # only the boxes' region is read
             local.view(-1)[rng["start"] : rng["end"]] = flat.detach().cpu()
-            _add_chunks(out, f"optim/{name}/{key}", local, info, boxes)
+            add_chunks(out, f"optim/{name}/{key}", local, info, boxes)
     return out
 
 

@@ -73,7 +73,9 @@ class McoreDistReader:
                 "give the model's flags (--load does: the run's own model settings are used)"
             )
         self.config = config
-        self.iteration = int(common.get("iteration", 0) or 0)
+        # Megatron's loop keeps it in common.pt; a bare save has only the directory's name
+        named = re.search(r"iter_(\d+)", os.path.basename(self.dir.removesuffix(".old")))
+        self.iteration = int(common.get("iteration") or (named.group(1) if named else 0))
         self.consumed_samples = int(getattr(args, "consumed_train_samples", 0) or 0)
         self.vocab_size: int | None = None
         self.tp = self.pp = 1  # DCP holds global tensors: read as if saved at tp = pp = 1
