@@ -179,13 +179,14 @@ def reshard(
                 state = _rank_state(reader, skeleton, tp_rank, cfg, dtype, keep_optim, src_file)
                 if ckpt_format == "torch_dist":
                     _dist_chunks(state, chunks, tp_rank)
+                    plain_part = state  # the plain entries are the same in every target file
                     continue
                 d = os.path.join(tmp, ckpt.mp_rank_name(tp_rank, pp_rank, pp))
                 _write_file(d, ckpt.plain(state, "converted checkpoint"))
                 log(f"  wrote {os.path.relpath(d, save_dir)} ({len(state['model'][0])} tensors)")
                 del state
         if ckpt_format == "torch_dist":
-            _write_dist(tmp, chunks, state)
+            _write_dist(tmp, chunks, plain_part)
             log(f"  wrote {len(chunks)} tensors as torch_dist ({tp} x {pp} ranks' chunks)")
     except BaseException:  # a corrupt source file, say: leave no half-written target behind
         shutil.rmtree(tmp, ignore_errors=True)
