@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner import (
 from megatron_lite.checkpointing.files import (
     CheckpointError,
     barrier,
+    chunk_params,
     chunk_tensors,
     iteration_dir,
     pause_for_test,
@@ -293,8 +294,6 @@ def save_dist(
 ) -> str:
     """Every rank writes its chunks; rank 0 then publishes (`publish()`: rename + latest file),
     at once, or with `async_save` at the next `finalize_async_save()`."""
-    from megatron_lite.checkpointing.files import chunk_params
-
     final = iteration_dir(save_dir, iteration)
     tmp = final + ".tmp"
     if ps.rank == 0:

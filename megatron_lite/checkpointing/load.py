@@ -203,7 +203,9 @@ def iter_full_state(
     load_dir: str, iteration: int | None = None, *, optimizer: bool = False
 ) -> Iterator[tuple[str, torch.Tensor | dict[str, torch.Tensor]]]:
     """Yield (name, full tensor), or (name, {state key: full tensor}) with `optimizer`, one at a time."""
-    reader = CheckpointReader(load_dir, iteration)
+    from megatron_lite.checkpointing.dist_read import open_dist_checkpoint
+
+    reader = open_dist_checkpoint(load_dir, iteration) or CheckpointReader(load_dir, iteration)
     for name in reader.names():
         if optimizer:
             keys = reader.optimizer_state_keys(name)
