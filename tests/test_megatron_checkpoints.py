@@ -55,7 +55,8 @@ def mcore_model(flavour: str, num_query_groups: int, ffn_hidden_size: int):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    parallel_state.initialize_model_parallel(1, 1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
     llama = flavour == "llama"
     cfg = TransformerConfig(
         num_layers=SHAPE["num_layers"],
