@@ -289,3 +289,24 @@ def _assert_tp2_shards(want: dict, shards: list[dict]) -> None:
             )
         for rank, (got, _, _) in enumerate(parts):
             assert torch.equal(got, shard_of(t, dim, stride, rank, 2)), (name, rank)
+
+
+def test_megatron_core_layouts_we_do_not_read_are_refused_by_name(tmp_path):
+    from megatron_lite.checkpointing.mcore_dist import MCORE_METADATA, McoreDistReader
+
+    cfg = parse_args(_our_flags("gpt2")).to_dict()
+    d = ckpt.iteration_dir(str(tmp_path), 1)
+    os.makedirs(d)
+    w = torch.zeros(4, 8)
+    info = {"global_shape": [4, 8], "partition_dim": -1, "partition_stride": 1, "tp_rank": 0,
+            "tp_size": 1}  # fmt: skip
+    chunks = {}
+    ckdist.add_chunks(chunks, "decoder.layers.mlp.experts.linear_fc1.weight", w, info)
+    ckdist.write_dist(d, chunks, None, None, "", no_dist=True)
+    with open(os.path.join(d, MCORE_METADATA), "w") as f:
+        f.write('{"sharded_backend": "torch_dist"}')
+    ckpt.write_latest(str(tmp_path), 1)
+    with pytest.raises(ckpt.CheckpointError, match="experts.linear_fc1.weight: mixture-of-experts"):
+        McoreDistReader(str(tmp_path), config=cfg)
+    with pytest.raises(ckpt.CheckpointError, match="without args in common.pt"):
+        McoreDistReader(str(tmp_path))
