@@ -159,12 +159,19 @@ def _cut(t: torch.Tensor, local: Box) -> torch.Tensor:
 
 
 def add_chunks(
-    out: dict, fqn: str, local: torch.Tensor, info: dict, boxes: list[Box] | None = None
-):
-    """Add to `out[fqn]` CPU copies of `local`'s `boxes` (default: all of it), each at its place in
-    the full tensor; `info` is `shard_info_of`'s (where `local` sits as a tp shard)."""
+    out: dict,
+    fqn: str,
+    local: torch.Tensor,
+    info: dict,
+    boxes: list[Box] | None = None,
+    origin: list[int] | None = None,
+) -> None:
+    """Add to `out[fqn]` CPU copies of `boxes` of this rank's tp shard (default: all of `local`),
+    each at its place in the full tensor. `local` holds the shard's region starting at `origin`
+    (default: all of it); `info` is `shard_info_of`'s (where the shard sits in the full tensor)."""
     entry = out.setdefault(fqn, (list(info["global_shape"]), []))
     d = info["partition_dim"]
+    origin = origin or [0] * local.dim()
     for box in boxes if boxes is not None else [([0] * local.dim(), list(local.shape))]:
         at = box[0][d] if d >= 0 else 0
         for g in global_boxes(box, info):
@@ -172,7 +179,8 @@ def add_chunks(
             if d >= 0:  # where this piece of the full tensor starts in the local shard
                 o[d] = at
                 at += g[1][d]
-            piece = _cut(local, (o, g[1])).detach().to("cpu", copy=True).contiguous()
+            rel = [a - b for a, b in zip(o, origin)]
+            piece = _cut(local, (rel, g[1])).detach().to("cpu", copy=True).contiguous()
             entry[1].append((g[0], piece))
 
 
@@ -205,10 +213,15 @@ def optimizer_chunks(optimizer, params: dict[str, torch.Tensor], ps) -> dict:
             continue
         shape = rng["shape"]
         boxes = flat_boxes(shape, rng["start"], rng["end"])
+        strides = torch.empty(shape, device="meta").stride()
         for key, flat in sd["state"][name].items():
-            local = torch.zeros(shape, dtype=flat.dtype)  # only the boxes' region is read
-            local.view(-1)[rng["start"] : rng["end"]] = flat.detach().cpu()
-            add_chunks(out, f"optim/{name}/{key}", local, info, boxes)
+            for box in boxes:  # a box is contiguous in the flat order: a view of the flat slice
+                at = sum(o * st for o, st in zip(box[0], strides)) - rng["start"]
+                size = 1
+                for n in box[1]:
+                    size *= n
+                part = flat.detach()[at : at + size].view(box[1])
+                add_chunks(out, f"optim/{name}/{key}", part, info, [box], origin=box[0])
     return out
 
 
