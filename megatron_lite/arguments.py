@@ -53,10 +53,6 @@ ALIAS_FLAGS = {
 # flags with one accepted value: flag -> (value, the format we have)
 FIXED_VALUE_FLAGS = {
     "--data-impl": ("mmap", "the .bin/.idx mmap format"),
-    "--ckpt-format": (
-        "torch",
-        "torch files, one per model-parallel rank (Megatron's legacy layout)",
-    ),
 }
 
 

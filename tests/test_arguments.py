@@ -247,7 +247,7 @@ def test_megatron_launch_script_flags_are_accepted_mapped_or_refused(capsys):
     assert "--norm-epsilon" not in notice  # a real setting, not ignored
     for flags, message in [
         ("--num-experts 8", "--num-experts: mixture of experts is not built yet"),
-        ("--ckpt-format torch_dist", "--ckpt-format: invalid choice: 'torch_dist'"),
+        ("--ckpt-format zarr", "--ckpt-format: invalid choice: 'zarr'"),
         ("--no-position-embedding", "--no-position-embedding without --position-embedding-type rope"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit):

@@ -43,13 +43,20 @@ TE_NAMES = {
 
 def _mcore_state_dict(flavour: str, num_query_groups: int, ffn_hidden_size: int) -> dict:
     """megatron-core's GPTModel (tp 1, pp 1, local spec) state dict, built in a 1-rank group."""
+    model = mcore_model(flavour, num_query_groups, ffn_hidden_size)
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+
+
+def mcore_model(flavour: str, num_query_groups: int, ffn_hidden_size: int):
+    """megatron-core's GPTModel (tp 1, pp 1, local spec), every tensor random (in a 1-rank group)."""
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    parallel_state.initialize_model_parallel(1, 1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
     llama = flavour == "llama"
     cfg = TransformerConfig(
         num_layers=SHAPE["num_layers"],
@@ -76,7 +83,7 @@ def _mcore_state_dict(flavour: str, num_query_groups: int, ffn_hidden_size: int)
     with torch.no_grad():  # mcore zero-inits biases and ones norms: make every tensor count
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    return model
 
 
 def _args(flavour: str, tp: int, pp: int, num_query_groups: int, ffn_hidden_size: int):

@@ -134,13 +134,20 @@ class HFReader:
         return rule.join([self._get(prefix + h) for h in rule.hf]).contiguous()
 
 
-def open_checkpoint(path: str, iteration: int | None = None) -> CheckpointReader | HFReader:
-    """A reader for a megatron_lite checkpoint directory, a HF model directory or a Megatron-LM
-    (legacy `torch` format) checkpoint directory."""
+def open_checkpoint(
+    path: str, iteration: int | None = None, config: dict | None = None
+) -> CheckpointReader | HFReader:
+    """A reader for a megatron_lite checkpoint directory (either --ckpt-format), a HF model
+    directory or a Megatron-LM (legacy `torch` format) checkpoint directory."""
     from megatron_lite.checkpointing.megatron import MegatronReader, is_megatron_dir
 
     if is_hf_dir(path):
         return HFReader(path)
+    from megatron_lite.checkpointing.dist_read import open_dist_checkpoint
+
+    dist_reader = open_dist_checkpoint(path, iteration, config)
+    if dist_reader is not None:
+        return dist_reader
     if is_megatron_dir(path, iteration):
         return MegatronReader(path, iteration)
     return CheckpointReader(path, iteration)

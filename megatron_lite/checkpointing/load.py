@@ -205,7 +205,9 @@ def iter_full_state(
     load_dir: str, iteration: int | None = None, *, optimizer: bool = False
 ) -> Iterator[tuple[str, torch.Tensor | dict[str, torch.Tensor]]]:
     """Yield (name, full tensor), or (name, {state key: full tensor}) with `optimizer`, one at a time."""
-    reader = CheckpointReader(load_dir, iteration)
+    from megatron_lite.checkpointing.dist_read import open_dist_checkpoint
+
+    reader = open_dist_checkpoint(load_dir, iteration) or CheckpointReader(load_dir, iteration)
     for name in reader.names():
         if optimizer:
             keys = reader.optimizer_state_keys(name)
@@ -365,8 +367,9 @@ def load_checkpoint(
     from megatron_lite.checkpointing.hf_reader import open_checkpoint
     from megatron_lite.checkpointing.megatron import MegatronReader
 
-    reader = open_checkpoint(load_dir, iteration)  # ours, or Megatron-LM's legacy files
-    if isinstance(reader, MegatronReader):
+    # ours (either format), Megatron-LM's legacy files or megatron-core's torch_dist
+    reader = open_checkpoint(load_dir, iteration, cfg.to_dict())
+    if isinstance(reader, MegatronReader) or getattr(reader, "weights_only", False):
         if load_optim and optimizer is not None:
             raise CheckpointError(
                 f"--load {load_dir} is a Megatron-LM checkpoint: its weights, iteration and "

@@ -109,6 +109,30 @@ def _rank_state(reader, skeleton, tp_rank, cfg, dtype, keep_optim, src_file) -> 
     }
 
 
+def _dist_chunks(state: dict, out: dict, tp_rank: int) -> None:
+    """One target rank's state (`_rank_state`) as torch_dist chunks at their global offsets."""
+    from megatron_lite.checkpointing.dist import add_chunks
+
+    optim = state["optimizer"]["param_state"] if state["optimizer"] else {}
+    for name, t in state["model"][0].items():
+        info = state["shard_info"][name]
+        if info["partition_dim"] < 0 and tp_rank != 0:
+            continue
+        add_chunks(out, f"model/{name}", t, info)
+        for key, v in optim.get(name, {}).items():
+            add_chunks(out, f"optim/{name}/{key}", v, info)
+
+
+def _write_dist(tmp: str, chunks: dict, state: dict) -> None:
+    from megatron_lite.checkpointing.dist import write_dist
+
+    common = {k: v for k, v in state.items() if k not in ("model", "shard_info", "rng_state")}
+    if common["optimizer"] is not None:
+        common["optimizer"] = {"state_dict": common["optimizer"]["state_dict"]}
+    common["has_rng"] = False
+    write_dist(tmp, chunks, ckpt.plain(common, "converted checkpoint"), None, "", no_dist=True)
+
+
 def _write_file(d: str, state: dict) -> None:
     os.makedirs(d, exist_ok=True)
     ckpt.write_durably(os.path.join(d, ckpt.MODEL_FILE), lambda f: torch.save(state, f))
@@ -123,6 +147,7 @@ def reshard(
     *,
     dtype: torch.dtype | None = None,
     keep_optimizer: bool = True,
+    ckpt_format: str = "torch",
     log: Callable[[str], None] = print,
 ) -> str:
     """Write `reader`'s checkpoint as a megatron_lite checkpoint at tp x pp; returns its directory.
@@ -131,6 +156,8 @@ def reshard(
     them (resume with plain `--load`); a HF model has none (load it with `--finetune`, or
     `--no-load-optim`). RNG states are not kept. Atomic like save_checkpoint: files go to
     `iter_XXXXXXX.tmp`, fsynced, renamed, and the latest-iteration file is written last.
+    `ckpt_format` "torch_dist": one DCP checkpoint holding the target ranks' chunks (built in
+    memory, then written by this one process).
     """
     if os.path.realpath(save_dir) == os.path.realpath(reader.dir.rsplit("/iter_", 1)[0]):
         raise ckpt.CheckpointError(f"--save-dir {save_dir} is the source directory")
@@ -143,16 +170,24 @@ def reshard(
         raise ckpt.CheckpointError(f"{final} exists already: choose an empty --save-dir")
     tmp, new_dir = final + ".tmp", not os.path.exists(save_dir)
     os.makedirs(tmp, exist_ok=True)
+    chunks: dict = {}
     try:
         for pp_rank in range(pp):
             skeleton = stage_skeleton(cfg, pp_rank, padded)
             src_file = reader.file(0, min(pp_rank, reader.pp - 1))
             for tp_rank in range(tp):
                 state = _rank_state(reader, skeleton, tp_rank, cfg, dtype, keep_optim, src_file)
+                if ckpt_format == "torch_dist":
+                    _dist_chunks(state, chunks, tp_rank)
+                    plain_part = state  # the plain entries are the same in every target file
+                    continue
                 d = os.path.join(tmp, ckpt.mp_rank_name(tp_rank, pp_rank, pp))
                 _write_file(d, ckpt.plain(state, "converted checkpoint"))
                 log(f"  wrote {os.path.relpath(d, save_dir)} ({len(state['model'][0])} tensors)")
                 del state
+        if ckpt_format == "torch_dist":
+            _write_dist(tmp, chunks, plain_part)
+            log(f"  wrote {len(chunks)} tensors as torch_dist ({tp} x {pp} ranks' chunks)")
     except BaseException:  # a corrupt source file, say: leave no half-written target behind
         shutil.rmtree(tmp, ignore_errors=True)
         if new_dir:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from megatron_lite.checkpointing.dist import finalize_async_save, save_dist
 from megatron_lite.checkpointing.files import (
     FORMAT_VERSION,
     MODEL_FILE,
@@ -61,12 +62,18 @@ def save_checkpoint(
     can load the embedding; it defaults to `cfg.data.vocab_size`. `extra`: plain data to keep.
     """
     ck = cfg.checkpoint
+    finalize_async_save()  # the previous (async) save is published before this one starts
     in_flight = sum(getattr(c, "params_in_flight", lambda: 0)() for c in model_chunks)
     if in_flight:  # a save reads parameters outside a forward: the step must have landed them
         raise RuntimeError(
             f"save_checkpoint: {in_flight} parameter all-gathers still in flight "
             "(--overlap-param-gather); call distributed.finish_param_gather(model) first"
         )
+    if ck.ckpt_format == "torch_dist":
+        return _save_torch_dist(
+            save_dir, iteration, model_chunks, optimizer, opt_param_scheduler, cfg, ps,
+            consumed_samples, extra, vocab_size,
+        )  # fmt: skip
     # Collectives first, on every rank: the distributed optimizer gathers its dp shards, RNG states
     # go to dp rank 0.
     optim = None
@@ -86,29 +93,13 @@ def save_checkpoint(
     barrier()
     if ps.dp_rank == 0:
         models, shard_info = _model_state(model_chunks, ps)
-        state = {
-            "format_version": FORMAT_VERSION,
-            "iteration": int(iteration),
-            "consumed_samples": int(consumed_samples),
-            "config": _saved_config(cfg),
-            "layout": {
-                "tp": ps.tp_size,
-                "pp": ps.pp_size,
-                "dp": ps.dp_size,
-                "vpp": len(model_chunks) if len(model_chunks) > 1 else None,
-                "use_distributed_optimizer": cfg.parallel.use_distributed_optimizer,
-            },
-            "vocab_size": vocab_size if vocab_size is not None else cfg.data.vocab_size,
-            "model": models,
-            "shard_info": shard_info,
-            "optimizer": plain(optim, "optimizer"),
-            "opt_param_scheduler": plain(
-                opt_param_scheduler.state_dict() if opt_param_scheduler is not None else None,
-                "opt_param_scheduler",
-            ),
-            "rng_state": rng,
-            "extra": plain(extra, "extra"),
-        }
+        state = _plain_entries(
+            iteration, model_chunks, opt_param_scheduler, cfg, ps, consumed_samples, extra,
+            vocab_size,
+        )  # fmt: skip
+        state.update(
+            model=models, shard_info=shard_info, optimizer=plain(optim, "optimizer"), rng_state=rng
+        )
         d = os.path.join(tmp, mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
         os.makedirs(d)
         write_durably(os.path.join(d, MODEL_FILE), lambda f: torch.save(state, f))
@@ -118,6 +109,61 @@ def save_checkpoint(
         _publish(save_dir, iteration, ck.save_retain)
     barrier()
     return final
+
+
+def _plain_entries(
+    iteration, model_chunks, opt_param_scheduler, cfg, ps, consumed_samples, extra, vocab_size
+) -> dict:
+    """What both formats keep besides tensors: the run's position, config, layout and schedule."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "iteration": int(iteration),
+        "consumed_samples": int(consumed_samples),
+        "config": _saved_config(cfg),
+        "layout": {
+            "tp": ps.tp_size,
+            "pp": ps.pp_size,
+            "dp": ps.dp_size,
+            "vpp": len(model_chunks) if len(model_chunks) > 1 else None,
+            "use_distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+        },
+        "vocab_size": vocab_size if vocab_size is not None else cfg.data.vocab_size,
+        "opt_param_scheduler": plain(
+            opt_param_scheduler.state_dict() if opt_param_scheduler is not None else None,
+            "opt_param_scheduler",
+        ),
+        "extra": plain(extra, "extra"),
+    }
+
+
+def _save_torch_dist(
+    save_dir, iteration, model_chunks, optimizer, opt_param_scheduler, cfg, ps,
+    consumed_samples, extra, vocab_size,
+) -> str:  # fmt: skip
+    """--ckpt-format torch_dist (see dist.py): every rank writes its own chunks, no gathers."""
+    ck = cfg.checkpoint
+    save_optim = optimizer is not None and not ck.no_save_optim
+    common = _plain_entries(
+        iteration, model_chunks, opt_param_scheduler, cfg, ps, consumed_samples, extra, vocab_size
+    )
+    common.update(
+        optimizer={"state_dict": plain(optimizer.state_dict(), "optimizer")}
+        if save_optim
+        else None,
+        has_rng=not ck.no_save_rng,
+    )
+    return save_dist(
+        save_dir,
+        iteration,
+        model_chunks,
+        optimizer,
+        common,
+        ps,
+        save_optim=save_optim,
+        save_rng=not ck.no_save_rng,
+        async_save=ck.async_save,
+        publish=lambda: _publish(save_dir, iteration, ck.save_retain) if ps.rank == 0 else None,
+    )
 
 
 def _publish(save_dir: str, iteration: int, save_retain: int | None) -> None:

@@ -40,8 +40,29 @@ class CheckpointConfig:
         aliases=("--most-recent-k",),
     )
 
+    ckpt_format: str = flag(
+        "torch",
+        "Checkpoint format: torch (per-(tp, pp) files) or torch_dist (torch.distributed.checkpoint, "
+        "every rank writes its own shards). --load reads either, whatever this says.",
+        choices=("torch", "torch_dist"),
+    )
+    async_save: bool = flag(
+        False,
+        "Write torch_dist checkpoints in the background while training goes on (finalized before "
+        "the next save and at exit).",
+        action="store_true",
+    )
+
     def __post_init__(self) -> None:
         positive(self, "save_interval")
+        require(
+            self.ckpt_format in ("torch", "torch_dist"),
+            f"--ckpt-format must be torch or torch_dist, got {self.ckpt_format!r}",
+        )
+        require(
+            not self.async_save or self.ckpt_format == "torch_dist",
+            "--async-save needs --ckpt-format torch_dist",
+        )
         require(
             self.save_retain in (None, -1) or self.save_retain >= 1,
             f"--save-retain must be at least 1 (or -1: keep all), got {self.save_retain}",

@@ -270,6 +270,10 @@ def pretrain(cfg: Config) -> Run:
         )
         if cfg.checkpoint.save and not last_saved:
             save(run)
+    if (
+        checkpointing.finalize_async_save() and run.is_logging_rank
+    ):  # --async-save: publish the last
+        print_rank("  finalized the async checkpoint save")
     writers.close()
     dist.barrier()
     return run

@@ -3,6 +3,8 @@
     # any tp x pp -> any tp x pp (optimizer state kept; resume with --load)
     python tools/checkpoint/convert.py --load-dir ckpt --save-dir ckpt_tp1 \
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
+    # to / from torch.distributed.checkpoint (--ckpt-format torch_dist); the source format is detected
+    python tools/checkpoint/convert.py --load-dir ckpt --save-dir ckpt_dist --ckpt-format torch_dist
     # to transformers (GPT-2 flavour -> GPT2LMHeadModel, Llama flavour -> LlamaForCausalLM)
     python tools/checkpoint/convert.py --saver hf --load-dir ckpt --save-dir hf_model --check
     # from transformers, at tp=2 pp=2 (continue with --load hf_import --finetune)
@@ -25,6 +27,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader  # noqa: E402
+from megatron_lite.checkpointing.dist_read import open_dist_checkpoint  # noqa: E402
 from megatron_lite.checkpointing.hf_export import export_hf  # noqa: E402
 from megatron_lite.checkpointing.hf_reader import DTYPES, HFReader, parse_dtype  # noqa: E402
 from megatron_lite.checkpointing.hf_rules import model_flags  # noqa: E402
@@ -56,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(megatron and mcore: the same files; megatron_lite also recognises them).",
     )
     p.add_argument("--saver", choices=["megatron_lite", "hf"], default="megatron_lite")
+    p.add_argument(
+        "--ckpt-format",
+        choices=["torch", "torch_dist"],
+        default="torch",
+        help="Saver megatron_lite: write per-(tp, pp) torch files or one torch_dist (DCP) "
+        "checkpoint. The source's format is detected.",
+    )
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--iteration", type=int, help="Source iteration (default: the latest).")
@@ -80,6 +90,9 @@ def _open_source(args):
         if not os.path.isfile(os.path.join(args.load_dir, "config.json")):
             raise CheckpointError(f"--loader hf: {args.load_dir} has no config.json")
         return HFReader(args.load_dir)
+    dist = open_dist_checkpoint(args.load_dir, args.iteration)  # ours or megatron-core's
+    if dist is not None:
+        return dist
     if args.loader in ("megatron", "mcore") or is_megatron_dir(args.load_dir, args.iteration):
         return MegatronReader(args.load_dir, args.iteration)
     return CheckpointReader(args.load_dir, args.iteration)
@@ -101,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.target_pipeline_parallel_size,
                 dtype=dtype,
                 keep_optimizer=not args.no_optimizer,
+                ckpt_format=args.ckpt_format,
             )
             if args.loader == "hf":
                 print(f"train on with: {model_flags(reader.config['model'])} --finetune")
