@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 keep_optimizer=not args.no_optimizer,
             )
             if args.loader == "hf":
-                print(f"train on with: {model_flags(reader.config['model'])} --finetune")
+                print(
+                    f"train on with: {model_flags(reader.config['model'], reader.config.get('moe'))} --finetune"
+                )
     except (UserError, ValueError, FileNotFoundError) as e:  # bad flags, files, checkpoints
         print(f"error: {e}", file=sys.stderr)
         return 2
