@@ -179,3 +179,33 @@ def test_moe_flags_parse_and_bad_values_name_the_flag():
         moe_layer_pattern([1, 0], 4)
     with pytest.raises(ConfigError, match="divisible by --expert-model-parallel-size"):
         make_cfg(2, ep=4)
+
+
+def test_estimator_counts_experts_active_flops_and_dispatch_traffic():
+    from megatron_lite.estimate.memory import static_memory
+    from megatron_lite.estimate.moe import dispatch_bytes, parameter_counts
+    from megatron_lite.model import build_model_chunks
+    from megatron_lite.training.log import model_flops_per_token
+
+    cfg = make_cfg(4, ep=2, moe_token_dispatcher_type="alltoall")
+    padded = cfg.padded_vocab_size(100)
+    model = build_model_chunks(cfg, ParallelState.single(), padded)[0]
+    names = dict(model.named_parameters())
+    experts = sum(p.numel() for n, p in names.items() if ".experts." in n)
+    counts = parameter_counts(cfg, padded)
+    assert counts.total == sum(p.numel() for p in names.values())
+    assert counts.experts == experts
+    assert counts.active == counts.total - experts // 2  # top-2 of 4 experts
+    # each rank holds the dense part and half the experts (ep2)
+    assert static_memory(cfg, padded, 0).num_params == counts.total - experts // 2
+    # FLOPs of the active parameters: a dense model twice as wide, plus the router
+    dense = make_cfg(4)
+    dense.moe.num_experts = None
+    dense.model.ffn_hidden_size *= 2
+    h, layers = cfg.model.hidden_size, cfg.model.num_layers
+    want = model_flops_per_token(dense, padded) + 3 * layers * 2 * h * 4
+    assert model_flops_per_token(cfg, padded) == pytest.approx(want)
+    # alltoall: k copies of the microbatch's tokens, half of them to the other rank, there and
+    # back, forward and backward (fp32)
+    tokens = cfg.model.seq_length * cfg.train.micro_batch_size * h * 4
+    assert dispatch_bytes(cfg) == 4 * 2 * tokens / 2

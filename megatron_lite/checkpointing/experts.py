@@ -10,14 +10,33 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from megatron_lite.config import MoEConfig, flag_name
+
 if TYPE_CHECKING:
     from megatron_lite.parallel_state import ParallelState
 
 EXPERT_NAME = ".mlp.experts.local_experts."
+# the MoE settings that shape the model: how many experts, how big, in which layers
+MOE_SHAPE_FIELDS = (
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_layer_freq",
+    "moe_shared_expert_intermediate_size",
+)
 
 
 def is_expert(name: str) -> bool:
     return EXPERT_NAME in name
+
+
+def moe_differences(saved: dict, mine: MoEConfig) -> list[str]:
+    """'flag: checkpoint a, this run b' for each MoE shape setting that differs."""
+    out = []
+    for f in MOE_SHAPE_FIELDS:
+        a, b = saved.get(f, getattr(MoEConfig(), f)), getattr(mine, f)
+        if a != b:
+            out.append(f"{flag_name(MoEConfig, f)}: checkpoint {a}, this run {b}")
+    return out
 
 
 def _cpu(v: Any) -> Any:

@@ -55,6 +55,13 @@ def moe_layer_pattern(freq: int | list[int], num_layers: int) -> list[bool]:
     return [bool(v) for v in freq]
 
 
+def moe_layer_numbers(moe: MoEConfig, num_layers: int) -> list[int]:
+    """The layers with an MoE MLP (none without --num-experts)."""
+    if not moe.enabled:
+        return []
+    return [i for i, on in enumerate(moe_layer_pattern(moe.moe_layer_freq, num_layers)) if on]
+
+
 @dataclass
 class MoEConfig:
     num_experts: int | None = flag(
