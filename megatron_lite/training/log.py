@@ -21,7 +21,7 @@ def model_flops_per_token(cfg: Config, padded_vocab_size: int) -> float:
     top-k experts, the shared expert and the router's 2*h*E.
     """
     m = cfg.model
-    h, s, f = m.hidden_size, m.seq_length, m.ffn_hidden_size
+    h, s = m.hidden_size, m.seq_length
     q = m.num_attention_heads * m.kv_channels
     kv = m.num_query_groups * m.kv_channels
     mats = 3 if m.swiglu else 2
