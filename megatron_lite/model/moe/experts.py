@@ -100,10 +100,15 @@ class LocalExperts(nn.Module):
         return torch.cat(outs) if outs else x[:0]
 
     def _grouped_ok(self, x: torch.Tensor, pad_to: int | None) -> bool:
-        """torch's grouped matmul: CUDA, bf16, no biases (its kernel's limits); else the loop."""
-        ok = self.grouped_gemm and hasattr(torch, "_grouped_mm") and x.is_cuda
+        """torch's grouped matmul (torch._grouped_mm, CPU and CUDA) fits: no biases, no padding,
+        rows a multiple of 16 bytes (its kernels' limits); else the loop."""
+        if not (self.grouped_gemm and hasattr(torch, "_grouped_mm")) or pad_to is not None:
+            return False
         first = next(iter(self.local_experts.values()))
-        return ok and x.dtype == torch.bfloat16 and first.linear_fc1.bias is None and pad_to is None
+        fc1, fc2 = first.linear_fc1, first.linear_fc2
+        dims = (*fc1.weight.shape, *fc2.weight.shape)
+        aligned = all(n * x.element_size() % 16 == 0 for n in dims)
+        return fc1.bias is None and aligned and x.dtype in (torch.float32, torch.bfloat16)
 
     def _grouped(self, x: torch.Tensor, counts: list[int], experts: list[Expert]) -> torch.Tensor:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
