@@ -125,3 +125,21 @@ def test_shared_expert_and_layer_freq_pick_the_layers_and_modules():
             cfg, parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=2,
                                               sequence_parallel=True)
         )  # fmt: skip
+
+
+def test_full_recompute_changes_no_gradient_and_records_aux_losses_once():
+    def run(**model):
+        cfg = _cfg(moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
+        aux_losses.reset()
+        out = _loss_and_grads(cfg)
+        return out, {k: dict(v) for k, v in aux_losses._tracked.items()}
+
+    plain, plain_aux = run()
+    again, again_aux = run(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+    )
+    _assert_same(again, plain, rtol=1e-6)
+    assert again_aux.keys() == {"load_balancing_loss", "z_loss"}
+    for name, per_layer in plain_aux.items():
+        torch.testing.assert_close(again_aux[name], per_layer)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_lite import comm
+from megatron_lite.tensor_parallel.random import is_recomputing
 
 if TYPE_CHECKING:
     from megatron_lite.parallel_state import ParallelState
@@ -48,7 +49,10 @@ def attach(output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
 
 
 def record(name: str, layer_number: int, value: torch.Tensor) -> None:
-    """Add one microbatch's aux loss (without its coefficient, as Megatron logs it)."""
+    """Add one microbatch's aux loss (without its coefficient, as Megatron logs it); a
+    recomputed forward (activation checkpointing) adds nothing: its first pass did."""
+    if is_recomputing():
+        return
     per_layer = _tracked.setdefault(name, {})
     v = value.detach().float()
     per_layer[layer_number] = per_layer[layer_number] + v if layer_number in per_layer else v
