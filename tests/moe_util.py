@@ -31,7 +31,7 @@ from megatron_lite.training.step import average_over_last_stage
 VOCAB, SEQ, MBS, GBS = 100, 16, 2, 8
 
 
-def make_cfg(world: int, tp=1, pp=1, ep=1, dist_opt=False, **moe) -> Config:
+def make_cfg(world: int, tp=1, pp=1, ep=1, dist_opt=False, sp=False, **moe) -> Config:
     moe = {"num_experts": 4, "moe_aux_loss_coeff": 1e-2, "moe_z_loss_coeff": 1e-3, **moe}
     return Config(
         model=ModelConfig(
@@ -47,6 +47,7 @@ def make_cfg(world: int, tp=1, pp=1, ep=1, dist_opt=False, **moe) -> Config:
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             use_distributed_optimizer=dist_opt,
+            sequence_parallel=sp,
         ),
         data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
         optim=OptimConfig(lr=1e-2, clip_grad=1.0, lr_warmup_iters=1),

@@ -25,8 +25,8 @@ CAPACITY = {"moe_expert_capacity_factor": 1.0}
 ALLTOALL = {"moe_token_dispatcher_type": "alltoall"}
 
 
-def _layout(tp=1, pp=1, ep=2, dist_opt=False, steps=STEPS, **moe):
-    cfg = make_cfg(dist.get_world_size(), tp, pp, ep, dist_opt, **moe)
+def _layout(tp=1, pp=1, ep=2, dist_opt=False, sp=False, steps=STEPS, **moe):
+    cfg = make_cfg(dist.get_world_size(), tp, pp, ep, dist_opt, sp, **moe)
     run = build_run(cfg, ParallelState.build(tp, pp, ep=ep))
     return run, train(run, steps)
 
@@ -61,10 +61,11 @@ def _four_ranks(ckpt: str) -> dict:
     out = {}
     layouts = {
         "ep2 x tp2": dict(tp=2),
+        "ep2 x tp2 sequence parallel": dict(tp=2, sp=True, **ALLTOALL),
         "ep2 x pp2": dict(pp=2),
         "ep2 x dp2 distributed optimizer": dict(dist_opt=True),
         "ep2 x dp2 alltoall": dict(dist_opt=True, **ALLTOALL),
-        "ep2 x tp2 capacity alltoall": dict(tp=2, **CAPACITY, **ALLTOALL),
+        "ep2 x tp2 sp capacity alltoall": dict(tp=2, sp=True, **CAPACITY, **ALLTOALL),
         "ep2 x dp2 capacity position": dict(**CAPACITY, moe_token_drop_policy="position"),
     }
     for name, kw in layouts.items():
@@ -118,6 +119,7 @@ LAYOUTS = [
     ("ep2", "default"),
     ("ep2 alltoall", "default"),
     ("ep2 x tp2", "default"),
+    ("ep2 x tp2 sequence parallel", "default"),
     ("ep2 x pp2", "default"),
     ("ep2 x dp2 distributed optimizer", "default"),
     ("ep2 x dp2 alltoall", "default"),
@@ -132,7 +134,7 @@ def test_layout_matches_single_process_losses_and_aux_losses(runs, layout, refer
 
 CAPACITY_LAYOUTS = [
     ("ep2 capacity", "capacity"),
-    ("ep2 x tp2 capacity alltoall", "capacity"),
+    ("ep2 x tp2 sp capacity alltoall", "capacity"),
     ("ep2 x dp2 capacity position", "position"),
 ]
 

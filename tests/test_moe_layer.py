@@ -3,10 +3,9 @@ capacity policies), padding to capacity, the grouped matmul, the shared expert, 
 
 import dataclasses
 
-import pytest
 import torch
 
-from megatron_lite.config import Config, ConfigError, ModelConfig, MoEConfig
+from megatron_lite.config import Config, ModelConfig, MoEConfig
 from megatron_lite.model import build_model_chunks
 from megatron_lite.model.moe import aux_losses
 from megatron_lite.model.moe.layer import MoELayer
@@ -119,12 +118,6 @@ def test_shared_expert_and_layer_freq_pick_the_layers_and_modules():
     assert names["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"].shape == (96, 32)
     assert names["decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight"].shape == (32, 64)
     assert "decoder.layers.0.mlp.linear_fc1.weight" in names
-    cfg = _cfg()
-    with pytest.raises(ConfigError, match="--sequence-parallel with --num-experts"):
-        dataclasses.replace(
-            cfg, parallel=dataclasses.replace(cfg.parallel, tensor_model_parallel_size=2,
-                                              sequence_parallel=True)
-        )  # fmt: skip
 
 
 def test_full_recompute_changes_no_gradient_and_records_aux_losses_once():

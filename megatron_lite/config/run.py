@@ -107,10 +107,6 @@ class Config:
             f"--moe-shared-expert-intermediate-size ({shared}) must be divisible by "
             f"--tensor-model-parallel-size ({tp})",
         )
-        require(
-            not p.sequence_parallel,
-            "--sequence-parallel with --num-experts is not supported yet: drop --sequence-parallel",
-        )
         moe_layer_pattern(e.moe_layer_freq, m.num_layers)  # raises on a bad list
 
     @property
