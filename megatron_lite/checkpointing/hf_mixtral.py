@@ -4,7 +4,8 @@ Tensors, in the layout of the published Mixtral checkpoints (which transformers 
 are and 5.x converts on load): `block_sparse_moe.gate.weight` is our router; expert E's w1 (gate)
 and w3 (up) stacked are our `mlp.experts.local_experts.E.linear_fc1.weight`, w2 (down) is its fc2.
 Routing agrees: Mixtral's top-k of the softmax, renormalised over the k, is the softmax over the
-top-k logits (--moe-router-pre-softmax off). Mixtral has no shared expert, biases or capacity.
+top-k logits (--moe-router-pre-softmax off). Mixtral has no shared expert, biases or capacity;
+its sliding window is --window-size, as Mistral's (hf_rope.py).
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def mixtral_mlp_rules(moe: dict, rule_cls) -> list:
     return rules
 
 
-def mixtral_config(cfg: dict, llama: dict) -> dict:
-    """config.json of a Mixtral: the Llama one (from hf_rules) plus the experts."""
+def mixtral_config(cfg: dict, llama: dict, window: int | None) -> dict:
+    """config.json of a Mixtral: the Llama one (from hf_rules) plus the experts; `window`: the
+    sliding window (--window-size), if any."""
     m, moe = cfg["model"], cfg["moe"]
     check_mixtral(m, moe)
     out = {k: v for k, v in llama.items() if k not in ("mlp_bias",)}
@@ -67,7 +69,7 @@ def mixtral_config(cfg: dict, llama: dict) -> dict:
         router_aux_loss_coef=moe.get("moe_aux_loss_coeff", 0.0),
         output_router_logits=False,
         router_jitter_noise=0.0,
-        sliding_window=None,
+        sliding_window=window,
     )
     return out
 
@@ -76,10 +78,6 @@ def moe_from_mixtral(hf: dict) -> dict:
     """Our moe section for a Mixtral config.json."""
     if hf.get("router_jitter_noise"):
         raise CheckpointError("Mixtral router_jitter_noise is not supported")
-    if hf.get("sliding_window"):
-        raise CheckpointError(
-            f"Mixtral sliding_window {hf['sliding_window']} is not supported (full attention only)"
-        )
     return {
         "num_experts": hf["num_local_experts"],
         "moe_router_topk": hf.get("num_experts_per_tok", 2),
