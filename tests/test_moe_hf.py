@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 VOCAB = 97
 
 
-def _mixtral(path) -> torch.nn.Module:
+def _mixtral(path, window: int | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.MixtralConfig(
         vocab_size=VOCAB,
@@ -35,6 +35,7 @@ def _mixtral(path) -> torch.nn.Module:
         num_experts_per_tok=2,
         max_position_embeddings=32,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        sliding_window=window,
     )
     model = transformers.MixtralForCausalLM(config)
     with torch.no_grad():  # norms away from their init of ones, so a mix-up shows
@@ -44,10 +45,12 @@ def _mixtral(path) -> torch.nn.Module:
     return model.eval()
 
 
-def test_mixtral_imports_matches_transformers_generates_and_exports_back(tmp_path):
-    model = _mixtral(tmp_path / "orig")
+@pytest.mark.parametrize("window", [None, 6], ids=["full", "sliding-window"])
+def test_mixtral_imports_matches_transformers_generates_and_exports_back(tmp_path, window):
+    model = _mixtral(tmp_path / "orig", window)
     reader = HFReader(str(tmp_path / "orig"))
     assert reader.config["moe"]["num_experts"] == 4
+    assert reader.config["model"]["window_size"] == (None if window is None else [window - 1, 0])
     assert "--num-experts 4" in model_flags(reader.config["model"], reader.config["moe"])
     reshard(reader, str(tmp_path / "ours"), 2, 2, log=lambda s: None)  # through tp2 x pp2 files
     ours = load_model(str(tmp_path / "ours"), dtype=torch.float32, device=CPU)
@@ -72,7 +75,13 @@ def test_mixtral_imports_matches_transformers_generates_and_exports_back(tmp_pat
     for name in a:
         assert torch.equal(a[name], b[name]), name
     ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("orig", "back"))
-    keys = ["model_type", "num_local_experts", "num_experts_per_tok", "intermediate_size"]
+    keys = [
+        "model_type",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "intermediate_size",
+        "sliding_window",
+    ]
     assert {k: ca[k] for k in keys} == {k: cb[k] for k in keys}
     assert cb["architectures"] == ["MixtralForCausalLM"]
 
