@@ -113,3 +113,15 @@ def all_gather_list(out: list[torch.Tensor], inp: torch.Tensor, group: Group) ->
         out[0].copy_(inp)
         return
     dist.all_gather(out, inp, group=group)
+
+
+def all_to_all(
+    out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Group
+) -> None:
+    """Rank r sends rows `in_splits[j]` of `inp` to rank j and receives `out_splits[j]` rows from
+    it (dim 0, rank order), into `out` (MoE token dispatch)."""
+    _count(inp)
+    if group_size(group) == 1:
+        out.copy_(inp)
+        return
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)

@@ -18,6 +18,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def device_count() -> int:
+    """GPUs on this machine (0 without CUDA)."""
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
 def default_backend() -> str:
     return "nccl" if cuda_available() else "gloo"
 

@@ -7,6 +7,13 @@ Megatron's default order (tp fastest, then dp, then pp):
 For 8 ranks with tp=2, pp=2: TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2] [1,3] [4,6] [5,7];
 PP groups [0,4] [1,5] [2,6] [3,7]. A `ParallelState` is built once and handed to whoever needs a group;
 no layer reads a global.
+
+Experts (Megatron's placement) use a second grid over the same ranks, order etp-ep-edp-pp:
+
+    expert_grid = arange(world).view(pp, edp, ep, etp),   edp = world / (pp x ep x etp)
+
+so the expert-parallel axis sits inside the data-parallel one (etp = tp here): experts are split over
+ranks that hold different data, and expert gradients are reduced over edp only.
 """
 
 from __future__ import annotations
@@ -37,12 +44,39 @@ def rank_grid(world_size: int, tp: int, pp: int) -> torch.Tensor:
     return torch.arange(world_size).view(pp, world_size // (tp * pp), tp)
 
 
-def group_ranks(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
+# --- expert grid (moe) ---------------------------------------------------------------------------
+def expert_grid(world_size: int, pp: int, ep: int, etp: int) -> torch.Tensor:
+    """`grid[pp_rank, edp_rank, ep_rank, etp_rank] = rank` (order etp-ep-edp-pp)."""
+    if world_size % (pp * ep * etp) != 0:
+        raise ConfigError(
+            f"world size ({world_size}) must be divisible by --pipeline-model-parallel-size "
+            f"({pp}) x --expert-model-parallel-size ({ep}) x --expert-tensor-parallel-size "
+            f"({etp}) = {pp * ep * etp}"
+        )
+    return torch.arange(world_size).view(pp, world_size // (pp * ep * etp), ep, etp)
+
+
+def expert_group_ranks(world_size: int, pp: int, ep: int, etp: int) -> dict[str, list[list[int]]]:
+    """Every ep, etp and edp group, as lists of ranks (a 1-d slice of the expert grid each)."""
+    g = expert_grid(world_size, pp, ep, etp)
+
+    def slices(axis: int) -> list[list[int]]:  # every line of `g` along `axis`
+        return g.movedim(axis, -1).reshape(-1, g.shape[axis]).tolist()
+
+    return {"ep": slices(2), "etp": slices(3), "edp": slices(1)}
+
+
+# --- dense grid ------------------------------------------------------------------------------------
+def group_ranks(
+    world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None
+) -> dict[str, list[list[int]]]:
     """Every group of each kind, as lists of ranks (pure function; no process group needed)."""
     g = rank_grid(world_size, tp, pp)
     pp_size, dp_size, tp_size = g.shape
     pp_groups = [g[:, d, t].tolist() for d in range(dp_size) for t in range(tp_size)]
+    experts = expert_group_ranks(world_size, pp, ep, tp if etp is None else etp)  # moe
     return {
+        **experts,
         "tp": [g[p, d, :].tolist() for p in range(pp_size) for d in range(dp_size)],
         "dp": [g[p, :, t].tolist() for p in range(pp_size) for t in range(tp_size)],
         "pp": pp_groups,
@@ -77,6 +111,19 @@ class ParallelState:
     mp_ranks: list[int] = field(default_factory=lambda: [0])  # this replica: pp-major, tp-minor
     vpp_size: int | None = None  # virtual pipeline chunks per rank (interleaved schedule)
     backend: str = "gloo"
+    # --- experts (moe): the expert grid of the module docstring ---
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    ep_ranks: list[int] = field(default_factory=lambda: [0])
+    etp_size: int = 1
+    etp_rank: int = 0
+    etp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    etp_ranks: list[int] = field(default_factory=lambda: [0])
+    edp_size: int = 1
+    edp_rank: int = 0
+    edp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    edp_ranks: list[int] = field(default_factory=lambda: [0])
 
     @property
     def is_first_stage(self) -> bool:
@@ -100,12 +147,20 @@ class ParallelState:
         return self.rank in self.embedding_ranks
 
     @classmethod
-    def build(cls, tp: int = 1, pp: int = 1, vpp_size: int | None = None) -> ParallelState:
+    def build(
+        cls,
+        tp: int = 1,
+        pp: int = 1,
+        vpp_size: int | None = None,
+        ep: int = 1,
+        etp: int | None = None,
+    ) -> ParallelState:
         """Create every group (collectively: all ranks call this, in the same order)."""
         world, rank = dist.get_world_size(), dist.get_rank()
-        groups = group_ranks(world, tp, pp)
+        etp = tp if etp is None else etp
+        groups = group_ranks(world, tp, pp, ep, etp)
         mine: dict[str, tuple[list[int], dist.ProcessGroup | None]] = {}
-        for kind in ("tp", "dp", "pp", "mp", "embedding"):
+        for kind in ("tp", "dp", "pp", "mp", "embedding", "ep", "etp", "edp"):
             seen = set()
             for ranks in groups[kind]:
                 key = tuple(ranks)
@@ -139,6 +194,7 @@ class ParallelState:
             mp_ranks=mine["mp"][0],
             vpp_size=vpp_size,
             backend=dist.get_backend(),
+            **_expert_fields(world, rank, pp, ep, etp, mine),
         )
 
     @classmethod
@@ -163,6 +219,18 @@ class ParallelState:
             dp_ranks=[0],
             embedding_ranks=[0],
         )
+
+
+def _expert_fields(world: int, rank: int, pp: int, ep: int, etp: int, mine: dict) -> dict:
+    """ParallelState's expert (moe) fields for `rank`."""
+    _, edp_rank, ep_rank, etp_rank = (
+        int(i) for i in (expert_grid(world, pp, ep, etp) == rank).nonzero()[0]
+    )
+    out = {"ep_rank": ep_rank, "etp_rank": etp_rank, "edp_rank": edp_rank}
+    for kind in ("ep", "etp", "edp"):
+        ranks, group = mine[kind]
+        out.update({f"{kind}_size": len(ranks), f"{kind}_group": group, f"{kind}_ranks": ranks})
+    return out
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -246,7 +246,10 @@ def test_megatron_launch_script_flags_are_accepted_mapped_or_refused(capsys):
     assert "--use-mcore-models" in notice and "--transformer-impl" in notice
     assert "--norm-epsilon" not in notice  # a real setting, not ignored
     for flags, message in [
-        ("--num-experts 8", "--num-experts: mixture of experts is not built yet"),
+        (
+            "--num-experts 8 --expert-model-parallel-size 3",
+            "--num-experts (8) must be divisible by --expert-model-parallel-size (3)",
+        ),
         ("--ckpt-format zarr", "--ckpt-format: invalid choice: 'zarr'"),
         ("--no-position-embedding", "--no-position-embedding without --position-embedding-type rope"),
     ]:  # fmt: skip

@@ -26,6 +26,7 @@ SMOKE = {
         "ratio",
     ),
     "bench_model.py": (["--smoke", "--steps", "1"], "ratio vs plain"),
+    "bench_moe.py": (["--smoke", "--steps", "1"], "ratio alltoall / allgather"),
     "bench_pipeline.py": ([], "ZB-H1 / 1F1B bubble"),
     "bench_pretrain.py": (["--iters", "7", "--layouts", "1x1x1"], "tokens/s"),
     "bench_serving.py": (["--smoke"], "32 concurrent"),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from megatron_lite.checkpointing import weight_key
+from megatron_lite.checkpointing.hf_mixtral import MIXTRAL, is_moe
 from megatron_lite.checkpointing.hf_reader import HFReader, training_dtype
 from megatron_lite.checkpointing.hf_rules import (
     OUTPUT_WEIGHT,
@@ -123,6 +124,8 @@ def export_hf(
         ) from None
     m = reader.config["model"]
     flavour = flavour_of(m)
+    if is_moe(reader.config.get("moe")):
+        flavour = MIXTRAL
     os.makedirs(out_dir, exist_ok=True)
     vocab = reader.vocab_size
     writer = SafetensorsWriter(out_dir, max_shard_bytes)
@@ -137,7 +140,7 @@ def export_hf(
         t = t.to(dtype or model_dtype)
         if name in (WORD_EMBEDDING, OUTPUT_WEIGHT) and vocab is not None:
             t = t[:vocab]  # drop the rows that pad the vocabulary for tp
-        for hf_name, hf_t in to_hf_tensors(m, name, t):
+        for hf_name, hf_t in to_hf_tensors(m, name, t, reader.config.get("moe")):
             writer.add(hf_name, hf_t)
     files = writer.close()
     out_dtype = dtype or first_dtype or torch.float32

@@ -83,7 +83,7 @@ class HFReader:
             for key in handle.keys():
                 self._where[key] = handle
         m = self.config["model"]
-        self._glob, self._layer, self._prefix = rules_for(m)
+        self._glob, self._layer, self._prefix = rules_for(m, self.config.get("moe"))
         self._names = self._our_names(m)
 
     def _our_names(self, m: dict) -> list[str]:

@@ -11,6 +11,8 @@ Two flavours map one to one:
   Mistral (`MistralForCausalLM`) is the same layout with a sliding window; RoPE scaling and the
   window map onto config keys in `hf_rope.py`.
 
+A Llama with --num-experts is a Mixtral (`MixtralForCausalLM`): its MLP rules are in hf_mixtral.py.
+
 `hf_reader.HFReader` reads a HF directory by these rules; `hf_export.export_hf` writes by them.
 """
 
@@ -23,13 +25,21 @@ from collections.abc import Callable
 import torch
 
 from megatron_lite.checkpointing import CheckpointError
+from megatron_lite.checkpointing.hf_mixtral import (
+    MIXTRAL,
+    check_mixtral,
+    is_moe,
+    mixtral_config,
+    mixtral_mlp_rules,
+    moe_from_mixtral,
+)
 from megatron_lite.checkpointing.hf_rope import (
     rope_parameters,
     rope_settings_from_hf,
     sliding_window,
     window_settings_from_hf,
 )
-from megatron_lite.config import Config, ModelConfig, command_line
+from megatron_lite.config import Config, ModelConfig, MoEConfig, command_line
 from megatron_lite.model.gpt import WORD_EMBEDDING
 
 GPT2, LLAMA, MISTRAL = "gpt2", "llama", "mistral"
@@ -166,8 +176,13 @@ def _llama_layer_rules(m: dict) -> list[Rule]:
     return rules
 
 
-def rules_for(m: dict) -> tuple[dict[str, Rule], dict[str, Rule], str]:
-    """(global rules, per-layer rules, HF layer prefix) keyed by our (layer-relative) name."""
+def rules_for(m: dict, moe: dict | None = None) -> tuple[dict[str, Rule], dict[str, Rule], str]:
+    """(global rules, per-layer rules, HF layer prefix) keyed by our (layer-relative) name;
+    `moe`: the config's moe section (a Llama with experts is a Mixtral)."""
+    if is_moe(moe):
+        if flavour_of(m) != LLAMA:
+            raise CheckpointError("an MoE model converts to Hugging Face only as a Mixtral (Llama)")
+        check_mixtral(m, moe)
     if flavour_of(m) == GPT2:
         glob = [
             Rule(WORD_EMBEDDING, ["transformer.wte.weight"]),
@@ -184,12 +199,17 @@ def rules_for(m: dict) -> tuple[dict[str, Rule], dict[str, Rule], str]:
             Rule(OUTPUT_WEIGHT, ["lm_head.weight"]),
         ]
         layer, prefix = _llama_layer_rules(m), "model.layers.{}."
+        if is_moe(moe):  # the dense MLP's rules give way to the router's and the experts'
+            layer = [r for r in layer if not r.ours.startswith("mlp.")]
+            layer += mixtral_mlp_rules(moe, Rule)
     return {r.ours: r for r in glob}, {r.ours: r for r in layer}, prefix
 
 
-def to_hf_tensors(m: dict, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def to_hf_tensors(
+    m: dict, name: str, t: torch.Tensor, moe: dict | None = None
+) -> list[tuple[str, torch.Tensor]]:
     """Our full tensor `name` as HF (name, tensor) pairs."""
-    glob, layer, prefix = rules_for(m)
+    glob, layer, prefix = rules_for(m, moe)
     match = LAYER_NAME.match(name)
     rule = layer.get(match.group(2)) if match else glob.get(name)
     if rule is None:
@@ -256,6 +276,8 @@ def hf_config(cfg: dict, vocab_size: int, dtype: torch.dtype, eod: int | None = 
     if rope["rope_type"] != "default":
         llama["rope_scaling"] = rope  # transformers 4.x's key for the same settings
     window = sliding_window(m)
+    if is_moe(cfg.get("moe")):
+        return mixtral_config(cfg, llama, window)
     if window is None:
         return llama
     if m["add_bias_linear"]:  # HF Mistral has no bias switch
@@ -291,7 +313,7 @@ def config_from_hf(hf: dict) -> dict:
         )
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise CheckpointError("GPT-2 scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn")
-    elif kind in (LLAMA, MISTRAL):
+    elif kind in (LLAMA, MISTRAL, MIXTRAL):
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False) != hf.get(
             "attention_bias", False
         ):
@@ -310,7 +332,7 @@ def config_from_hf(hf: dict) -> dict:
             max_position_embeddings=hf["max_position_embeddings"],
             position_embedding_type="rope",
             **rope_settings_from_hf(hf),
-            **(window_settings_from_hf(hf) if kind == MISTRAL else {}),
+            **(window_settings_from_hf(hf) if kind in (MISTRAL, MIXTRAL) else {}),
             normalization="RMSNorm",
             layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
             swiglu=True,
@@ -322,12 +344,16 @@ def config_from_hf(hf: dict) -> dict:
         )
     else:
         raise CheckpointError(
-            f"model_type {kind!r}: only 'gpt2', 'llama' and 'mistral' can be imported"
+            f"model_type {kind!r}: only 'gpt2', 'llama', 'mistral' and 'mixtral' can be imported"
         )
-    return Config(model=m).to_dict()
+    moe = MoEConfig(**moe_from_mixtral(hf)) if kind == MIXTRAL else MoEConfig()
+    return Config(model=m, moe=moe).to_dict()
 
 
-def model_flags(m: dict) -> str:
-    """The training flags that rebuild this model (printed after an import): every model setting
-    that differs from its default, in its flag's spelling (`config.command_line`)."""
-    return shlex.join(command_line(ModelConfig(**m)))
+def model_flags(m: dict, moe: dict | None = None) -> str:
+    """The training flags that rebuild this model (printed after an import): every model (and MoE)
+    setting that differs from its default, in its flag's spelling (`config.command_line`)."""
+    flags = command_line(ModelConfig(**m))
+    if is_moe(moe):
+        flags += command_line(MoEConfig(**moe))
+    return shlex.join(flags)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from megatron_lite.checkpointing.experts import moe_differences
 from megatron_lite.checkpointing.files import (
     FORMAT_VERSION,
     LATEST_FILE,
@@ -241,6 +242,7 @@ def check_same_model(reader: CheckpointReader, cfg: Config, vocab_size: int | No
             if flag != "--" + f.replace("_", "-"):
                 flag += f" ({f})"
             diffs.append(f"{flag}: checkpoint {a}, this run {b}")
+    diffs += moe_differences(reader.config.get("moe") or {}, cfg.moe)
     vocab_size = vocab_size if vocab_size is not None else cfg.data.vocab_size
     if None not in (reader.vocab_size, vocab_size) and reader.vocab_size != vocab_size:
         diffs.append(f"vocabulary size: checkpoint {reader.vocab_size}, this run {vocab_size}")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from megatron_lite.checkpointing.dist import finalize_async_save, save_dist
+from megatron_lite.checkpointing.experts import gather_experts
 from megatron_lite.checkpointing.files import (
     FORMAT_VERSION,
     MODEL_FILE,
@@ -34,13 +35,12 @@ _ITER_DIR = re.compile(r"iter_(\d{7})")
 
 
 def _model_state(chunks: list[torch.nn.Module], ps: ParallelState) -> tuple[list[dict], dict]:
-    models, shard_info = [], {}
-    for i, chunk in enumerate(chunks):
-        tensors = chunk_tensors(chunk)
-        models.append(plain(dict(tensors), f"model chunk {i}"))
-        for name, t in tensors.items():
-            shard_info[name] = shard_info_of(t, ps.tp_rank, ps.tp_size)
-    return models, shard_info
+    """Every chunk's tensors and their shard info, with the other ep ranks' experts (collective)."""
+    tensors = [chunk_tensors(chunk) for chunk in chunks]
+    info = [{n: shard_info_of(t, ps.tp_rank, ps.tp_size) for n, t in d.items()} for d in tensors]
+    tensors, info = gather_experts(tensors, ps), gather_experts(info, ps)
+    models = [plain(dict(d), f"model chunk {i}") for i, d in enumerate(tensors)]
+    return models, {n: v for d in info for n, v in d.items()}
 
 
 def save_checkpoint(
@@ -79,10 +79,11 @@ def save_checkpoint(
     optim = None
     if optimizer is not None and not ck.no_save_optim:
         optim = {
-            "param_state": optimizer.per_param_state_dict(),
+            "param_state": gather_experts([optimizer.per_param_state_dict()], ps)[0],
             "state_dict": optimizer.state_dict(),
         }
     rng = gather_rng_states(ps) if not ck.no_save_rng else None
+    models, shard_info = _model_state(model_chunks, ps)
 
     final = iteration_dir(save_dir, iteration)
     tmp = final + ".tmp"
@@ -92,7 +93,6 @@ def save_checkpoint(
         os.makedirs(tmp)
     barrier()
     if ps.dp_rank == 0:
-        models, shard_info = _model_state(model_chunks, ps)
         state = _plain_entries(
             iteration, model_chunks, opt_param_scheduler, cfg, ps, consumed_samples, extra,
             vocab_size,
@@ -124,6 +124,7 @@ def _plain_entries(
             "tp": ps.tp_size,
             "pp": ps.pp_size,
             "dp": ps.dp_size,
+            "ep": ps.ep_size,
             "vpp": len(model_chunks) if len(model_chunks) > 1 else None,
             "use_distributed_optimizer": cfg.parallel.use_distributed_optimizer,
         },

@@ -21,6 +21,7 @@ from megatron_lite.config.flags import (
     flag_name,
 )
 from megatron_lite.config.model import ModelConfig, pad_vocab_size
+from megatron_lite.config.moe import MoEConfig, moe_layer_numbers, moe_layer_pattern
 from megatron_lite.config.optim import OptimConfig, precision_of
 from megatron_lite.config.parallel import ParallelConfig
 from megatron_lite.config.rampup import (
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LoggingConfig",
+    "MoEConfig",
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
@@ -50,6 +52,8 @@ __all__ = [
     "flag",
     "flag_name",
     "global_batch_size_at",
+    "moe_layer_numbers",
+    "moe_layer_pattern",
     "pad_vocab_size",
     "precision_of",
     "train_iters_for_samples",

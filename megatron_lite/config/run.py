@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from megatron_lite.config.data import DataConfig
 from megatron_lite.config.flags import flag_name, require
 from megatron_lite.config.model import ModelConfig, pad_vocab_size
+from megatron_lite.config.moe import MoEConfig, moe_layer_pattern
 from megatron_lite.config.optim import OptimConfig
 from megatron_lite.config.parallel import ParallelConfig
 from megatron_lite.config.rampup import check_rampup, train_iters_for_samples
@@ -21,6 +22,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "train": TrainConfig,
+    "moe": MoEConfig,
 }
 
 
@@ -35,6 +37,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     # derived by finalize(); None until then
     world_size: int | None = None
     data_parallel_size: int | None = None
@@ -80,6 +83,36 @@ class Config:
                 "--pipeline-schedule zero-bubble does not support "
                 "--num-layers-per-virtual-pipeline-stage",
             )
+        if self.moe.enabled:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        """MoE settings against the model and the tp layout (world-size checks: `finalize`)."""
+        m, p, e = self.model, self.parallel, self.moe
+        tp = p.tensor_model_parallel_size
+        etp = e.expert_tensor_parallel_size or tp
+        require(
+            etp == tp,
+            f"--expert-tensor-parallel-size ({etp}) must equal --tensor-model-parallel-size "
+            f"({tp}): experts split over another tp degree are not supported",
+        )
+        ffn = self.moe_ffn_hidden_size
+        require(
+            ffn % tp == 0,
+            f"--moe-ffn-hidden-size ({ffn}) must be divisible by --tensor-model-parallel-size ({tp})",
+        )
+        shared = e.moe_shared_expert_intermediate_size
+        require(
+            shared is None or shared % tp == 0,
+            f"--moe-shared-expert-intermediate-size ({shared}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})",
+        )
+        moe_layer_pattern(e.moe_layer_freq, m.num_layers)  # raises on a bad list
+
+    @property
+    def moe_ffn_hidden_size(self) -> int:
+        """Each expert's MLP hidden size (--moe-ffn-hidden-size, default --ffn-hidden-size)."""
+        return self.moe.moe_ffn_hidden_size or self.model.ffn_hidden_size
 
     @property
     def virtual_pipeline_size(self) -> int | None:
@@ -98,6 +131,12 @@ class Config:
             f"({tp}) x --pipeline-model-parallel-size ({pp}) = {tp * pp}",
         )
         dp = world_size // (tp * pp)
+        ep = self.moe.expert_model_parallel_size
+        require(
+            dp % ep == 0,
+            f"data-parallel size ({dp} = world {world_size} / (tp {tp} x pp {pp})) must be "
+            f"divisible by --expert-model-parallel-size ({ep}): experts are split inside dp",
+        )
         if t.global_batch_size is None:
             t.global_batch_size = t.micro_batch_size * dp
         per_step = t.micro_batch_size * dp

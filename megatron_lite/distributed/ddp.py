@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_lite.distributed.grad_buffer import Bucket, ParamAndGradBuffer
+from megatron_lite.tensor_parallel.utils import tag_of
 
 if TYPE_CHECKING:
     from megatron_lite.config import Config, ParallelConfig
@@ -76,21 +77,27 @@ class DistributedDataParallel(torch.nn.Module):
             self._register_param_gather_hooks()
 
     def _build_buffers(self, grads_in_fp32: bool) -> list[ParamAndGradBuffer]:
-        groups: dict[tuple[torch.dtype, torch.dtype], list[torch.nn.Parameter]] = {}
+        """One buffer per (param dtype, grad dtype), and a separate set for MoE experts' params,
+        which are reduced (and sharded by the distributed optimizer) over edp instead of dp."""
+        groups: dict[tuple[bool, torch.dtype, torch.dtype], list[torch.nn.Parameter]] = {}
         # reverse registration order ~ the order backward produces gradients
         for p in reversed([p for p in self.module.parameters() if p.requires_grad]):
             fp32 = grads_in_fp32 or p.dtype == torch.bfloat16  # bf16 sums lose too much
             grad_dtype = torch.float32 if fp32 else p.dtype
-            groups.setdefault((p.dtype, grad_dtype), []).append(p)
+            groups.setdefault((tag_of(p, "expert_parallel"), p.dtype, grad_dtype), []).append(p)
+        ps = self.ps
         return [
             ParamAndGradBuffer(
                 params,
                 grad_dtype,
                 self.bucket_size,
-                self.dp_size,
+                ps.edp_size if expert else self.dp_size,
                 shard=self.use_distributed_optimizer,
+                group=ps.edp_group if expert else self.dp_group,
+                rank=ps.edp_rank if expert else self.dp_rank,
+                grad_scale=1.0 / self.dp_size,
             )
-            for (_, grad_dtype), params in groups.items()
+            for (expert, _, grad_dtype), params in groups.items()
         ]
 
     # --- the module's face ---------------------------------------------------------------------
@@ -141,7 +148,7 @@ class DistributedDataParallel(torch.nn.Module):
         elif left == 0:
             del bucket.pending[key]
             if not bucket.pending:
-                buf.launch(bucket, self.dp_group, async_op=True)
+                buf.launch(bucket, buf.group, async_op=True)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -157,7 +164,7 @@ class DistributedDataParallel(torch.nn.Module):
         for buf in self.buffers:
             for b in buf.buckets:
                 if not b.launched:
-                    buf.launch(b, self.dp_group, async_op=self.overlap_grad_reduce)
+                    buf.launch(b, buf.group, async_op=self.overlap_grad_reduce)
 
     def finish_grad_sync(self) -> None:
         """Wait until every bucket is reduced; then `main_grad` holds the dp-averaged gradients."""
@@ -166,7 +173,7 @@ class DistributedDataParallel(torch.nn.Module):
             self._expected = dict(self._arrived)
         for buf in self.buffers:
             for b in buf.buckets:
-                buf.wait(b, self.dp_rank)
+                buf.wait(b, buf.rank)
                 b.reset(self._expected)  # ready for the next step's hooks
 
     def zero_grad_buffer(self) -> None:
@@ -185,7 +192,7 @@ class DistributedDataParallel(torch.nn.Module):
         """Distributed optimizer: refresh every parameter from the shard each dp rank updated
         (left in flight under `overlap_param_gather`: the next forward waits bucket by bucket)."""
         for buf in self.buffers:
-            buf.all_gather_params(self.dp_group, self.dp_rank, self.overlap_param_gather)
+            buf.all_gather_params(buf.group, buf.rank, self.overlap_param_gather)
 
     def finish_param_sync(self) -> None:
         """Wait for every parameter all-gather still in flight."""

@@ -63,8 +63,17 @@ class ParamAndGradBuffer:
         bucket_size: int | None,
         dp_size: int,
         shard: bool,
+        *,
+        group=None,
+        rank: int = 0,
+        grad_scale: float | None = None,
     ) -> None:
+        """`group`/`rank`: the data-parallel group this buffer reduces over and this rank in it
+        (dp; edp for experts); `grad_scale`: what each gradient is multiplied by before the sum
+        (default 1/dp_size; experts: 1/dp, since their tokens came from every dp rank)."""
         self.params = list(params)  # already in bucket (backward) order
+        self.group, self.rank = group, rank
+        self.grad_scale = 1.0 / dp_size if grad_scale is None else grad_scale
         self.param_dtype = self.params[0].dtype
         self.grad_dtype = grad_dtype
         self.dp_size, self.shard = dp_size, shard
@@ -140,9 +149,10 @@ class ParamAndGradBuffer:
     def launch(self, bucket: Bucket, group, async_op: bool) -> None:
         """Average the bucket's gradients over dp: all-reduce, or reduce-scatter into the shard."""
         bucket.launched = True
+        if self.grad_scale != 1.0:
+            bucket.grad_data.mul_(self.grad_scale)  # averaging done once, before the sum
         if self.dp_size == 1:
             return
-        bucket.grad_data.mul_(1.0 / self.dp_size)  # averaging done once, before the sum
         if self.shard:
             # a separate destination: an in-place reduce-scatter is not safe on every backend
             bucket.shard_out = torch.empty(

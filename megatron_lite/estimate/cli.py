@@ -14,6 +14,7 @@ from megatron_lite.arguments import build_parser, config_from_namespace
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.estimate.activations import korthikanti_layer, layer_terms
 from megatron_lite.estimate.core import GIB, Estimate, Hardware, estimate
+from megatron_lite.estimate.moe import dispatch_bytes, parameter_counts
 from megatron_lite.estimate.search import best_layouts
 
 _EST = "estimator."
@@ -83,6 +84,16 @@ def describe(est: Estimate, hw: Hardware, vocab: int, vocab_src: str, device: st
         f"({100 * est.bubble_over_total:.1f}% of total time)",
         f"FLOPs per iteration: model {est.model_flops:.3e}, recompute {est.recompute_flops:.3e} "
         f"(total {est.model_flops + est.recompute_flops:.3e})",
+    ]
+    if cfg.moe.enabled:
+        e, n = cfg.moe, parameter_counts(cfg, est.padded_vocab)
+        lines.append(
+            f"experts: {e.num_experts} per MoE layer, top-{e.moe_router_topk}, ep "
+            f"{e.expert_model_parallel_size} ({e.moe_token_dispatcher_type}); parameters "
+            f"{n.total:,} ({n.experts:,} in experts), active per token {n.active:,}; dispatch "
+            f"{dispatch_bytes(cfg) / 2**20:.2f} MiB per MoE layer and microbatch per GPU"
+        )
+    lines += [
         "",
         "memory per GPU (GiB; exact: params, grads, optimizer; modelled: activations)",
         "  stage   params    grads  optimizer  activations  in-flight    total",

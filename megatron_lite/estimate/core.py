@@ -15,6 +15,7 @@ The throughput model (README, "Estimating memory and throughput") is a model, no
             --overlap-grad-reduce minus the last microbatch's backward (2/3 of its compute), under
             --overlap-param-gather the all-gather minus the first microbatch's forward (1/3)
   pp_comm = one activation and one gradient transfer per microbatch and chunk
+  ep_comm = MoE token dispatch and combine, forward and backward (`moe.py`)
 Ring collectives move 2 (n - 1) / n (all-reduce) or (n - 1) / n (reduce-scatter, all-gather) of the
 buffer per GPU; a group inside one node runs at the intra-node bandwidth, else at the inter-node one.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from megatron_lite.config import Config
 from megatron_lite.estimate.activations import chunk_bytes, dims
 from megatron_lite.estimate.memory import StaticMemory, static_memory
+from megatron_lite.estimate.moe import ep_comm_seconds
 from megatron_lite.training.log import model_flops_per_token
 
 GIB = 2**30
@@ -214,10 +216,13 @@ def _times(est: Estimate, hw: Hardware) -> dict[str, float]:
     pp_comm = 0.0
     if pp > 1:
         pp_comm = 2 * m * _v(cfg) * x.sl * x.b * x.h * x.a / (pp_bw * 1e9)
-    return {
+    times = {
         "compute": compute,
         "tp comm": tp_comm,
         "bubble": (compute + tp_comm) * est.bubble_over_ideal,
         "pp comm": pp_comm,
         "dp comm": dp_comm,
     }
+    if cfg.moe.enabled:  # token dispatch over ep, not overlapped
+        times["ep comm"] = ep_comm_seconds(cfg, hw.intra_node_gbs, hw.inter_node_gbs, gpn)
+    return times

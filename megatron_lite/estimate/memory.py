@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_lite.checkpointing.experts import EXPERT_NAME, is_expert
 from megatron_lite.config import Config
 from megatron_lite.device import params_dtype
 from megatron_lite.distributed.ddp import DistributedDataParallel
@@ -79,12 +80,14 @@ def _cached(cache: dict, key: tuple, make):
 
 def chunk_shards(
     cfg: Config, padded_vocab: int, pp_rank: int, chunk: int = 0
-) -> list[tuple[torch.Size, bool]]:
-    """(shape on one tp rank, shared_embedding) of a chunk's parameters, in registration order."""
+) -> list[tuple[torch.Size, bool, bool]]:
+    """(shape on one tp rank, shared_embedding, expert) of a chunk's parameters, in registration
+    order; of the MoE experts only ep rank 0's share (every ep rank holds as many)."""
     p = cfg.parallel
     tp = p.tensor_model_parallel_size
     key = (
         _model_key(cfg),
+        _fields(cfg.moe),
         tp,
         p.pipeline_model_parallel_size,
         cfg.virtual_pipeline_size,
@@ -93,9 +96,18 @@ def chunk_shards(
         padded_vocab,
     )
 
-    def make() -> list[tuple[torch.Size, bool]]:
+    per_rank = (cfg.moe.num_experts or 1) // cfg.moe.expert_model_parallel_size
+
+    def mine(name: str) -> bool:  # an expert of ep rank 0, or no expert
+        return not is_expert(name) or int(name.split(EXPERT_NAME)[1].split(".")[0]) < per_rank
+
+    def make() -> list[tuple[torch.Size, bool, bool]]:
         model = build_meta_chunk(cfg, pp_rank, padded_vocab, chunk)
-        return [(_shard_shape(w, tp), w.shared_embedding) for w in model.parameters()]
+        return [
+            (_shard_shape(w, tp), w.shared_embedding, w.expert_parallel)
+            for n, w in model.named_parameters()
+            if mine(n)
+        ]
 
     return _cached(_shards_cache, key, make)
 
@@ -106,11 +118,13 @@ def chunk_ddp(
     """The DDP wrapper of one chunk on one tp rank, on meta parameters: its buffers and buckets."""
     dtype = params_dtype(cfg.optim)
     params = []
-    for shape, shared in chunk_shards(cfg, padded_vocab, pp_rank, chunk):
+    for shape, shared, expert in chunk_shards(cfg, padded_vocab, pp_rank, chunk):
         w = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
-        w.shared_embedding = shared
+        w.shared_embedding, w.expert_parallel = shared, expert
         params.append(w)
-    ps = dataclasses.replace(ParallelState.single(), dp_size=cfg.data_parallel_size or 1)
+    dp = cfg.data_parallel_size or 1
+    edp = max(1, dp // cfg.moe.expert_model_parallel_size)  # experts shard over edp
+    ps = dataclasses.replace(ParallelState.single(), dp_size=dp, edp_size=edp)
     return DistributedDataParallel(torch.nn.ParameterList(params), cfg, ps)
 
 
@@ -124,6 +138,7 @@ def stage_buffers(cfg: Config, padded_vocab: int, pp_rank: int) -> list[ParamAnd
     """DDP's buffers (meta) over every chunk of pipeline rank `pp_rank` on one tp rank."""
     key = (
         _model_key(cfg),
+        _fields(cfg.moe),
         _fields(cfg.parallel),
         _fields(cfg.optim),
         cfg.data_parallel_size,

@@ -13,8 +13,10 @@ from torch import nn
 
 from megatron_lite.comm import Group, group_size
 from megatron_lite.config import Config
+from megatron_lite.config.moe import moe_layer_pattern
 from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax, with_window
 from megatron_lite.model.rope import apply_rotary, rotary_cos_sin
+from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.tensor_parallel.utils import set_default_attributes
@@ -262,9 +264,17 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)), with bias-dropout-add."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)), with bias-dropout-add. The MLP is an
+    MoE one (model/moe) where --num-experts and --moe-layer-freq say so; that needs `ps` (its groups)
+    and the global `layer_number`."""
 
-    def __init__(self, cfg: Config, tp_group: Group):
+    def __init__(
+        self,
+        cfg: Config,
+        tp_group: Group,
+        ps: ParallelState | None = None,
+        layer_number: int = 0,
+    ):
         super().__init__()
         m = cfg.model
         self.sequence_parallel = cfg.parallel.sequence_parallel
@@ -273,7 +283,15 @@ class TransformerLayer(nn.Module):
         self.input_layernorm = build_norm(cfg)
         self.self_attention = SelfAttention(cfg, tp_group, output_std)
         self.pre_mlp_layernorm = build_norm(cfg)
-        self.mlp = MLP(cfg, tp_group, output_std)
+        if (
+            cfg.moe.enabled
+            and moe_layer_pattern(cfg.moe.moe_layer_freq, m.num_layers)[layer_number]
+        ):
+            from megatron_lite.model.moe import MoELayer
+
+            self.mlp = MoELayer(cfg, ps or ParallelState.single(), layer_number, output_std)
+        else:
+            self.mlp = MLP(cfg, tp_group, output_std)
 
     def _bias_dropout_add(self, out, bias, residual):
         if bias is not None:
@@ -301,11 +319,18 @@ class TransformerLayer(nn.Module):
 class TransformerBlock(nn.Module):
     """This chunk's layers (keyed by global layer number) and, on the last one, the final norm."""
 
-    def __init__(self, cfg: Config, tp_group: Group, layer_numbers: range, final_norm: bool):
+    def __init__(
+        self,
+        cfg: Config,
+        tp_group: Group,
+        layer_numbers: range,
+        final_norm: bool,
+        ps: ParallelState | None = None,
+    ):
         super().__init__()
         m = cfg.model
         self.layers = nn.ModuleDict(
-            {str(i): TransformerLayer(cfg, tp_group) for i in layer_numbers}
+            {str(i): TransformerLayer(cfg, tp_group, ps, i) for i in layer_numbers}
         )
         self.final_layernorm = build_norm(cfg) if final_norm else None
         self.recompute_granularity = m.recompute_granularity

@@ -29,16 +29,29 @@ def counts_toward_norm(param: torch.nn.Parameter, ps: ParallelState) -> bool:
     return True
 
 
-def global_norm(
+def sum_of_squares(
     grads: list[torch.Tensor], groups: list, device: torch.device | None = None
-) -> float:
-    """L2 norm of `grads` summed over `groups` (each rank passes only what it counts)."""
+) -> torch.Tensor:
+    """Sum of the squares of `grads` over `groups` (each rank passes only what it counts)."""
     total = torch.zeros(1, dtype=torch.float32, device=device)
     if grads:
         norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
         total += torch.stack(norms).square().sum()
     comm.all_reduce_sum_over(total, *groups)
-    return float(total.sqrt())
+    return total
+
+
+def global_norm(
+    grads: list[torch.Tensor], groups: list, device: torch.device | None = None
+) -> float:
+    """L2 norm of `grads` summed over `groups` (each rank passes only what it counts)."""
+    return float(sum_of_squares(grads, groups, device).sqrt())
+
+
+def global_norm_of_parts(parts: list[tuple[list, list]], device=None) -> float:
+    """L2 norm of several (tensors, groups) parts, each summed over its own groups (dense
+    parameters over the model-parallel group, MoE experts over it and the ep group)."""
+    return float(sum(sum_of_squares(ts, groups, device) for ts, groups in parts).sqrt())
 
 
 def clip_grads(grads: list[torch.Tensor], total_norm: float, max_norm: float) -> None:

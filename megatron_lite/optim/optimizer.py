@@ -25,6 +25,7 @@ from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.optim import clip_grads
 from megatron_lite.optim.grad_scaler import ConstantGradScaler, build_grad_scaler
 from megatron_lite.optim.param_state import PerParamState
+from megatron_lite.tensor_parallel.utils import tag_of
 
 if TYPE_CHECKING:
     from megatron_lite.config import Config, OptimConfig
@@ -43,6 +44,7 @@ class Piece:
     grad: torch.Tensor  # view of the parameter's main_grad, flat
     master: torch.Tensor  # fp32; `model` itself when the model is fp32
     counted: bool  # counts toward the global gradient norm on this rank
+    expert: bool = False  # an MoE expert's: its norm sums over ep (and edp) instead of dp
     bucket: object | None = None  # the DDP bucket holding it (distributed optimizer)
     buffer: object | None = None
 
@@ -91,7 +93,10 @@ class MegatronOptimizer(PerParamState):
         *,
         distributed: bool = False,
         log_num_zeros_in_grad: bool = False,
+        experts: bool = False,
     ) -> None:
+        """`experts`: the model has MoE layers (on any stage): every rank then sums expert norms
+        over ep as well."""
         for c in chunks:
             if not isinstance(c, DistributedDataParallel):
                 raise TypeError(
@@ -128,15 +133,20 @@ class MegatronOptimizer(PerParamState):
         self.num_steps = 0  # successful (not skipped) steps
         self.num_skipped = 0
         self.num_zeros_in_grad: int | None = None  # set by step() under --log-num-zeros-in-grad
-        # norm sums: over one model replica; plus over dp when gradients are split over dp
+        # norm sums: over one model replica; plus over dp when gradients are split over dp.
+        # Experts: a replica holds 1/ep of them, so their squares also sum over ep (edp if split).
         self._norm_groups = [ps.mp_group] + ([ps.dp_group] if distributed else [])
+        self._expert_norm_groups = [ps.mp_group, ps.ep_group] + (
+            [ps.edp_group] if distributed else []
+        )
+        self._experts = experts
 
     def _build_pieces(self) -> list[Piece]:
         pieces = []
         for chunk in self.chunks:
             for buf in chunk.buffers:
                 if self.distributed:
-                    spans = buf.param_shard_ranges(self.ps.dp_rank)
+                    spans = buf.param_shard_ranges(buf.rank)
                 else:
                     spans = [(p, 0, p.numel(), None) for p in buf.params]
                 for p, start, end, bucket in spans:
@@ -152,6 +162,7 @@ class MegatronOptimizer(PerParamState):
                             grad=p.main_grad.view(-1)[start:end],
                             master=model if fp32 else model.detach().float().clone(),
                             counted=clip_grads.counts_toward_norm(p, self.ps),
+                            expert=tag_of(p, "expert_parallel"),
                             bucket=bucket,
                             buffer=buf,
                         )
@@ -186,12 +197,14 @@ class MegatronOptimizer(PerParamState):
                 self.num_skipped += 1
                 self._drop_master_grads()
                 return False, None
-        counted = [g for pc, g in zip(self.pieces, grads) if pc.counted]
-        grad_norm = clip_grads.global_norm(counted, self._norm_groups, self.device)
+        grad_norm = self._global_norm(grads)
         if self.cfg.clip_grad > 0:
             clip_grads.clip_grads(grads, grad_norm, self.cfg.clip_grad)
         if self.log_num_zeros:
-            self.num_zeros_in_grad = clip_grads.count_zeros(counted, self._norm_groups, self.device)
+            self.num_zeros_in_grad = sum(
+                clip_grads.count_zeros(ts, groups, self.device)
+                for ts, groups in self._counted_parts(grads)
+            )
         self.inner.step()
         self.num_steps += 1
         self._drop_master_grads()
@@ -204,8 +217,19 @@ class MegatronOptimizer(PerParamState):
     def params_norm(self) -> float:
         """L2 norm of every parameter, each counted once like the gradient norm (fp32 masters;
         collective over the model-parallel, and under ZeRO-1 the dp, group)."""
-        counted = [pc.master for pc in self.pieces if pc.counted]
-        return clip_grads.global_norm(counted, self._norm_groups, self.device)
+        return self._global_norm([pc.master for pc in self.pieces])
+
+    def _counted_parts(self, tensors: list[torch.Tensor]) -> list[tuple[list, list]]:
+        """(dense tensors this rank counts, their groups), (expert ones, theirs): one per piece."""
+        pairs = [(pc, t) for pc, t in zip(self.pieces, tensors) if pc.counted]
+        dense = [([t for pc, t in pairs if not pc.expert], self._norm_groups)]
+        if not self._experts:
+            return dense
+        return dense + [([t for pc, t in pairs if pc.expert], self._expert_norm_groups)]
+
+    def _global_norm(self, tensors: list[torch.Tensor]) -> float:
+        """L2 norm over every rank, each parameter (dense or expert) counted once."""
+        return clip_grads.global_norm_of_parts(self._counted_parts(tensors), self.device)
 
     # --- step internals --------------------------------------------------------------------
     def _masters_take_grads(self) -> list[torch.Tensor]:
@@ -290,4 +314,5 @@ def build_optimizer(
         ps,
         distributed=cfg.parallel.use_distributed_optimizer,
         log_num_zeros_in_grad=cfg.optim.log_num_zeros_in_grad,
+        experts=cfg.moe.enabled,
     )

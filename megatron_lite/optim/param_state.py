@@ -55,7 +55,7 @@ class PerParamState:
         return out
 
     def _gather_bucket(self, buf, bucket, pieces, out) -> None:
-        s0, s1 = bucket.shard_range(self.ps.dp_rank, buf.dp_size)
+        s0, s1 = bucket.shard_range(buf.rank, buf.dp_size)
         device = buf.grad_data.device
         for key in self._keys():
             local = torch.zeros(s1 - s0, dtype=torch.float32, device=device)
@@ -64,7 +64,7 @@ class PerParamState:
                 local[at : at + pc.end - pc.start] = self._value(pc, key)
             full = torch.empty(bucket.numel, dtype=torch.float32, device=device)
             if buf.dp_size > 1:
-                comm.all_gather(full, local, self.ps.dp_group)
+                comm.all_gather(full, local, buf.group)
             else:
                 full.copy_(local)
             for p in bucket.params:

@@ -94,6 +94,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
     _TRACKER.set_states(states["tracker"])
 
 
+_recomputing = 0  # > 0 while a checkpointed forward runs again inside backward
+
+
+def is_recomputing() -> bool:
+    """Whether this forward is a recomputation (what it records, e.g. MoE aux losses, it did once)."""
+    return _recomputing > 0
+
+
 class _ReplayTrackerStates:
     """Recompute contexts: capture the tracker streams at forward, replay them during recomputation."""
 
@@ -106,11 +114,14 @@ class _ReplayTrackerStates:
 
     @contextlib.contextmanager
     def recompute_ctx(self) -> Iterator[None]:
+        global _recomputing
         current = _TRACKER.get_states()
         _TRACKER.set_states(self.states)
+        _recomputing += 1
         try:
             yield
         finally:
+            _recomputing -= 1
             _TRACKER.set_states(current)
 
 

@@ -26,6 +26,7 @@ class ParamTags:
     shared_embedding: bool = False
     init_name: str | None = None
     init_rows: int | None = None  # rows drawn at init (the true vocabulary); the rest start zero
+    expert_parallel: bool = False  # an MoE expert's: split over ep, gradients reduced over edp
 
 
 _DEFAULTS = {f.name: f.default for f in fields(ParamTags)}

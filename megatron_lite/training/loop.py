@@ -116,6 +116,8 @@ def _log(
     if peak is None and cfg.optim.precision != "fp32":  # MFU against a known GPU's peak
         peak = device.peak_tflops(run.device)
     grad_norm = step["grad_norm"]
+    moe_losses = step.get("moe_losses") or {}  # name -> MoE layer -> value
+    averaged = {n: sum(v.values()) / len(v) for n, v in moe_losses.items() if v}
     line = format_log_line(
         iteration=run.iteration,
         train_iters=cfg.total_train_iters,
@@ -123,7 +125,7 @@ def _log(
         elapsed_ms=1000 * elapsed / n_iters,
         lr=lr,
         global_batch_size=gbs,
-        losses={"lm loss": loss, **metrics},
+        losses={"lm loss": loss, **metrics, **averaged},
         loss_scale=loss_scale,
         grad_norm=None if grad_norm is None else float(grad_norm),
         params_norm=step.get("params_norm"),
@@ -147,6 +149,10 @@ def _log(
         scalars["grad-norm"] = float(grad_norm)
     if step.get("params_norm") is not None:
         scalars["params-norm"] = step["params_norm"]
+    for name, per_layer in moe_losses.items():  # Megatron's per-layer MoE logging
+        scalars.update({f"moe/{name}_layer_{i}": v for i, v in per_layer.items()})
+        if name in averaged:
+            scalars[name] = averaged[name]
     writers.add_scalars(scalars, run.iteration)
 
 

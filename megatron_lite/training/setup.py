@@ -81,6 +81,8 @@ def setup(cfg: Config) -> Run:
         cfg.parallel.tensor_model_parallel_size,
         cfg.parallel.pipeline_model_parallel_size,
         cfg.virtual_pipeline_size,
+        ep=cfg.moe.expert_model_parallel_size,
+        etp=cfg.moe.expert_tensor_parallel_size,
     )
     dev = device.get_device()
     device.set_device(dev)

@@ -21,6 +21,7 @@ from megatron_lite.distributed import (
     start_param_gather,
     zero_grad_buffers,
 )
+from megatron_lite.model import moe
 from megatron_lite.optim import MegatronOptimizer
 from megatron_lite.pipeline import get_forward_backward_func
 from megatron_lite.timers import NO_TIMERS, Timers
@@ -89,6 +90,8 @@ def train_step(run: Run, data_iterators) -> dict:
     zero_grad_buffers(run.model)
     forward_backward = get_forward_backward_func(cfg, run.ps)
     extra, rows = step_settings(cfg)
+    num_microbatches = run.microbatches.get()
+    moe.start_step(run.optimizer.get_loss_scale(), num_microbatches)
     with run.timers("forward-backward", 1):
         losses = forward_backward(
             forward_step_func=functools.partial(
@@ -99,7 +102,7 @@ def train_step(run: Run, data_iterators) -> dict:
             ),
             data_iterator=data_iterators,
             model=run.model,
-            num_microbatches=run.microbatches.get(),
+            num_microbatches=num_microbatches,
             seq_length=cfg.model.seq_length,
             micro_batch_size=rows,
             forward_only=False,
@@ -112,12 +115,11 @@ def train_step(run: Run, data_iterators) -> dict:
     if success:
         run.scheduler.step(run.microbatches.get_current_global_batch_size())  # counts samples
     reported = {n: _mean_reported(losses, n) for n in reported_names(cfg)}
-    return {
-        "loss": reported["lm loss"],
-        "reported": reported,
-        "success": success,
-        "grad_norm": grad_norm,
-    }
+    out = {"loss": reported["lm loss"], "reported": reported, "success": success}
+    out["grad_norm"] = grad_norm
+    if cfg.moe.enabled:  # per layer, averaged over microbatches and dp (collective)
+        out["moe_losses"] = moe.step_aux_losses(cfg, num_microbatches, run.ps)
+    return out
 
 
 def optimizer_step(

@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt_format=args.ckpt_format,
             )
             if args.loader == "hf":
-                print(f"train on with: {model_flags(reader.config['model'])} --finetune")
+                print(
+                    f"train on with: {model_flags(reader.config['model'], reader.config.get('moe'))} --finetune"
+                )
     except (UserError, ValueError, FileNotFoundError) as e:  # bad flags, files, checkpoints
         print(f"error: {e}", file=sys.stderr)
         return 2
