@@ -251,6 +251,7 @@ def test_megatron_launch_script_flags_are_accepted_mapped_or_refused(capsys):
             "--num-experts (8) must be divisible by --expert-model-parallel-size (3)",
         ),
         ("--ckpt-format zarr", "--ckpt-format: invalid choice: 'zarr'"),
+        ("--num-experts 4 --ckpt-format torch_dist", "--ckpt-format torch_dist with --num-experts"),
         ("--no-position-embedding", "--no-position-embedding without --position-embedding-type rope"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit):

@@ -108,6 +108,11 @@ class Config:
             f"--tensor-model-parallel-size ({tp})",
         )
         moe_layer_pattern(e.moe_layer_freq, m.num_layers)  # raises on a bad list
+        require(
+            self.checkpoint.ckpt_format == "torch",
+            "--ckpt-format torch_dist with --num-experts is not supported yet (experts are saved by "
+            "global index in the torch format only): use --ckpt-format torch",
+        )
 
     @property
     def moe_ffn_hidden_size(self) -> int:
