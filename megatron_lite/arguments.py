@@ -43,7 +43,6 @@ IGNORED_FLAGS = {
 UNSUPPORTED_FLAGS = {
     "--num-experts": (1, "mixture of experts is not built yet"),
     "--expert-model-parallel-size": (1, "mixture of experts is not built yet"),
-    "--context-parallel-size": (1, "context parallelism is not built yet"),
 }
 # old or alternative Megatron spellings: flag -> (settings it stands for, as section.field: value)
 ALIAS_FLAGS = {

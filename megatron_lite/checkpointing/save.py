@@ -84,7 +84,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         os.makedirs(tmp)
     barrier()
-    if ps.dp_rank == 0:
+    if ps.dp_rank == 0 and ps.cp_rank == 0:  # cp ranks hold the same model: one of them writes
         models, shard_info = _model_state(model_chunks, ps)
         state = {
             "format_version": FORMAT_VERSION,

@@ -9,7 +9,11 @@ from megatron_lite.config.data import DataConfig
 from megatron_lite.config.flags import flag_name, require
 from megatron_lite.config.model import ModelConfig, pad_vocab_size
 from megatron_lite.config.optim import OptimConfig
-from megatron_lite.config.parallel import ParallelConfig
+from megatron_lite.config.parallel import (
+    ParallelConfig,
+    check_context_parallel,
+    check_world_size,
+)
 from megatron_lite.config.rampup import check_rampup, train_iters_for_samples
 from megatron_lite.config.training import CheckpointConfig, LoggingConfig, TrainConfig
 
@@ -62,6 +66,7 @@ class Config:
                 f"--seq-length ({m.seq_length}) must be divisible by "
                 f"--tensor-model-parallel-size ({tp}) under --sequence-parallel",
             )
+        check_context_parallel(m, p, self.data)
         vl = p.num_layers_per_virtual_pipeline_stage
         if vl is not None:
             require(
@@ -92,12 +97,9 @@ class Config:
         """Derive data-parallel size and number of microbatches for `world_size` ranks."""
         p, t = self.parallel, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        require(
-            world_size % (tp * pp) == 0,
-            f"world size ({world_size}) must be divisible by --tensor-model-parallel-size "
-            f"({tp}) x --pipeline-model-parallel-size ({pp}) = {tp * pp}",
-        )
-        dp = world_size // (tp * pp)
+        cp = p.context_parallel_size  # the cp ranks of a sequence read the same samples
+        check_world_size(world_size, tp, pp, cp)
+        dp = world_size // (tp * pp * cp)
         if t.global_batch_size is None:
             t.global_batch_size = t.micro_batch_size * dp
         per_step = t.micro_batch_size * dp

@@ -53,8 +53,12 @@ class DistributedDataParallel(torch.nn.Module):
         self.module = module
         self.ps = ps
         self.dp_group, self.dp_size, self.dp_rank = ps.dp_group, ps.dp_size, ps.dp_rank
+        # context parallelism: dense gradients reduce over dp x cp (ZeRO-1 shards stay over dp)
+        self.cp_group, self.cp_size = ps.cp_group, ps.cp_size
         self.overlap_grad_reduce = p.overlap_grad_reduce
         self.use_distributed_optimizer = p.use_distributed_optimizer
+        whole = ps.cp_size > 1 and not self.use_distributed_optimizer  # one all-reduce over dp x cp
+        self.reduce_group = ps.dp_cp_group if whole else ps.dp_group
         bucket_size = p.ddp_bucket_size
         if bucket_size is None:  # Megatron's default: large buckets, more of them as dp grows
             bucket_size = max(40_000_000, 1_000_000 * self.dp_size)
@@ -89,6 +93,7 @@ class DistributedDataParallel(torch.nn.Module):
                 self.bucket_size,
                 self.dp_size,
                 shard=self.use_distributed_optimizer,
+                cp_size=self.cp_size,
             )
             for (_, grad_dtype), params in groups.items()
         ]
@@ -141,7 +146,7 @@ class DistributedDataParallel(torch.nn.Module):
         elif left == 0:
             del bucket.pending[key]
             if not bucket.pending:
-                buf.launch(bucket, self.dp_group, async_op=True)
+                buf.launch(bucket, self.reduce_group, async_op=True, cp_group=self.cp_group)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -157,7 +162,12 @@ class DistributedDataParallel(torch.nn.Module):
         for buf in self.buffers:
             for b in buf.buckets:
                 if not b.launched:
-                    buf.launch(b, self.dp_group, async_op=self.overlap_grad_reduce)
+                    buf.launch(
+                        b,
+                        self.reduce_group,
+                        async_op=self.overlap_grad_reduce,
+                        cp_group=self.cp_group,
+                    )
 
     def finish_grad_sync(self) -> None:
         """Wait until every bucket is reduced; then `main_grad` holds the dp-averaged gradients."""

@@ -63,11 +63,14 @@ class ParamAndGradBuffer:
         bucket_size: int | None,
         dp_size: int,
         shard: bool,
+        cp_size: int = 1,
     ) -> None:
+        """`cp_size`: context-parallel ranks whose partial gradients are summed in too (each saw
+        1/cp of every sequence); the distributed optimizer's shards stay over dp."""
         self.params = list(params)  # already in bucket (backward) order
         self.param_dtype = self.params[0].dtype
         self.grad_dtype = grad_dtype
-        self.dp_size, self.shard = dp_size, shard
+        self.dp_size, self.shard, self.cp_size = dp_size, shard, cp_size
         align = math.lcm(dp_size, 128) if shard else 1
         self.ranges: dict[int, tuple[int, int]] = {}  # id(param) -> buffer [start, end)
         layout: list[tuple[list[torch.nn.Parameter], int, int]] = []  # (params, offset, numel)
@@ -137,12 +140,18 @@ class ParamAndGradBuffer:
         return self.grad_data[ps + start : ps + end]
 
     # --- reduction ---------------------------------------------------------------------------
-    def launch(self, bucket: Bucket, group, async_op: bool) -> None:
-        """Average the bucket's gradients over dp: all-reduce, or reduce-scatter into the shard."""
+    def launch(self, bucket: Bucket, group, async_op: bool, cp_group=None) -> None:
+        """Average the bucket's gradients over dp (x cp): all-reduce over `group` (the dp x cp
+        group), or under sharding an all-reduce over `cp_group` and a reduce-scatter over `group`
+        (dp) into the shard."""
         bucket.launched = True
-        if self.dp_size == 1:
+        if self.dp_size * self.cp_size == 1:
             return
-        bucket.grad_data.mul_(1.0 / self.dp_size)  # averaging done once, before the sum
+        bucket.grad_data.mul_(1.0 / (self.dp_size * self.cp_size))  # averaged once, before the sum
+        if self.shard and self.cp_size > 1:
+            comm.all_reduce(bucket.grad_data, cp_group)  # cp ranks' partial sums, then the shards
+            if self.dp_size == 1:
+                return
         if self.shard:
             # a separate destination: an in-place reduce-scatter is not safe on every backend
             bucket.shard_out = torch.empty(

@@ -115,7 +115,9 @@ class GPTModel(nn.Module):
         self.input_tensor: torch.Tensor | None = None
         if pre_process:
             self.embedding = LanguageModelEmbedding(cfg, ps, padded_vocab_size, vocab_size)
-        self.decoder = TransformerBlock(cfg, ps.tp_group, layer_numbers, final_norm=post_process)
+        self.decoder = TransformerBlock(
+            cfg, ps.tp_group, layer_numbers, final_norm=post_process, cp_group=ps.cp_group
+        )
         if post_process:
             self.output_layer = ColumnParallelLinear(
                 m.hidden_size,
