@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from test_estimate import _births_mode, _storage_refs
 
-from megatron_lite import training
+from megatron_lite import comm, training
 from megatron_lite.arguments import parse_args
 from megatron_lite.config import ConfigError
 from megatron_lite.distributed.testing import run_distributed
@@ -98,9 +98,10 @@ def _train(flags: list[str], iters: int = ITERS, save_at: int | None = None) -> 
 
 
 # --- ring attention against full causal attention ------------------------------------------------
-def _ring_vs_full(cp_group) -> list[float]:
-    """Max |difference| of the output and of dq, dk, dv (fp64 inputs, GQA 4 heads / 2 groups)."""
-    cp, r = comm_size(cp_group), dist.get_rank(cp_group)
+def _ring_vs_full(cp_group, overlap: bool = True) -> list[float]:
+    """Max |difference| of the output and of dq, dk, dv (fp64 inputs, GQA 4 heads / 2 groups);
+    `overlap=False`: each K/V exchange lands before its block computes."""
+    cp, r = comm.group_size(cp_group), comm.group_rank(cp_group)
     g = torch.Generator().manual_seed(0)
     b, np_, ng, s, d = 2, 4, 2, 64, 8
     q, k, v, dout = (
@@ -112,16 +113,12 @@ def _ring_vs_full(cp_group) -> list[float]:
     )
     ref.backward(dout)
     mine = [slice_for_cp(t, 2, r, cp).clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*mine, cp_group, 0.3)
+    out = ring_attention(*mine, cp_group, 0.3, overlap=overlap)
     out.backward(slice_for_cp(dout, 2, r, cp))
     errs = [(out - slice_for_cp(ref, 2, r, cp)).abs().max().item()]
     for a, want in zip(mine, full):
         errs.append((a.grad - slice_for_cp(want.grad, 2, r, cp)).abs().max().item())
     return errs
-
-
-def comm_size(group) -> int:
-    return dist.get_world_size(group)
 
 
 # --- activation memory: what one microbatch's forward keeps for backward ----------------------------
@@ -159,7 +156,8 @@ def _held_activation_bytes(cp: int) -> int:
 def _world2(root: str) -> dict:
     """cp2: ring unit check, losses, a checkpoint at iteration 2 and an exact resume from it."""
     ps = ParallelState.build(1, 1, cp=2)
-    out = {"ring": _ring_vs_full(ps.cp_group), "memory": _held_activation_bytes(2)}
+    out = {"ring": _ring_vs_full(ps.cp_group) + _ring_vs_full(ps.cp_group, overlap=False)}
+    out["memory"] = _held_activation_bytes(2)
     ckpt = ["--save", root, "--load", root]
     out["cp2"] = _train(cp_flags(2))
     out["first"] = _train([*cp_flags(2), *ckpt], iters=2, save_at=2)
@@ -210,10 +208,12 @@ def _assert_same_run(got: dict, want: dict, what: str) -> None:
 
 
 def test_ring_attention_equals_full_causal_attention_forward_and_backward(results):
-    for world in ("two", "four"):
+    """cp 1 (one block, no group), 2 (overlapped and not) and 4: output, dq, dk, dv."""
+    assert max(_ring_vs_full(None)) < 1e-5
+    for world, n in (("two", 8), ("four", 4)):
         for rank_errs in results[world]:
             errs = rank_errs["ring"]
-            assert len(errs) == 4 and max(errs) < 1e-5, (world, errs)
+            assert len(errs) == n and max(errs) < 1e-5, (world, errs)
 
 
 def test_cp2_and_cp4_layouts_match_single_process_losses(results):
@@ -290,6 +290,7 @@ def test_chunks_are_load_balanced():
         ("--attention-backend fused", r"does not support --attention-backend fused"),
         ("--attention-dropout 0.1", r"needs --attention-dropout 0 \(got 0.1\)"),
         ("--reset-attention-mask", r"does not support --reset-attention-mask"),
+        ("--eval-tasks hellaswag", r"does not support --eval-tasks"),
         ("--context-parallel-size 0", r"--context-parallel-size must be positive, got 0"),
     ],
 )

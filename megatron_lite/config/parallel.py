@@ -86,7 +86,7 @@ def check_world_size(world_size: int, tp: int, pp: int, cp: int = 1) -> None:
     )
 
 
-def check_context_parallel(model: Any, parallel: ParallelConfig, data: Any) -> None:
+def check_context_parallel(model: Any, parallel: ParallelConfig, data: Any, train: Any) -> None:
     """What ring attention needs (called from Config): 2cp equal chunks of every sequence (each
     split again over tp under sequence parallelism), a causal mask it can compute per block, and
     an attention core that returns the log-sum-exp of its block."""
@@ -119,6 +119,11 @@ def check_context_parallel(model: Any, parallel: ParallelConfig, data: Any) -> N
         not data.reset_attention_mask,
         f"--context-parallel-size {cp} does not support --reset-attention-mask (ring attention "
         "is causal over the whole sequence)",
+    )
+    require(
+        not train.eval_tasks,
+        f"--context-parallel-size {cp} does not support --eval-tasks (their requests run whole "
+        "sequences): evaluate the checkpoint at cp 1 with tools/evaluate.py",
     )
     require(
         getattr(model, "window_size", None) is None,

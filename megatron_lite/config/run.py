@@ -66,7 +66,7 @@ class Config:
                 f"--seq-length ({m.seq_length}) must be divisible by "
                 f"--tensor-model-parallel-size ({tp}) under --sequence-parallel",
             )
-        check_context_parallel(m, p, self.data)
+        check_context_parallel(m, p, self.data, self.train)
         vl = p.num_layers_per_virtual_pipeline_stage
         if vl is not None:
             require(

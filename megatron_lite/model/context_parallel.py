@@ -125,16 +125,24 @@ def _block_plan(step: int, cp_rank: int, cp_size: int, c: int) -> tuple[slice, s
 class _Ring:
     """This rank's place in its cp group: the neighbours K/V blocks come from and go to."""
 
-    def __init__(self, group: comm.Group):
-        ranks = dist.get_process_group_ranks(group)
-        self.group, self.size = group, len(ranks)
-        self.rank = ranks.index(dist.get_rank())
+    def __init__(self, group: comm.Group, overlap: bool = True):
+        """`overlap=False` waits for each exchange before computing (the benchmark's baseline)."""
+        ranks = dist.get_process_group_ranks(group) if comm.group_size(group) > 1 else [0]
+        self.group, self.size, self.overlap = group, len(ranks), overlap
+        self.rank = ranks.index(dist.get_rank()) if self.size > 1 else 0
         self.next = ranks[(self.rank + 1) % self.size]
         self.prev = ranks[(self.rank - 1) % self.size]
 
-    def start(self, *tensors: torch.Tensor):
-        """Send `tensors` on to the next rank, receive the previous rank's; -> (received, works)."""
-        return comm.ring_exchange(list(tensors), self.next, self.prev, self.group)
+    def start(self, tensor: torch.Tensor, last: bool = False):
+        """Send `tensor` on to the next rank, receive the previous rank's like (unless this is the
+        `last` step or the ring is one rank); -> (what will arrive, or None; works to wait on)."""
+        if last or self.size == 1:
+            return None, []
+        (received,), works = comm.ring_exchange([tensor], self.next, self.prev, self.group)
+        if not self.overlap:  # (a gloo send's work must be waited on once only)
+            comm.wait_all(works)
+            works = []
+        return received, works
 
 
 class RingAttention(torch.autograd.Function):
@@ -142,15 +150,14 @@ class RingAttention(torch.autograd.Function):
     q [b, np, 2c, d], k/v [b, ng, 2c, d] -> [b, np, 2c, d]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, scale: float):
-        ring = _Ring(group)
+    def forward(ctx, q, k, v, group, scale: float, overlap: bool = True):
+        ring = _Ring(group, overlap)
         c = q.shape[2] // 2
         kv = torch.stack([k, v]).contiguous()
         out = lse = None
         for step in range(ring.size):
-            works = []
-            if step + 1 < ring.size:  # the next block travels while this one computes
-                (nxt,), works = ring.start(kv)
+            # the next block travels while this one computes
+            nxt, works = ring.start(kv, last=step + 1 == ring.size)
             rows, cols, causal = _block_plan(step, ring.rank, ring.size, c)
             k_blk, v_blk = kv[0][:, :, cols], kv[1][:, :, cols]
             o_blk, lse_blk = block_forward(q[:, :, rows], k_blk, v_blk, scale, causal)
@@ -159,16 +166,15 @@ class RingAttention(torch.autograd.Function):
             else:
                 _merge(out, lse, rows, o_blk, lse_blk)
             comm.wait_all(works)
-            if works:
-                kv = nxt
+            kv = kv if nxt is None else nxt
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale = group, scale
+        ctx.group, ctx.scale, ctx.overlap = group, scale, overlap
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        ring, scale = _Ring(ctx.group), ctx.scale
+        ring, scale = _Ring(ctx.group, ctx.overlap), ctx.scale
         c = q.shape[2] // 2
         dout = dout.float()
         delta = (dout * out).sum(-1)  # [b, np, 2c]
@@ -176,9 +182,8 @@ class RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         dkv = torch.zeros_like(kv, dtype=torch.float32)
         for step in range(ring.size):
-            works = []
-            if step + 1 < ring.size:  # K/V of the next block travel during this block's compute
-                (nxt,), works = ring.start(kv)
+            # K/V of the next block travel during this block's compute
+            nxt, works = ring.start(kv, last=step + 1 == ring.size)
             rows, cols, causal = _block_plan(step, ring.rank, ring.size, c)
             dq_blk, dk_blk, dv_blk = block_backward(
                 q[:, :, rows],
@@ -194,14 +199,16 @@ class RingAttention(torch.autograd.Function):
             dkv[0][:, :, cols] += dk_blk
             dkv[1][:, :, cols] += dv_blk
             comm.wait_all(works)
-            if works:
-                kv = nxt
+            kv = kv if nxt is None else nxt
             # this block's dK/dV follow it round the ring, back to its owner after cp hops
-            (dkv,), dworks = ring.start(dkv)
+            arrived, dworks = ring.start(dkv)
             comm.wait_all(dworks)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+            dkv = dkv if arrived is None else arrived
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
-def ring_attention(q, k, v, group: comm.Group, scale: float) -> torch.Tensor:
-    """Causal attention of this cp rank's queries against the whole sequence (see the module doc)."""
-    return RingAttention.apply(q, k, v, group, scale)
+def ring_attention(q, k, v, group: comm.Group, scale: float, overlap: bool = True) -> torch.Tensor:
+    """Causal attention of this cp rank's queries against the whole sequence (see the module doc);
+    one rank (`group` None or of size 1): plain block attention. `overlap=False` sends, waits,
+    then computes (the benchmark's comm-then-compute baseline)."""
+    return RingAttention.apply(q, k, v, group, scale, overlap)
