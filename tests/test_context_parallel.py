@@ -57,12 +57,14 @@ LAYOUTS = [
     ("cp4", cp_flags(4), "gpt"),
     ("cp2 tp2 sp llama", [*cp_flags(2, tp=2), "--sequence-parallel", *LLAMA], "llama"),
     ("cp2 pp2 full recompute", [*cp_flags(2, pp=2), "--recompute-granularity", "full"], "gpt"),
+    ("cp2 pp2 zero-bubble", [*cp_flags(2, pp=2), "--pipeline-schedule", "zero-bubble"], "gpt"),
     (
-        "cp2 dp2 zero-1 unfused selective",
+        "cp2 dp2 zero-1 overlaps unfused selective",
         [
             *cp_flags(2),
             "--use-distributed-optimizer",
             "--overlap-grad-reduce",
+            "--overlap-param-gather",
             "--attention-backend",
             "unfused",
             "--recompute-granularity",

@@ -219,9 +219,11 @@ def chunk_bytes(cfg: Config, padded_vocab: int, pp_rank: int, device: str = "cud
 
 
 def korthikanti_layer(cfg: Config) -> dict[str, float]:
-    """The paper's per-layer bytes (16-bit activations, dropout masks) for this layer's s, b, h, a, t."""
+    """The paper's per-layer bytes (16-bit activations, dropout masks) for this layer's s, b, h, a, t
+    (s: this rank's s / cp tokens under context parallelism)."""
     m, p = cfg.model, cfg.parallel
-    s, b, h, a = m.seq_length, cfg.train.micro_batch_size, m.hidden_size, m.num_attention_heads
+    s, b, h = m.seq_length // p.context_parallel_size, cfg.train.micro_batch_size, m.hidden_size
+    a = m.num_attention_heads
     t = p.tensor_model_parallel_size
     sbh = s * b * h
     if m.recompute_granularity == "full":
