@@ -180,7 +180,7 @@ class RingAttention(torch.autograd.Function):
         delta = (dout * out).sum(-1)  # [b, np, 2c]
         dq = torch.zeros_like(q, dtype=torch.float32)
         kv = torch.stack([k, v]).contiguous()
-        dkv = torch.zeros_like(kv, dtype=torch.float32)
+        in_flight = None, []  # the dK/dV exchange started after the previous block
         for step in range(ring.size):
             # K/V of the next block travel during this block's compute
             nxt, works = ring.start(kv, last=step + 1 == ring.size)
@@ -196,14 +196,21 @@ class RingAttention(torch.autograd.Function):
                 causal,
             )
             dq[:, :, rows] += dq_blk
-            dkv[0][:, :, cols] += dk_blk
-            dkv[1][:, :, cols] += dv_blk
+            dkv = torch.zeros_like(kv, dtype=torch.float32)
+            dkv[0][:, :, cols] = dk_blk
+            dkv[1][:, :, cols] = dv_blk
+            # the other ranks' dK/dV of this block so far, sent on while this block computed;
+            # summed in, they follow the block round the ring, back to its owner after cp hops
+            arrived, dworks = in_flight
+            comm.wait_all(dworks)
+            if arrived is not None:
+                dkv += arrived
+            in_flight = ring.start(dkv)
             comm.wait_all(works)
             kv = kv if nxt is None else nxt
-            # this block's dK/dV follow it round the ring, back to its owner after cp hops
-            arrived, dworks = ring.start(dkv)
-            comm.wait_all(dworks)
-            dkv = dkv if arrived is None else arrived
+        arrived, dworks = in_flight
+        comm.wait_all(dworks)
+        dkv = dkv if arrived is None else arrived
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
