@@ -1,8 +1,8 @@
 """Context parallelism (--context-parallel-size): ring attention equals full causal attention
-(forward and backward); cp2, cp4, cp2 x tp2, cp2 x pp2 and cp2 x dp2 with ZeRO-1 train with the
-single-process losses (to 1e-5, at sequence length 128, 4x the usual tests'); a cp2 checkpoint
-resumes exactly at cp2 and loads at cp1 with the same next loss; and the activations one rank holds
-for backward fall as 1/cp.
+(forward and backward); cp2, cp4, cp2 x tp2 (+SP, Llama), cp2 x pp2 (1F1B, ZB-H1, interleaved) and
+cp2 x dp2 with ZeRO-1 train with the single-process losses (to 1e-5, at sequence length 128, 4x the
+usual tests') and gradient norms; a cp2 checkpoint resumes exactly at cp2 and loads at cp1 with the
+same next loss; and the activations one rank holds for backward fall as 1/cp, as the estimator says.
 
 Three process groups (2, 1 and 4 ranks, module fixtures); each runs every check of its size.
 """
@@ -41,6 +41,9 @@ LLAMA = (
 ).split()
 
 
+FOUR_LAYERS, VIRTUAL = ["--num-layers", "4"], ["--num-layers-per-virtual-pipeline-stage", "1"]
+
+
 def cp_flags(cp: int, tp: int = 1, pp: int = 1) -> list[str]:
     return [
         "--context-parallel-size",
@@ -58,6 +61,7 @@ LAYOUTS = [
     ("cp2 tp2 sp llama", [*cp_flags(2, tp=2), "--sequence-parallel", *LLAMA], "llama"),
     ("cp2 pp2 full recompute", [*cp_flags(2, pp=2), "--recompute-granularity", "full"], "gpt"),
     ("cp2 pp2 zero-bubble", [*cp_flags(2, pp=2), "--pipeline-schedule", "zero-bubble"], "gpt"),
+    ("cp2 pp2 interleaved", [*cp_flags(2, pp=2), *FOUR_LAYERS, *VIRTUAL], "gpt 4 layers"),
     (
         "cp2 dp2 zero-1 overlaps unfused selective",
         [
@@ -172,6 +176,7 @@ def _world1(root: str) -> dict:
     return {
         "gpt": _train([]),
         "llama": _train(LLAMA),
+        "gpt 4 layers": _train(FOUR_LAYERS),
         "from cp2": _train(["--load", root], iters=3),
         "memory": _held_activation_bytes(1),
     }
