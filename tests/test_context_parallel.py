@@ -104,9 +104,10 @@ def _train(flags: list[str], iters: int = ITERS, save_at: int | None = None) -> 
 
 
 # --- ring attention against full causal attention ------------------------------------------------
-def _ring_vs_full(cp_group, overlap: bool = True) -> list[float]:
-    """Max |difference| of the output and of dq, dk, dv (fp64 inputs, GQA 4 heads / 2 groups);
-    `overlap=False`: each K/V exchange lands before its block computes."""
+def _ring_vs_full(cp_group, overlap: bool = True, dtype=torch.float64) -> list[float]:
+    """Max |difference| of the output and of dq, dk, dv (GQA 4 heads / 2 groups) from fp64 full
+    attention; `overlap=False`: each K/V exchange lands before its block computes; `dtype`: of the
+    ring's inputs (its blocks compute in fp32 whatever they get)."""
     cp, r = comm.group_size(cp_group), comm.group_rank(cp_group)
     g = torch.Generator().manual_seed(0)
     b, np_, ng, s, d = 2, 4, 2, 64, 8
@@ -118,9 +119,10 @@ def _ring_vs_full(cp_group, overlap: bool = True) -> list[float]:
         full[0], *(t.repeat_interleave(np_ // ng, 1) for t in full[1:]), is_causal=True, scale=0.3
     )
     ref.backward(dout)
-    mine = [slice_for_cp(t, 2, r, cp).clone().requires_grad_() for t in (q, k, v)]
+    mine = [slice_for_cp(t, 2, r, cp).to(dtype).requires_grad_() for t in (q, k, v)]
     out = ring_attention(*mine, cp_group, 0.3, overlap=overlap)
-    out.backward(slice_for_cp(dout, 2, r, cp))
+    out.backward(slice_for_cp(dout, 2, r, cp).to(dtype))
+    assert out.dtype == dtype and all(a.grad.dtype == dtype for a in mine)
     errs = [(out - slice_for_cp(ref, 2, r, cp)).abs().max().item()]
     for a, want in zip(mine, full):
         errs.append((a.grad - slice_for_cp(want.grad, 2, r, cp)).abs().max().item())
@@ -163,6 +165,7 @@ def _world2(root: str) -> dict:
     """cp2: ring unit check, losses, a checkpoint at iteration 2 and an exact resume from it."""
     ps = ParallelState.build(1, 1, cp=2)
     out = {"ring": _ring_vs_full(ps.cp_group) + _ring_vs_full(ps.cp_group, overlap=False)}
+    out["bf16 ring"] = _ring_vs_full(ps.cp_group, dtype=torch.bfloat16)
     out["memory"] = _held_activation_bytes(2)
     ckpt = ["--save", root, "--load", root]
     out["cp2"] = _train(cp_flags(2))
@@ -221,6 +224,8 @@ def test_ring_attention_equals_full_causal_attention_forward_and_backward(result
         for rank_errs in results[world]:
             errs = rank_errs["ring"]
             assert len(errs) == n and max(errs) < 1e-5, (world, errs)
+    for rank in results["two"]:  # bf16 in and out: the inputs' rounding, nothing more
+        assert 1e-4 < max(rank["bf16 ring"]) < 5e-2, rank["bf16 ring"]
 
 
 def test_cp2_and_cp4_layouts_match_single_process_losses(results):
