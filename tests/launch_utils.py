@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -29,6 +30,15 @@ TINY_GPT = (
     "--eval-interval 1000 --eval-iters 0 --distributed-timeout-minutes 1 "
     "--mock-data --tokenizer-type NullTokenizer --vocab-size 500"
 ).split()
+
+
+def load_tool(relpath: str, name: str | None = None):
+    """Import a script under tools/ (e.g. "checkpoint/convert.py") as a module."""
+    path = ROOT / "tools" / relpath
+    spec = importlib.util.spec_from_file_location(name or path.stem + "_tool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def layout_flags(tp: int, pp: int) -> list[str]:

@@ -28,6 +28,7 @@ SMOKE = {
     "bench_model.py": (["--smoke", "--steps", "1"], "ratio vs plain"),
     "bench_pipeline.py": ([], "ZB-H1 / 1F1B bubble"),
     "bench_pretrain.py": (["--iters", "7", "--layouts", "1x1x1"], "tokens/s"),
+    "bench_serving.py": (["--smoke"], "32 concurrent"),
 }
 
 

@@ -302,6 +302,7 @@ def test_chunks_are_load_balanced():
         ("--attention-backend fused", r"does not support --attention-backend fused"),
         ("--attention-dropout 0.1", r"needs --attention-dropout 0 \(got 0.1\)"),
         ("--reset-attention-mask", r"does not support --reset-attention-mask"),
+        ("--sft --data-path x", r"does not support --sft"),
         ("--eval-tasks hellaswag", r"does not support --eval-tasks"),
         ("--context-parallel-size 0", r"--context-parallel-size must be positive, got 0"),
     ],

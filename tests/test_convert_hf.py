@@ -7,7 +7,6 @@ optimizer state, and the result must resume training with `--load`.
 """
 
 import dataclasses
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -15,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from launch_utils import ROOT, TINY_GPT, layout_flags, losses, run_pretrain
+from launch_utils import ROOT, TINY_GPT, layout_flags, load_tool, losses, run_pretrain
 
 from megatron_lite import checkpointing as ckpt
 from megatron_lite.arguments import parse_args
@@ -38,16 +37,7 @@ CPU = torch.device("cpu")  # compared with transformers on the CPU
 VOCAB = 501  # NullTokenizer --vocab-size 500 + its end-of-document id
 
 
-def _load_convert_tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_tool", ROOT / "tools/checkpoint/convert.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-convert_tool = _load_convert_tool()
+convert_tool = load_tool("checkpoint/convert.py")
 
 
 def _train(save, extra):

@@ -217,23 +217,25 @@ def run(args: argparse.Namespace) -> Stats:
     return stats
 
 
-def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("input data")
-    g.add_argument("--input", nargs="+", required=True, help=".jsonl or .jsonl.gz file(s)")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON fields to tokenize")
+def add_tokenizer_args(p: argparse.ArgumentParser):
+    """The tokenizer flags (Megatron's) shared by the tokenizing tools; returns their group."""
     g = p.add_argument_group("tokenizer")
-    g.add_argument(
-        "--tokenizer-type",
-        required=True,
-        choices=TOKENIZER_TYPES,
-    )
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     g.add_argument("--vocab-file", help="GPT-2 vocab.json")
     g.add_argument("--merge-file", help="GPT-2 merges.txt")
     g.add_argument(
         "--tokenizer-model", help="SentencePiece model, or HuggingFace tokenizer directory"
     )
     g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
+    return g
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", nargs="+", required=True, help=".jsonl or .jsonl.gz file(s)")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON fields to tokenize")
+    g = add_tokenizer_args(p)
     g.add_argument("--append-eod", action="store_true", help="End each document with eod")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="Writes {prefix}_{key}_document.bin/.idx")

@@ -8,6 +8,8 @@ Two flavours map one to one:
   embedding rotates halves (`rotate_half`, GPT-NeoX style), the convention of HF's Llama, so the q/k
   rows map without a permutation (Meta's original interleaved-pair checkpoints are what HF's own
   converter permutes). Our fc1 is [gate; up] stacked; HF keeps gate_proj and up_proj apart.
+  Mistral (`MistralForCausalLM`) is the same layout with a sliding window; RoPE scaling and the
+  window map onto config keys in `hf_rope.py`.
 
 `hf_reader.HFReader` reads a HF directory by these rules; `hf_export.export_hf` writes by them.
 """
@@ -21,10 +23,16 @@ from collections.abc import Callable
 import torch
 
 from megatron_lite.checkpointing import CheckpointError
+from megatron_lite.checkpointing.hf_rope import (
+    rope_parameters,
+    rope_settings_from_hf,
+    sliding_window,
+    window_settings_from_hf,
+)
 from megatron_lite.config import Config, ModelConfig, command_line
 from megatron_lite.model.gpt import WORD_EMBEDDING
 
-GPT2, LLAMA = "gpt2", "llama"
+GPT2, LLAMA, MISTRAL = "gpt2", "llama", "mistral"
 OUTPUT_WEIGHT = "output_layer.weight"
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")  # (layer number, name in the layer)
@@ -54,6 +62,8 @@ def flavour_of(m: dict) -> str:
                     bad.append("--disable-bias-linear")
                 if bad:
                     raise CheckpointError(f"GPT-2 format cannot hold: {', '.join(bad)}")
+            if name == GPT2 and m.get("window_size") is not None:
+                raise CheckpointError("GPT-2 format cannot hold --window-size")
             return name
     settings = {k: m.get(k) for k in gpt2}
     raise CheckpointError(
@@ -223,9 +233,10 @@ def hf_config(cfg: dict, vocab_size: int, dtype: torch.dtype, eod: int | None = 
             "scale_attn_weights": True,
             **common,
         }
-    return {
+    rope = rope_parameters(m)
+    llama = {
         "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "model_type": LLAMA,
         "num_hidden_layers": m["num_layers"],
         "hidden_size": m["hidden_size"],
         "intermediate_size": m["ffn_hidden_size"],
@@ -235,13 +246,25 @@ def hf_config(cfg: dict, vocab_size: int, dtype: torch.dtype, eod: int | None = 
         "max_position_embeddings": m["max_position_embeddings"],
         "rms_norm_eps": m["layernorm_epsilon"],
         "hidden_act": "silu",
-        "rope_theta": float(m["rotary_base"]),  # transformers 4.x; 5.x reads rope_parameters
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(m["rotary_base"])},
+        "rope_theta": rope["rope_theta"],  # transformers 4.x; 5.x reads rope_parameters
+        "rope_parameters": rope,
         "attention_bias": m["add_bias_linear"],
         "mlp_bias": m["add_bias_linear"],
         "attention_dropout": m["attention_dropout"],
         **common,
     }
+    if rope["rope_type"] != "default":
+        llama["rope_scaling"] = rope  # transformers 4.x's key for the same settings
+    window = sliding_window(m)
+    if window is None:
+        return llama
+    if m["add_bias_linear"]:  # HF Mistral has no bias switch
+        raise CheckpointError(
+            "a --window-size model exports as MistralForCausalLM, which has no biases: "
+            "it needs --disable-bias-linear"
+        )
+    llama.update(architectures=["MistralForCausalLM"], model_type=MISTRAL, sliding_window=window)
+    return llama
 
 
 def config_from_hf(hf: dict) -> dict:
@@ -268,18 +291,11 @@ def config_from_hf(hf: dict) -> dict:
         )
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise CheckpointError("GPT-2 scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn")
-    elif kind == LLAMA:
-        rope = hf.get("rope_parameters") or {}
-        if (rope.get("rope_type") or "default") != "default" or hf.get("rope_scaling"):
-            raise CheckpointError(
-                f"Llama rope scaling {rope or hf.get('rope_scaling')} is not "
-                "supported (only the default rotary embedding)"
-            )
+    elif kind in (LLAMA, MISTRAL):
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False) != hf.get(
             "attention_bias", False
         ):
             raise CheckpointError("Llama needs hidden_act silu and mlp_bias == attention_bias")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         heads = hf["num_attention_heads"]
         groups = hf.get("num_key_value_heads") or heads
         m = ModelConfig(
@@ -293,7 +309,8 @@ def config_from_hf(hf: dict) -> dict:
             seq_length=hf["max_position_embeddings"],
             max_position_embeddings=hf["max_position_embeddings"],
             position_embedding_type="rope",
-            rotary_base=int(theta) if float(theta).is_integer() else theta,
+            **rope_settings_from_hf(hf),
+            **(window_settings_from_hf(hf) if kind == MISTRAL else {}),
             normalization="RMSNorm",
             layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
             swiglu=True,
@@ -304,7 +321,9 @@ def config_from_hf(hf: dict) -> dict:
             init_method_std=hf.get("initializer_range", 0.02),
         )
     else:
-        raise CheckpointError(f"model_type {kind!r}: only 'gpt2' and 'llama' can be imported")
+        raise CheckpointError(
+            f"model_type {kind!r}: only 'gpt2', 'llama' and 'mistral' can be imported"
+        )
     return Config(model=m).to_dict()
 
 

@@ -26,6 +26,7 @@ from megatron_lite.checkpointing.files import (
 )
 from megatron_lite.checkpointing.rng import set_rng_state
 from megatron_lite.config import Config, ModelConfig, flag_name
+from megatron_lite.config.model import LONG_CONTEXT_FIELDS
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of, tags_of
 
@@ -53,6 +54,7 @@ CHECKPOINT_MODEL_ARGS = (
     "layernorm_epsilon",
     "rotary_base",
     "make_vocab_size_divisible_by",
+    *LONG_CONTEXT_FIELDS,
 )
 
 

@@ -47,6 +47,19 @@ class DataConfig:
         False, "Do not attend across end-of-document tokens.", action="store_true"
     )
     num_workers: int = flag(0, "DataLoader worker processes.", type=int)
+    sft: bool = flag(
+        False,
+        "Supervised fine-tuning: --data-path names conversations from "
+        "tools/preprocess_sft_data.py, packed whole per sample; only assistant tokens count in "
+        "the loss, positions and attention restart per conversation.",
+        action="store_true",
+    )
+    dpo: bool = flag(
+        False,
+        "Direct preference optimization: --data-path names preference pairs from "
+        "tools/preprocess_sft_data.py --task dpo (see --dpo-beta).",
+        action="store_true",
+    )
 
     def __post_init__(self) -> None:
         parts = self.split.replace("/", ",").split(",")
@@ -60,6 +73,13 @@ class DataConfig:
             0 < len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
             f"--split needs 1 to 3 non-negative numbers with a positive sum, got {self.split!r}",
         )
+        for name in ("sft", "dpo"):
+            require(
+                not (getattr(self, name) and self.mock_data),
+                f"--{name} trains on conversations from tools/preprocess_sft_data.py; "
+                "--mock-data has none (give --data-path)",
+            )
+        require(not (self.sft and self.dpo), "use only one of --sft and --dpo")
         per_split = self.train_data_path or self.valid_data_path or self.test_data_path
         require(
             not (per_split and self.data_path),

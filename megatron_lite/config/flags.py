@@ -62,6 +62,8 @@ def _flag_words(f: dataclasses.Field, value: Any) -> list[str]:
     if f.metadata.get("action") in ("store_true", "store_false"):
         return [field_flag(f)]  # it differs from its default: the bare flag says so
     values = value if isinstance(value, list) else [value]
+    if f.metadata.get("join"):  # one word of joined values: --window-size 4096,0
+        return [field_flag(f), f.metadata["join"].join(str(v) for v in values)]
     return [field_flag(f), *(str(v) for v in values)]
 
 

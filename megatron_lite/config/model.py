@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
-from megatron_lite.config.flags import flag, flag_name, positive, require
+from megatron_lite.config.flags import ConfigError, flag, flag_name, positive, require
+
+
+def parse_window(text: str) -> list[int]:
+    """--window-size "4096,0" -> [4096, 0] (Megatron's tuple_type spelling)."""
+    try:
+        left, right = (int(v) for v in str(text).split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--window-size takes 'left,right' (two integers, e.g. 4096,0), got {text!r}"
+        ) from None
+    return [left, right]
+
+
+def _window_flag(text: str) -> list[int]:
+    try:
+        return parse_window(text)
+    except ConfigError as e:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass
@@ -28,6 +47,44 @@ class ModelConfig:
         "learned_absolute", "Position embedding.", choices=["learned_absolute", "rope"]
     )
     rotary_base: int = flag(10000, "Base of the rotary embedding frequencies.", type=int)
+    rotary_percent: float = flag(
+        1.0, "Fraction of each head's channels the rotary embedding rotates.", type=float
+    )
+    # RoPE scaling (model/rope.py): at most one of linear, Llama 3 and YaRN
+    rotary_seq_len_interpolation_factor: float | None = flag(
+        None,
+        "Linear position interpolation: positions divided by this (HF rope_type linear).",
+        type=float,
+    )
+    use_rope_scaling: bool = flag(
+        False, "Llama 3.x RoPE frequency scaling (HF rope_type llama3).", action="store_true"
+    )
+    rope_scaling_factor: float = flag(8.0, "Factor of --use-rope-scaling.", type=float)
+    low_freq_factor: float = flag(1.0, "--use-rope-scaling: low-frequency factor.", type=float)
+    high_freq_factor: float = flag(4.0, "--use-rope-scaling: high-frequency factor.", type=float)
+    rope_type: str | None = flag(
+        None, "rope (plain) or yarn (YaRN, HF rope_type yarn).", choices=["rope", "yarn"]
+    )
+    rotary_scaling_factor: float = flag(
+        1.0, "YaRN's scaling factor (--rope-type yarn).", type=float
+    )
+    original_max_position_embeddings: int | None = flag(
+        None,
+        "Context length the scaled RoPE was trained at (default 8192 for --use-rope-scaling, "
+        "4096 for --rope-type yarn).",
+        type=int,
+    )
+    beta_fast: float = flag(32.0, "YaRN: rotations where extrapolation ends.", type=float)
+    beta_slow: float = flag(1.0, "YaRN: rotations where interpolation starts.", type=float)
+    mscale: float = flag(1.0, "YaRN attention-factor numerator's mscale.", type=float)
+    mscale_all_dim: float = flag(0.0, "YaRN attention-factor denominator's mscale.", type=float)
+    window_size: list[int] | None = flag(
+        None,
+        "Sliding-window attention 'left,right': each query sees itself and `left` keys before it "
+        "(right must be 0: the model is causal; -1 = unlimited).",
+        type=_window_flag,
+        join=",",
+    )
     normalization: str = flag("LayerNorm", "Normalization layer.", choices=["LayerNorm", "RMSNorm"])
     layernorm_epsilon: float = flag(
         1e-5, "Epsilon of the normalization layers.", type=float, aliases=("--norm-epsilon",)
@@ -123,10 +180,91 @@ class ModelConfig:
             )
         if self.recompute_granularity == "full" and self.recompute_method is None:
             self.recompute_method = "uniform"
+        self._check_long_context()
+
+    def _check_long_context(self) -> None:
+        """RoPE scaling and the sliding window: one scaling scheme at a time, sane values."""
+        positive(self, "rotary_seq_len_interpolation_factor", "original_max_position_embeddings")
+        require(
+            0.0 < self.rotary_percent <= 1.0
+            and int(self.kv_channels * self.rotary_percent) % 2 == 0
+            and int(self.kv_channels * self.rotary_percent) > 0,
+            f"--rotary-percent ({self.rotary_percent}) must be in (0, 1] and rotate an even, "
+            f"non-zero number of the {self.kv_channels} channels per head",
+        )
+        schemes = [
+            flag
+            for flag, on in (
+                ("--rotary-seq-len-interpolation-factor", self.rotary_seq_len_interpolation_factor),
+                ("--use-rope-scaling", self.use_rope_scaling),
+                ("--rope-type yarn", self.rope_type == "yarn"),
+            )
+            if on
+        ]
+        require(len(schemes) <= 1, f"choose one RoPE scaling scheme, got {' and '.join(schemes)}")
+        require(
+            not schemes or self.position_embedding_type == "rope",
+            f"{schemes[0] if schemes else ''} needs --position-embedding-type rope",
+        )
+        require(
+            self.rotary_scaling_factor == 1.0 or self.rope_type == "yarn",
+            f"--rotary-scaling-factor ({self.rotary_scaling_factor}) is YaRN's factor: it needs "
+            "--rope-type yarn (Llama 3 scaling takes --use-rope-scaling --rope-scaling-factor)",
+        )
+        if self.use_rope_scaling:
+            require(
+                self.rope_scaling_factor >= 1.0
+                and 0 < self.low_freq_factor < self.high_freq_factor,
+                f"--use-rope-scaling needs --rope-scaling-factor >= 1 (got "
+                f"{self.rope_scaling_factor}) and 0 < --low-freq-factor ({self.low_freq_factor}) "
+                f"< --high-freq-factor ({self.high_freq_factor})",
+            )
+        if self.rope_type == "yarn":
+            require(
+                self.rotary_scaling_factor >= 1.0 and self.beta_fast > self.beta_slow > 0,
+                f"--rope-type yarn needs --rotary-scaling-factor >= 1 (got "
+                f"{self.rotary_scaling_factor}) and --beta-fast ({self.beta_fast}) > --beta-slow "
+                f"({self.beta_slow}) > 0",
+            )
+        if self.window_size is not None:
+            self.window_size = parse_window(",".join(map(str, self.window_size)))
+            left, right = self.window_size
+            require(
+                left >= -1 and right in (0, -1),
+                f"--window-size {left},{right}: left must be >= 0 (or -1, unlimited) and right 0 "
+                "(or -1): the model is causal, no query sees keys after it",
+            )
+
+    @property
+    def window_left(self) -> int | None:
+        """Keys before each query that it may see under --window-size (None: all of them)."""
+        if self.window_size is None or self.window_size[0] < 0:
+            return None
+        return self.window_size[0]
 
     @property
     def tie_embeddings(self) -> bool:
         return not self.untie_embeddings_and_output_weights
+
+
+# RoPE scaling and the sliding window: settings of the model's numerics a checkpoint carries
+# (Megatron's names where Megatron has the setting)
+LONG_CONTEXT_FIELDS = (
+    "rotary_percent",
+    "rotary_seq_len_interpolation_factor",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "rope_type",
+    "rotary_scaling_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "window_size",
+)
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:

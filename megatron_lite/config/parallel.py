@@ -115,6 +115,12 @@ def check_context_parallel(model: Any, parallel: ParallelConfig, data: Any, trai
         f"--context-parallel-size {cp} needs --attention-dropout 0 (got "
         f"{model.attention_dropout}): ring attention has no attention dropout",
     )
+    for name in ("sft", "dpo"):
+        require(
+            not getattr(data, name),
+            f"--context-parallel-size {cp} does not support --{name} (its samples carry "
+            "per-conversation attention masks)",
+        )
     require(
         not data.reset_attention_mask,
         f"--context-parallel-size {cp} does not support --reset-attention-mask (ring attention "

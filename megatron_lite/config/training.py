@@ -19,6 +19,11 @@ class CheckpointConfig:
     finetune: bool = flag(
         False, "Load weights only; restart iteration count and optimizer.", action="store_true"
     )
+    pretrained_checkpoint: str | None = flag(
+        None,
+        "Fine-tuning: when --load holds no checkpoint (a first start), load this one's weights "
+        "as --finetune would; later starts resume from --load.",
+    )
     use_checkpoint_args: bool = flag(
         False,
         "Take the model's shape and the tokenizer (unless given) from the --load checkpoint.",
@@ -133,6 +138,9 @@ class TrainConfig:
     check_for_nan_in_loss: bool = flag(
         False, "Stop with an error on a nan/inf loss.", action="store_true"
     )
+    dpo_beta: float = flag(
+        0.1, "--dpo: the KL weight beta of the DPO loss (Rafailov et al. 2023).", type=float
+    )
 
     def __post_init__(self) -> None:
         positive(
@@ -144,6 +152,7 @@ class TrainConfig:
             "eval_interval",
             "exit_interval",
             "exit_duration_in_mins",
+            "dpo_beta",
         )
         require(self.eval_iters >= 0, f"--eval-iters must be non-negative, got {self.eval_iters}")
         require(

@@ -25,6 +25,7 @@ from megatron_lite.data.gpt_dataset import (
     split_ranges,
 )
 from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.sft_dataset import MaskedDataset, SFTDataset
 from megatron_lite.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,6 @@ def _on_builder_first(build):
 
 
 def _gpt_splits(cfg, tokenizer, prefix, dataset, sizes, cache_dir, split):
-    d = cfg.data
     out = []
     for name, rng, n in zip(SPLIT_NAMES, split_ranges(len(dataset), split), sizes):
         if rng is None:
@@ -97,24 +97,41 @@ def _gpt_splits(cfg, tokenizer, prefix, dataset, sizes, cache_dir, split):
             )
             out.append(None)
             continue
-        out.append(
-            GPTDataset(
-                dataset,
-                prefix,
-                np.arange(rng[0], rng[1], dtype=np.int32),
-                n,
-                name,
-                seq_length=cfg.model.seq_length,
-                seed=cfg.train.seed,
-                tokenizer=tokenizer,
-                split=split,
-                cache_dir=cache_dir,
-                eod_mask_loss=d.eod_mask_loss,
-                reset_position_ids=d.reset_position_ids,
-                reset_attention_mask=d.reset_attention_mask,
-            )
-        )
+        ids = np.arange(rng[0], rng[1], dtype=np.int32)
+        out.append(_split_dataset(cfg, tokenizer, prefix, dataset, ids, n, name, cache_dir, split))
     return out
+
+
+def _open(cfg, prefix: str):
+    """The files at `prefix`: tokens, or (--sft, --dpo) tokens and loss masks."""
+    if cfg.data.sft or cfg.data.dpo:
+        return MaskedDataset(prefix)
+    return IndexedDataset(prefix)
+
+
+def _split_dataset(cfg, tokenizer, prefix, dataset, ids, n, name, cache_dir, split):
+    """The samples of one split: GPT's, or packed conversations (--sft), or pairs (--dpo)."""
+    d, common = cfg.data, dict(seq_length=cfg.model.seq_length, seed=cfg.train.seed)
+    if d.sft:
+        return SFTDataset(dataset, ids, n, name, tokenizer=tokenizer, **common)
+    if d.dpo:
+        from megatron_lite.data.dpo_dataset import DPODataset
+
+        return DPODataset(dataset, ids, n, name, tokenizer=tokenizer, **common)
+    return GPTDataset(
+        dataset,
+        prefix,
+        ids,
+        n,
+        name,
+        tokenizer=tokenizer,
+        split=split,
+        cache_dir=cache_dir,
+        eod_mask_loss=d.eod_mask_loss,
+        reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask,
+        **common,
+    )
 
 
 def _build(cfg, tokenizer, sizes):
@@ -138,7 +155,7 @@ def _build_blend(cfg, tokenizer, data_path: list[str], sizes, split: str):
     d = cfg.data
     prefixes, weights = parse_blend(data_path)
     if len(prefixes) == 1:
-        ds = IndexedDataset(prefixes[0])
+        ds = _open(cfg, prefixes[0])
         cache_dir = default_cache_dir(prefixes[0], d.data_cache_path)
         return _gpt_splits(cfg, tokenizer, prefixes[0], ds, sizes, cache_dir, split)
     if weights is not None:
@@ -150,7 +167,7 @@ def _build_blend(cfg, tokenizer, data_path: list[str], sizes, split: str):
         per_dataset = [[None] * 3 for _ in prefixes]
     splits = []
     for p, s in zip(prefixes, per_dataset):
-        ds = IndexedDataset(p)
+        ds = _open(cfg, p)
         cache_dir = default_cache_dir(p, d.data_cache_path)
         splits.append(_gpt_splits(cfg, tokenizer, p, ds, s, cache_dir, split))
     blend_cache = default_cache_dir(prefixes[0], d.data_cache_path)

@@ -67,8 +67,8 @@ def check_utf8(text: str, path: str, lineno: int) -> None:
         ) from None
 
 
-def parse_json_line(line: str, keys: Sequence[str], path: str, lineno: int) -> dict[str, str]:
-    """The requested string fields of one JSONL line, or BadLineError saying what is wrong."""
+def parse_json_object(line: str, path: str, lineno: int) -> dict:
+    """One JSONL line as a JSON object, or BadLineError saying what is wrong."""
     check_utf8(line, path, lineno)
     try:
         obj = json.loads(line)
@@ -76,6 +76,12 @@ def parse_json_line(line: str, keys: Sequence[str], path: str, lineno: int) -> d
         raise BadLineError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise BadLineError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_json_line(line: str, keys: Sequence[str], path: str, lineno: int) -> dict[str, str]:
+    """The requested string fields of one JSONL line, or BadLineError saying what is wrong."""
+    obj = parse_json_object(line, path, lineno)
     out = {}
     for key in keys:
         if key not in obj:

@@ -98,8 +98,11 @@ class LanguageModel:
         if pad:  # right padding: causal attention keeps it out of the real tokens' logits
             tokens = torch.nn.functional.pad(tokens, (0, pad))
             if position_ids is None:  # the positions the model would take, then the padding's
-                off = inference_params.sequence_len_offset if inference_params is not None else 0
-                position_ids = torch.arange(off, off + s)[None].expand(tokens.shape[0], s)
+                position_ids = (
+                    inference_params.position_ids(s)
+                    if inference_params is not None
+                    else torch.arange(s)[None]
+                ).expand(tokens.shape[0], s)
             last = position_ids[:, -1:] + torch.arange(1, pad + 1)
             position_ids = torch.cat([position_ids, last.clamp(max=self.max_length - 1)], 1)
         out = None

@@ -89,6 +89,33 @@ def causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
     return _causal_masks[key]
 
 
+_window_masks: dict[tuple, torch.Tensor] = {}
+
+
+def window_mask(sq: int, sk: int, left: int, device: torch.device) -> torch.Tensor:
+    """[sq, sk] bool, True = masked, for queries at the last sq of sk positions: query i (at
+    position sk - sq + i) sees itself and the `left` keys before it, nothing after. Cached for
+    training's square masks (decoding steps each have another sk: not worth keeping)."""
+    key = (sq, sk, left, str(device))
+    if key in _window_masks:
+        return _window_masks[key]
+    q = torch.arange(sk - sq, sk, device=device)[:, None]
+    k = torch.arange(sk, device=device)[None]
+    mask = (k > q) | (k < q - left)
+    if sq == sk:
+        _window_masks[key] = mask
+    return mask
+
+
+def with_window(
+    mask: torch.Tensor | None, sq: int, sk: int, left: int, device: torch.device
+) -> torch.Tensor:
+    """`mask` (None: causal; or bool [b or 1, 1, sq, sk], True = masked) with the sliding window
+    added: Megatron's --window-size left,0 (flash-attention's window semantics)."""
+    window = window_mask(sq, sk, left, device)[None, None]
+    return window if mask is None else mask | window
+
+
 def torch_softmax(
     x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
 ) -> torch.Tensor:

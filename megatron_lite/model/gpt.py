@@ -169,8 +169,7 @@ class GPTModel(nn.Module):
         """
         if self.pre_process:
             if inference_params is not None and position_ids is None:
-                off = inference_params.sequence_len_offset
-                position_ids = torch.arange(off, off + tokens.shape[1], device=tokens.device)[None]
+                position_ids = inference_params.position_ids(tokens.shape[1], tokens.device)
             x = self.embedding(tokens, position_ids)
         else:
             if self.input_tensor is None:

@@ -14,7 +14,8 @@ from torch import nn
 from megatron_lite.comm import Group, group_rank, group_size
 from megatron_lite.config import Config
 from megatron_lite.model.context_parallel import cp_chunk_positions, ring_attention
-from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax
+from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax, with_window
+from megatron_lite.model.rope import apply_rotary, rotary_cos_sin
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.tensor_parallel.utils import set_default_attributes
@@ -47,21 +48,6 @@ def build_norm(cfg: Config) -> nn.Module:
         norm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_epsilon)
     _norm_tags(norm, cfg.parallel.sequence_parallel)
     return norm
-
-
-def rotary_cos_sin(seq_len: int, dim: int, base: int, device: torch.device):
-    """cos/sin tables [s, 1, 1, dim] (RoFormer, Su et al. 2021, halves rotated as GPT-NeoX/Megatron)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [s, b, n, d]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def resolve_attention_backend(backend: str, masked_softmax_fusion: bool, device_type: str) -> str:
@@ -112,6 +98,16 @@ class InferenceParams:
         v_cache[start:end, :b] = v
         return k_cache[:end, :b], v_cache[:end, :b]
 
+    def position_ids(self, s: int, device: torch.device | None = None) -> torch.Tensor:
+        """Positions [1, s] of this step's tokens: they continue the cached sequence."""
+        off = self.sequence_len_offset
+        return torch.arange(off, off + s, device=device)[None]
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor, s: int):
+        """This step's rows [s, 1, 1, d] of the rotary tables [max_len, 1, 1, d]."""
+        off = self.sequence_len_offset
+        return cos[off : off + s], sin[off : off + s]
+
     def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:
         """[1 or b, 1, s, offset + s], True = masked: query i (at position offset + i) sees keys <= it,
         and none of its sequence's padding slots (a padding query sees itself, so no row is empty)."""
@@ -137,6 +133,7 @@ class CoreAttention(nn.Module):
         self.fusion = m.masked_softmax_fusion
         self.dropout_p = m.attention_dropout
         self.scale = 1.0 / math.sqrt(m.kv_channels)
+        self.window_left = m.window_left
         self.softmax = FusedScaleMaskSoftmax("causal", fusion=self.fusion, scale=self.scale)
 
     def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
@@ -150,6 +147,8 @@ class CoreAttention(nn.Module):
             v = v.repeat_interleave(np_ // v.shape[1], dim=1)
         p = self.dropout_p if self.training else 0.0
         backend = resolve_attention_backend(self.backend, self.fusion, q.device.type)
+        if self.window_left is not None:  # sliding window: an explicit mask on every backend
+            mask = with_window(mask, sq, k.shape[2], self.window_left, q.device)
         with get_rng_tracker().fork():  # heads are split over tp: a different stream per rank
             if backend == "sdpa":
                 return F.scaled_dot_product_attention(
@@ -185,7 +184,7 @@ class SelfAttention(nn.Module):
         self.ng = m.num_query_groups // tp
         self.selective_recompute = m.recompute_granularity == "selective"
         self.rope = m.position_embedding_type == "rope"
-        self.rotary_base = m.rotary_base
+        self.model_cfg = m
         qkv_size = m.kv_channels * (m.num_attention_heads + 2 * m.num_query_groups)
         common = dict(tp_group=tp_group, bias=m.add_bias_linear, sequence_parallel=sp)
         self.linear_qkv = ColumnParallelLinear(
@@ -207,7 +206,7 @@ class SelfAttention(nn.Module):
         chunks of the s x cp positions of the whole sequence."""
         c = self._rope_cache
         if c is None or c[0] != s or c[1].device != device:
-            cos, sin = rotary_cos_sin(s * self.cp_size, self.d, self.rotary_base, device)
+            cos, sin = rotary_cos_sin(s * self.cp_size, self.model_cfg, device)
             if self.cp_size > 1:
                 idx = cp_chunk_positions(s * self.cp_size, self.cp_rank, self.cp_size).to(device)
                 cos, sin = cos[idx], sin[idx]
@@ -229,10 +228,9 @@ class SelfAttention(nn.Module):
         if self.rope:
             if inference_params is None:
                 cos, sin = self._cos_sin(s, x.device)
-            else:  # positions offset .. offset + s of the cached sequence
-                off = inference_params.sequence_len_offset
+            else:  # the positions that continue the cached sequence(s)
                 cos, sin = self._cos_sin(inference_params.max_sequence_length, x.device)
-                cos, sin = cos[off : off + s], sin[off : off + s]
+                cos, sin = inference_params.rotary(cos, sin, s)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if inference_params is not None:
             mask = inference_params.causal_mask(s, x.device)

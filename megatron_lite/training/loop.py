@@ -27,7 +27,13 @@ from megatron_lite.training.log import (
 )
 from megatron_lite.training.profiling import StepProfiler
 from megatron_lite.training.setup import Run, build_data_iterators, setup
-from megatron_lite.training.step import average_over_last_stage, evaluate, land_params, train_step
+from megatron_lite.training.step import (
+    averages_over_last_stage,
+    evaluate,
+    land_params,
+    reported_names,
+    train_step,
+)
 
 
 class _StopSignal:
@@ -75,14 +81,15 @@ def _log_interval(
     run: Run, writers: Writers, step: dict, elapsed: float, n_iters: int, loss_sum: torch.Tensor
 ) -> None:
     """The log line's collectives on every rank (mean loss, params norm, timers), then the line."""
-    mean_loss = average_over_last_stage(run, loss_sum)
-    mean_loss = float("nan") if mean_loss is None else mean_loss  # every iteration nan
+    names = reported_names(run.cfg)
+    means = averages_over_last_stage(run, loss_sum) or [float("nan")] * len(names)  # all nan
+    mean_loss, metrics = means[0], dict(zip(names[1:], means[1:]))  # --dpo: margins, accuracy
     if run.cfg.logging.log_params_norm:
         step["params_norm"] = run.optimizer.params_norm()
     times = run.timers.gather(n_iters)
     if not run.is_logging_rank:
         return
-    _log(run, writers, step, elapsed, n_iters, mean_loss)
+    _log(run, writers, step, elapsed, n_iters, mean_loss, metrics)
     if times is not None:
         print_rank(run.timers.format(times))
         if run.cfg.logging.log_timers_to_tensorboard:  # Megatron's names: "<region>-time"
@@ -90,7 +97,15 @@ def _log_interval(
             writers.add_scalars(scalars, run.iteration)
 
 
-def _log(run: Run, writers: Writers, step: dict, elapsed: float, n_iters: int, loss: float) -> None:
+def _log(
+    run: Run,
+    writers: Writers,
+    step: dict,
+    elapsed: float,
+    n_iters: int,
+    loss: float,
+    metrics: dict[str, float],
+) -> None:
     cfg, ps = run.cfg, run.ps
     gbs = run.microbatches.get_current_global_batch_size()
     tokens = gbs * cfg.model.seq_length * n_iters
@@ -108,7 +123,7 @@ def _log(run: Run, writers: Writers, step: dict, elapsed: float, n_iters: int, l
         elapsed_ms=1000 * elapsed / n_iters,
         lr=lr,
         global_batch_size=gbs,
-        losses={"lm loss": loss},
+        losses={"lm loss": loss, **metrics},
         loss_scale=loss_scale,
         grad_norm=None if grad_norm is None else float(grad_norm),
         params_norm=step.get("params_norm"),
@@ -126,6 +141,7 @@ def _log(run: Run, writers: Writers, step: dict, elapsed: float, n_iters: int, l
         "batch-size": gbs,
         "throughput/tokens-per-sec": tokens / elapsed,
         "throughput/tflops-per-device": tflops,
+        **metrics,
     }
     if grad_norm is not None:
         scalars["grad-norm"] = float(grad_norm)
@@ -168,7 +184,8 @@ def _train(
     cfg = run.cfg
     stop = _StopSignal(cfg.train.exit_signal_handler)
     start, last_log, since_log = time.time(), time.time(), 0
-    loss_sum = torch.zeros(2, dtype=torch.float64)
+    names = reported_names(cfg)
+    loss_sum = torch.zeros(len(names) + 1, dtype=torch.float64)  # (loss, metrics..., count)
     while run.iteration < cfg.total_train_iters:
         profiler.before_iteration(run.iteration + 1)
         step = train_step(run, train_iterators)
@@ -181,7 +198,8 @@ def _train(
         if not step["success"]:
             run.skipped_iters += 1
         elif loss is not None and not is_nan:
-            loss_sum += torch.tensor([loss, 1.0], dtype=torch.float64)
+            values = [step["reported"][n] for n in names]
+            loss_sum += torch.tensor([*values, 1.0], dtype=torch.float64)
         if run.iteration == 1 and cfg.logging.log_memory:
             _report_memory(run)
         duration_up = (
@@ -198,7 +216,8 @@ def _train(
                 )
         if run.iteration % cfg.logging.log_interval == 0:
             _log_interval(run, writers, step, time.time() - last_log, since_log, loss_sum)
-            last_log, since_log, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
+            last_log, since_log = time.time(), 0
+            loss_sum = torch.zeros_like(loss_sum)
         if cfg.train.eval_iters and run.iteration % cfg.train.eval_interval == 0:
             report_eval(run, valid_iterators, "validation", writers)
         if cfg.train.eval_tasks and run.iteration % cfg.train.eval_interval == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -97,33 +98,23 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg, ps, dev, tokenizer, padded, model, optimizer, scheduler, microbatches)
     run.faults = FaultInjector.from_env()
     run.timers = Timers(cfg.logging.timing_log_level, cfg.logging.timing_log_option, dev)
-    if cfg.checkpoint.load:
-        state = checkpointing.load_checkpoint(
-            cfg.checkpoint.load,
-            model,
-            optimizer,
-            scheduler,
-            cfg,
-            ps,
-            load_optim=not (cfg.checkpoint.no_load_optim or cfg.checkpoint.finetune),
-            load_rng=not (cfg.checkpoint.no_load_rng or cfg.checkpoint.finetune),
-            finetune=cfg.checkpoint.finetune,
-            vocab_size=tokenizer.vocab_size,
+    ck = cfg.checkpoint
+    # a fine-tuning run's first start: its --load (= --save) directory may not exist yet
+    first_start = ck.pretrained_checkpoint and ck.load and not os.path.isdir(ck.load)
+    loaded = bool(ck.load) and not first_start and _load(run, ck.load, ck.finetune)
+    if cfg.checkpoint.load and not loaded and cfg.checkpoint.exit_on_missing_checkpoint:
+        raise checkpointing.CheckpointError(
+            f"--load {cfg.checkpoint.load}: no checkpoint there (no "
+            f"{checkpointing.LATEST_FILE}) and --exit-on-missing-checkpoint is set"
         )
-        if state["loaded"]:
-            run.iteration, run.consumed_samples = state["iteration"], state["consumed_samples"]
-            if run.is_logging_rank:
-                print_rank(
-                    f"> loaded checkpoint from {cfg.checkpoint.load} at iteration "
-                    f"{run.iteration} (consumed samples {run.consumed_samples})"
-                )
-        elif cfg.checkpoint.exit_on_missing_checkpoint:
+    if not loaded and cfg.checkpoint.pretrained_checkpoint:  # a fine-tuning run's first start
+        if not _load(run, cfg.checkpoint.pretrained_checkpoint, finetune=True):
             raise checkpointing.CheckpointError(
-                f"--load {cfg.checkpoint.load}: no checkpoint there (no "
-                f"{checkpointing.LATEST_FILE}) and --exit-on-missing-checkpoint is set"
+                f"--pretrained-checkpoint {cfg.checkpoint.pretrained_checkpoint}: no checkpoint "
+                f"there (no {checkpointing.LATEST_FILE})"
             )
-        elif run.is_logging_rank:
-            print_rank(f"> no checkpoint in {cfg.checkpoint.load}: training from scratch")
+    elif not loaded and cfg.checkpoint.load and run.is_logging_rank:
+        print_rank(f"> no checkpoint in {cfg.checkpoint.load}: training from scratch")
     if run.is_logging_rank:
         n_params = sum(p.numel() for c in chunks for p in c.parameters())
         print_rank(
@@ -132,6 +123,32 @@ def setup(cfg: Config) -> Run:
             f"padded vocab {padded}, {n_params:,} parameters on the last rank, backend {ps.backend}"
         )
     return run
+
+
+def _load(run: Run, path: str, finetune: bool) -> bool:
+    """Load the checkpoint in `path` into `run` (weights only under `finetune`: the iteration,
+    optimizer and RNG start afresh); False when `path` holds none."""
+    cfg = run.cfg
+    state = checkpointing.load_checkpoint(
+        path,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        cfg,
+        run.ps,
+        load_optim=not (cfg.checkpoint.no_load_optim or finetune),
+        load_rng=not (cfg.checkpoint.no_load_rng or finetune),
+        finetune=finetune,
+        vocab_size=run.tokenizer.vocab_size,
+    )
+    if state["loaded"]:
+        run.iteration, run.consumed_samples = state["iteration"], state["consumed_samples"]
+        if run.is_logging_rank:
+            print_rank(
+                f"> loaded checkpoint from {path} at iteration {run.iteration} (consumed "
+                f"samples {run.consumed_samples})"
+            )
+    return bool(state["loaded"])
 
 
 def build_data_iterators(

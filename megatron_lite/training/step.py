@@ -24,6 +24,7 @@ from megatron_lite.distributed import (
 from megatron_lite.optim import MegatronOptimizer
 from megatron_lite.pipeline import get_forward_backward_func
 from megatron_lite.timers import NO_TIMERS, Timers
+from megatron_lite.training.dpo import DPO_METRICS, dpo_loss_func, flatten_pairs
 from megatron_lite.training.setup import Run
 
 
@@ -36,16 +37,22 @@ def forward_step(
     model: torch.nn.Module,
     poison_loss: bool = False,
     timers: Timers = NO_TIMERS,
+    dpo_beta: float | None = None,
     cp_group: comm.Group = None,
 ):
     """Megatron's forward step: one microbatch through this chunk; the loss function on the last.
-    `poison_loss` makes the loss nan (the fault tests' injected nan). `cp_group`: the ranks holding
-    the other chunks of these sequences (context parallelism), over which the loss is summed."""
+    `poison_loss` makes the loss nan (the fault tests' injected nan); `dpo_beta` (--dpo) makes it
+    the DPO loss of preference pairs (training/dpo.py). `cp_group`: the ranks holding the other
+    chunks of these sequences (context parallelism), over which the loss is summed."""
     with timers("batch-generator", 2):
         batch = _to_device(next(data_iterator), next(model.parameters()).device)
+    if dpo_beta is not None:  # --dpo: [b, 2, s] pairs run as [2b, s] rows
+        batch = flatten_pairs(batch)
     output = model(
         batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
     )
+    if dpo_beta is not None:
+        return output, dpo_loss_func(batch, dpo_beta, poison_loss)
     loss_mask = batch["loss_mask"].float()
 
     def loss_func(per_token_loss: torch.Tensor):
@@ -83,6 +90,19 @@ def _mean_reported(losses: list[dict], key: str = "lm loss") -> float | None:
     return float(torch.stack([d[key].float() for d in losses]).mean())
 
 
+def reported_names(cfg) -> tuple[str, ...]:
+    """What a step reports (and the log averages): the loss, and under --dpo its metrics."""
+    return ("lm loss", *DPO_METRICS) if cfg.data.dpo else ("lm loss",)
+
+
+def step_settings(cfg) -> tuple[dict, int]:
+    """(forward_step's extra arguments, rows per microbatch) for this kind of training: a DPO
+    microbatch of b pairs is 2b rows through the pipeline."""
+    if cfg.data.dpo:
+        return {"dpo_beta": cfg.train.dpo_beta}, 2 * cfg.train.micro_batch_size
+    return {}, cfg.train.micro_batch_size
+
+
 def train_step(run: Run, data_iterators) -> dict:
     """Forward and backward over all microbatches, gradient sync, one optimizer step."""
     cfg, iteration = run.cfg, run.iteration + 1
@@ -90,6 +110,7 @@ def train_step(run: Run, data_iterators) -> dict:
     run.faults.raise_if_due(iteration, run.ps.rank)
     zero_grad_buffers(run.model)
     forward_backward = get_forward_backward_func(cfg, run.ps)
+    extra, rows = step_settings(cfg)
     with run.timers("forward-backward", 1):
         losses = forward_backward(
             forward_step_func=functools.partial(
@@ -97,12 +118,13 @@ def train_step(run: Run, data_iterators) -> dict:
                 poison_loss=run.faults.nan_loss_at(iteration),
                 timers=run.timers,
                 cp_group=run.ps.cp_group,
+                **extra,
             ),
             data_iterator=data_iterators,
             model=run.model,
             num_microbatches=run.microbatches.get(),
             seq_length=cfg.model.seq_length // run.ps.cp_size,  # this rank's part of a sequence
-            micro_batch_size=cfg.train.micro_batch_size,
+            micro_batch_size=rows,
             forward_only=False,
             grad_scale_func=run.optimizer.scale_loss,
             timers=run.timers,
@@ -112,7 +134,13 @@ def train_step(run: Run, data_iterators) -> dict:
     success, grad_norm = optimizer_step(run.model, run.optimizer, run.timers)
     if success:
         run.scheduler.step(run.microbatches.get_current_global_batch_size())  # counts samples
-    return {"loss": _mean_reported(losses), "success": success, "grad_norm": grad_norm}
+    reported = {n: _mean_reported(losses, n) for n in reported_names(cfg)}
+    return {
+        "loss": reported["lm loss"],
+        "reported": reported,
+        "success": success,
+        "grad_norm": grad_norm,
+    }
 
 
 def optimizer_step(
@@ -141,17 +169,18 @@ def evaluate(run: Run, data_iterators, num_batches: int) -> float | None:
     """Average lm loss over `num_batches` global batches (forward only); valid on every rank."""
     cfg = run.cfg
     forward_only = get_forward_backward_func(cfg, run.ps)
+    extra, rows = step_settings(cfg)
     for chunk in run.model:
         chunk.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for _ in range(num_batches):
         losses = forward_only(
-            forward_step_func=functools.partial(forward_step, cp_group=run.ps.cp_group),
+            forward_step_func=functools.partial(forward_step, cp_group=run.ps.cp_group, **extra),
             data_iterator=data_iterators,
             model=run.model,
             num_microbatches=cfg.num_microbatches,
             seq_length=cfg.model.seq_length // run.ps.cp_size,
-            micro_batch_size=cfg.train.micro_batch_size,
+            micro_batch_size=rows,
             forward_only=True,
         )
         if losses:
@@ -163,7 +192,13 @@ def evaluate(run: Run, data_iterators, num_batches: int) -> float | None:
 
 def average_over_last_stage(run: Run, total: torch.Tensor) -> float | None:
     """Sum (value, count) over the world; only last-stage ranks contribute (tp ranks agree)."""
+    means = averages_over_last_stage(run, total)
+    return None if means is None else means[0]
+
+
+def averages_over_last_stage(run: Run, total: torch.Tensor) -> list[float] | None:
+    """Sum (values..., count) over the world (one all-reduce): each value's mean, or None."""
     if not (run.ps.is_last_stage and run.ps.tp_rank == 0):
         total = torch.zeros_like(total)
     comm.all_reduce(total, dist.group.WORLD)
-    return float(total[0] / total[1]) if total[1] > 0 else None
+    return (total[:-1] / total[-1]).tolist() if total[-1] > 0 else None
