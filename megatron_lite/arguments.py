@@ -39,10 +39,6 @@ IGNORED_FLAGS = {
     "--log-world-size-to-tensorboard": (0, "the world size is in the startup log"),
     "--tensorboard-log-interval": (1, "TensorBoard scalars are written every --log-interval"),
 }
-# flag -> (number of values, the error)
-UNSUPPORTED_FLAGS = {
-    "--context-parallel-size": (1, "context parallelism is not built yet"),
-}
 # old or alternative Megatron spellings: flag -> (settings it stands for, as section.field: value)
 ALIAS_FLAGS = {
     "--use-rotary-position-embeddings": {"model.position_embedding_type": "rope"},
@@ -58,7 +54,7 @@ def _add_compat_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "Megatron-LM compatibility", "accepted so existing launch scripts run; see README Flags"
     )
-    for flag, (nargs, why) in {**IGNORED_FLAGS, **UNSUPPORTED_FLAGS}.items():
+    for flag, (nargs, why) in IGNORED_FLAGS.items():
         kwargs = {"action": "store_true"} if nargs == 0 else {"metavar": "VALUE"}
         group.add_argument(flag, dest=f"compat.{flag}", default=None, help=why, **kwargs)
     for flag, settings in ALIAS_FLAGS.items():
@@ -84,9 +80,7 @@ def _apply_compat(ns: argparse.Namespace) -> list[str]:
             given[dest.split(".", 1)[1]] = value
     ignored = []
     for flag in given:
-        if flag in UNSUPPORTED_FLAGS:
-            raise ConfigError(f"{flag}: {UNSUPPORTED_FLAGS[flag][1]}")
-        elif flag in ALIAS_FLAGS:
+        if flag in ALIAS_FLAGS:
             for dest, setting in ALIAS_FLAGS[flag].items():
                 setattr(ns, dest, setting)
         elif flag in IGNORED_FLAGS:

@@ -125,3 +125,24 @@ def all_to_all(
         out.copy_(inp)
         return
     dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+
+
+def ring_exchange(
+    send: list[torch.Tensor], next_rank: int, prev_rank: int, group: Group
+) -> tuple[list[torch.Tensor], list]:
+    """Ring p2p (context parallelism): send each tensor to global rank `next_rank` and receive its
+    like from `prev_rank`, all in flight at once. -> (received tensors, work handles to wait on).
+    Messages to one peer match in order, so with two ranks (next == prev) it still pairs up."""
+    recv = [torch.empty_like(t) for t in send]
+    works = []
+    for t in send:
+        _count(t)
+        works.append(dist.isend(t.contiguous(), next_rank, group=group))
+    for r in recv:
+        works.append(dist.irecv(r, prev_rank, group=group))
+    return recv, works
+
+
+def wait_all(works: list) -> None:
+    for w in works:
+        w.wait()

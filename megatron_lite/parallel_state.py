@@ -1,11 +1,13 @@
 """The rank grid and its process groups.
 
-Megatron's default order (tp fastest, then dp, then pp):
+Megatron's default order (tp fastest, then cp, then dp, then pp):
 
-    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank,   i.e.  grid = arange(world).view(pp, dp, tp)
+    rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank,
+    i.e.  grid = arange(world).view(pp, dp, cp, tp)
 
-For 8 ranks with tp=2, pp=2: TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2] [1,3] [4,6] [5,7];
-PP groups [0,4] [1,5] [2,6] [3,7]. A `ParallelState` is built once and handed to whoever needs a group;
+For 8 ranks with tp=2, pp=2 (cp=1): TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2] [1,3] [4,6]
+[5,7]; PP groups [0,4] [1,5] [2,6] [3,7]. With cp > 1 the cp ranks of one sequence are neighbours
+after tp (ring attention's p2p stays close), and dense gradients reduce over the dp x cp ranks. A `ParallelState` is built once and handed to whoever needs a group;
 no layer reads a global.
 
 Experts (Megatron's placement) use a second grid over the same ranks, order etp-ep-edp-pp:
@@ -27,21 +29,31 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import ConfigError
+from megatron_lite.config.parallel import check_world_size
 from megatron_lite.device import default_backend
 
 
-def rank_grid(world_size: int, tp: int, pp: int) -> torch.Tensor:
-    """`grid[pp_rank, dp_rank, tp_rank] = rank`; raises if the sizes don't fit `world_size`."""
-    for name, v in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp)):
+def rank_grid(world_size: int, tp: int, pp: int, cp: int = 1) -> torch.Tensor:
+    """`grid[pp_rank, dp_rank, cp_rank, tp_rank] = rank`; raises if the sizes don't fit `world_size`."""
+    for name, v in (
+        ("tensor-model-parallel-size", tp),
+        ("pipeline-model-parallel-size", pp),
+        ("context-parallel-size", cp),
+    ):
         if v < 1:
             raise ConfigError(f"--{name} must be positive, got {v}")
-    if world_size % (tp * pp) != 0:
-        raise ConfigError(
-            f"world size ({world_size}) must be divisible by "
-            f"--tensor-model-parallel-size ({tp}) x --pipeline-model-parallel-size "
-            f"({pp}) = {tp * pp}"
-        )
-    return torch.arange(world_size).view(pp, world_size // (tp * pp), tp)
+    check_world_size(world_size, tp, pp, cp)
+    return torch.arange(world_size).view(pp, world_size // (tp * pp * cp), cp, tp)
+
+
+def _lines(g: torch.Tensor, dims: tuple[int, ...]) -> list[list[int]]:
+    """The groups of ranks that differ only along grid `dims` (the others fixed), in grid order."""
+    rest = [d for d in range(g.dim()) if d not in dims]
+    moved = g.permute(*rest, *dims)
+    n = 1
+    for d in dims:
+        n *= g.shape[d]
+    return moved.reshape(-1, n).tolist()
 
 
 # --- expert grid (moe) ---------------------------------------------------------------------------
@@ -59,31 +71,29 @@ def expert_grid(world_size: int, pp: int, ep: int, etp: int) -> torch.Tensor:
 def expert_group_ranks(world_size: int, pp: int, ep: int, etp: int) -> dict[str, list[list[int]]]:
     """Every ep, etp and edp group, as lists of ranks (a 1-d slice of the expert grid each)."""
     g = expert_grid(world_size, pp, ep, etp)
-
-    def slices(axis: int) -> list[list[int]]:  # every line of `g` along `axis`
-        return g.movedim(axis, -1).reshape(-1, g.shape[axis]).tolist()
-
-    return {"ep": slices(2), "etp": slices(3), "edp": slices(1)}
+    return {"ep": _lines(g, (2,)), "etp": _lines(g, (3,)), "edp": _lines(g, (1,))}
 
 
 # --- dense grid ------------------------------------------------------------------------------------
 def group_ranks(
-    world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None
+    world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1, etp: int | None = None
 ) -> dict[str, list[list[int]]]:
     """Every group of each kind, as lists of ranks (pure function; no process group needed)."""
-    g = rank_grid(world_size, tp, pp)
-    pp_size, dp_size, tp_size = g.shape
-    pp_groups = [g[:, d, t].tolist() for d in range(dp_size) for t in range(tp_size)]
+    g = rank_grid(world_size, tp, pp, cp)  # [pp, dp, cp, tp]
+    pp_groups = _lines(g, (0,))
     experts = expert_group_ranks(world_size, pp, ep, tp if etp is None else etp)  # moe
     return {
         **experts,
-        "tp": [g[p, d, :].tolist() for p in range(pp_size) for d in range(dp_size)],
-        "dp": [g[p, :, t].tolist() for p in range(pp_size) for t in range(tp_size)],
+        "tp": _lines(g, (3,)),
+        "dp": _lines(g, (1,)),
         "pp": pp_groups,
         # model parallel = one full model replica (tp x pp): clipping norms and found-inf reduce here
-        "mp": [g[:, d, :].flatten().tolist() for d in range(dp_size)],
+        "mp": _lines(g, (0, 3)),
         # first and last stage share the tied word embedding
         "embedding": [sorted({r[0], r[-1]}) for r in pp_groups],
+        # --- context parallelism: the ranks sharing one sequence; dense gradients reduce over dp x cp
+        "cp": _lines(g, (2,)),
+        "dp_cp": _lines(g, (1, 2)),
     }
 
 
@@ -111,6 +121,13 @@ class ParallelState:
     mp_ranks: list[int] = field(default_factory=lambda: [0])  # this replica: pp-major, tp-minor
     vpp_size: int | None = None  # virtual pipeline chunks per rank (interleaved schedule)
     backend: str = "gloo"
+    # --- context parallelism (ring attention): this rank holds 1/cp of every sequence
+    cp_size: int = 1
+    cp_rank: int = 0
+    cp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    cp_ranks: list[int] = field(default_factory=lambda: [0])
+    dp_cp_group: dist.ProcessGroup | None = field(default=None, repr=False)  # dense gradients
+    dp_cp_ranks: list[int] = field(default_factory=lambda: [0])
     # --- experts (moe): the expert grid of the module docstring ---
     ep_size: int = 1
     ep_rank: int = 0
@@ -152,15 +169,17 @@ class ParallelState:
         tp: int = 1,
         pp: int = 1,
         vpp_size: int | None = None,
+        cp: int = 1,
         ep: int = 1,
         etp: int | None = None,
     ) -> ParallelState:
         """Create every group (collectively: all ranks call this, in the same order)."""
         world, rank = dist.get_world_size(), dist.get_rank()
         etp = tp if etp is None else etp
-        groups = group_ranks(world, tp, pp, ep, etp)
+        groups = group_ranks(world, tp, pp, cp, ep, etp)
         mine: dict[str, tuple[list[int], dist.ProcessGroup | None]] = {}
-        for kind in ("tp", "dp", "pp", "mp", "embedding", "ep", "etp", "edp"):
+        kinds = ("tp", "dp", "pp", "mp", "embedding", "cp", "dp_cp", "ep", "etp", "edp")
+        for kind in kinds:
             seen = set()
             for ranks in groups[kind]:
                 key = tuple(ranks)
@@ -171,14 +190,14 @@ class ParallelState:
                 if rank in ranks:
                     mine[kind] = (ranks, pg)
         mine.setdefault("embedding", ([], None))  # middle stages hold no embedding
-        grid = rank_grid(world, tp, pp)
-        pp_rank, dp_rank, tp_rank = (int(i) for i in (grid == rank).nonzero()[0])
+        grid = rank_grid(world, tp, pp, cp)
+        pp_rank, dp_rank, cp_rank, tp_rank = (int(i) for i in (grid == rank).nonzero()[0])
         return cls(
             world_size=world,
             rank=rank,
             tp_size=tp,
             pp_size=pp,
-            dp_size=world // (tp * pp),
+            dp_size=world // (tp * pp * cp),
             tp_rank=tp_rank,
             pp_rank=pp_rank,
             dp_rank=dp_rank,
@@ -194,6 +213,12 @@ class ParallelState:
             mp_ranks=mine["mp"][0],
             vpp_size=vpp_size,
             backend=dist.get_backend(),
+            cp_size=cp,
+            cp_rank=cp_rank,
+            cp_group=mine["cp"][1],
+            cp_ranks=mine["cp"][0],
+            dp_cp_group=mine["dp_cp"][1],
+            dp_cp_ranks=mine["dp_cp"][0],
             **_expert_fields(world, rank, pp, ep, etp, mine),
         )
 

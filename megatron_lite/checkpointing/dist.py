@@ -188,7 +188,7 @@ def model_chunks(chunks: list[torch.nn.Module], ps) -> dict:
     """`model/<name>` -> (full shape, [(offsets, CPU tensor)]): dp rank 0's tp shards (a tensor not
     split over tp from tp rank 0 only)."""
     out: dict = {}
-    if ps.dp_rank != 0:
+    if ps.dp_rank != 0 or ps.cp_rank != 0:  # cp ranks hold the same model: one of them writes
         return out
     for chunk in chunks:
         for name, t in chunk_tensors(chunk).items():
@@ -205,7 +205,7 @@ def optimizer_chunks(optimizer, params: dict[str, torch.Tensor], ps) -> dict:
     sd = optimizer.sharded_state_dict()
     distributed = sd["dp_size"] > 1
     out: dict = {}
-    if not distributed and ps.dp_rank != 0:
+    if (not distributed and ps.dp_rank != 0) or ps.cp_rank != 0:  # cp ranks: the same shards
         return out
     for name, rng in sd["ranges"].items():
         info = shard_info_of(params[name], ps.tp_rank, ps.tp_size)
@@ -317,7 +317,8 @@ def save_dist(
     chunks = model_chunks(model, ps)  # CPU copies: training may go on while they are written
     if optimizer is not None and save_optim:
         chunks.update(optimizer_chunks(optimizer, chunk_params(model), ps))
-    rng = plain(get_rng_state(), "rng_state") if save_rng else None
+    # cp ranks share their dp rank's RNG streams (and file name): cp rank 0 writes it
+    rng = plain(get_rng_state(), "rng_state") if save_rng and ps.cp_rank == 0 else None
     args = (
         tmp,
         chunks,

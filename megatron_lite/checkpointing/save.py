@@ -92,7 +92,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         os.makedirs(tmp)
     barrier()
-    if ps.dp_rank == 0:
+    if ps.dp_rank == 0 and ps.cp_rank == 0:  # cp ranks hold the same model: one of them writes
         state = _plain_entries(
             iteration, model_chunks, opt_param_scheduler, cfg, ps, consumed_samples, extra,
             vocab_size,

@@ -10,7 +10,11 @@ from megatron_lite.config.flags import flag_name, require
 from megatron_lite.config.model import ModelConfig, pad_vocab_size
 from megatron_lite.config.moe import MoEConfig, moe_layer_pattern
 from megatron_lite.config.optim import OptimConfig
-from megatron_lite.config.parallel import ParallelConfig
+from megatron_lite.config.parallel import (
+    ParallelConfig,
+    check_context_parallel,
+    check_world_size,
+)
 from megatron_lite.config.rampup import check_rampup, train_iters_for_samples
 from megatron_lite.config.training import CheckpointConfig, LoggingConfig, TrainConfig
 
@@ -65,6 +69,7 @@ class Config:
                 f"--seq-length ({m.seq_length}) must be divisible by "
                 f"--tensor-model-parallel-size ({tp}) under --sequence-parallel",
             )
+        check_context_parallel(m, p, self.data, self.train)
         vl = p.num_layers_per_virtual_pipeline_stage
         if vl is not None:
             require(
@@ -109,6 +114,11 @@ class Config:
         )
         moe_layer_pattern(e.moe_layer_freq, m.num_layers)  # raises on a bad list
         require(
+            self.parallel.context_parallel_size == 1,
+            "--num-experts with --context-parallel-size > 1 is not supported yet (the router's "
+            "load-balancing statistics would need reducing over the cp group)",
+        )
+        require(
             self.checkpoint.ckpt_format == "torch",
             "--ckpt-format torch_dist with --num-experts is not supported yet (experts are saved by "
             "global index in the torch format only): use --ckpt-format torch",
@@ -130,12 +140,9 @@ class Config:
         """Derive data-parallel size and number of microbatches for `world_size` ranks."""
         p, t = self.parallel, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        require(
-            world_size % (tp * pp) == 0,
-            f"world size ({world_size}) must be divisible by --tensor-model-parallel-size "
-            f"({tp}) x --pipeline-model-parallel-size ({pp}) = {tp * pp}",
-        )
-        dp = world_size // (tp * pp)
+        cp = p.context_parallel_size  # the cp ranks of a sequence read the same samples
+        check_world_size(world_size, tp, pp, cp)
+        dp = world_size // (tp * pp * cp)
         ep = self.moe.expert_model_parallel_size
         require(
             dp % ep == 0,

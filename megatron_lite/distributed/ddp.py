@@ -54,8 +54,12 @@ class DistributedDataParallel(torch.nn.Module):
         self.module = module
         self.ps = ps
         self.dp_group, self.dp_size, self.dp_rank = ps.dp_group, ps.dp_size, ps.dp_rank
+        # context parallelism: dense gradients reduce over dp x cp (ZeRO-1 shards stay over dp)
+        self.cp_group, self.cp_size = ps.cp_group, ps.cp_size
         self.overlap_grad_reduce = p.overlap_grad_reduce
         self.use_distributed_optimizer = p.use_distributed_optimizer
+        whole = ps.cp_size > 1 and not self.use_distributed_optimizer  # one all-reduce over dp x cp
+        self.reduce_group = ps.dp_cp_group if whole else ps.dp_group
         bucket_size = p.ddp_bucket_size
         if bucket_size is None:  # Megatron's default: large buckets, more of them as dp grows
             bucket_size = max(40_000_000, 1_000_000 * self.dp_size)
@@ -93,9 +97,11 @@ class DistributedDataParallel(torch.nn.Module):
                 self.bucket_size,
                 ps.edp_size if expert else self.dp_size,
                 shard=self.use_distributed_optimizer,
-                group=ps.edp_group if expert else self.dp_group,
+                group=ps.edp_group if expert else self.reduce_group,
                 rank=ps.edp_rank if expert else self.dp_rank,
-                grad_scale=1.0 / self.dp_size,
+                grad_scale=1.0 / (self.dp_size * self.cp_size),
+                cp_group=None if expert else self.cp_group,
+                cp_size=1 if expert else self.cp_size,
             )
             for (expert, _, grad_dtype), params in groups.items()
         ]
@@ -148,7 +154,7 @@ class DistributedDataParallel(torch.nn.Module):
         elif left == 0:
             del bucket.pending[key]
             if not bucket.pending:
-                buf.launch(bucket, buf.group, async_op=True)
+                buf.launch(bucket, async_op=True)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -164,7 +170,7 @@ class DistributedDataParallel(torch.nn.Module):
         for buf in self.buffers:
             for b in buf.buckets:
                 if not b.launched:
-                    buf.launch(b, buf.group, async_op=self.overlap_grad_reduce)
+                    buf.launch(b, async_op=self.overlap_grad_reduce)
 
     def finish_grad_sync(self) -> None:
         """Wait until every bucket is reduced; then `main_grad` holds the dp-averaged gradients."""

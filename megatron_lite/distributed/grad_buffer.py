@@ -67,16 +67,21 @@ class ParamAndGradBuffer:
         group=None,
         rank: int = 0,
         grad_scale: float | None = None,
+        cp_group=None,
+        cp_size: int = 1,
     ) -> None:
-        """`group`/`rank`: the data-parallel group this buffer reduces over and this rank in it
-        (dp; edp for experts); `grad_scale`: what each gradient is multiplied by before the sum
-        (default 1/dp_size; experts: 1/dp, since their tokens came from every dp rank)."""
+        """`group`/`rank`: the group this buffer reduces over and this rank's dp index in it (dp,
+        or dp x cp when not sharded under context parallelism; edp for experts); `grad_scale`: what
+        each gradient is multiplied by before the sum (default 1/(dp x cp); experts: 1/dp, since
+        their tokens came from every dp rank); `cp_group`/`cp_size`: context-parallel ranks whose
+        partial gradients are summed in first when sharded (ZeRO-1 shards stay over dp)."""
         self.params = list(params)  # already in bucket (backward) order
         self.group, self.rank = group, rank
-        self.grad_scale = 1.0 / dp_size if grad_scale is None else grad_scale
+        self.cp_group = cp_group
+        self.grad_scale = 1.0 / (dp_size * cp_size) if grad_scale is None else grad_scale
         self.param_dtype = self.params[0].dtype
         self.grad_dtype = grad_dtype
-        self.dp_size, self.shard = dp_size, shard
+        self.dp_size, self.shard, self.cp_size = dp_size, shard, cp_size
         align = math.lcm(dp_size, 128) if shard else 1
         self.ranges: dict[int, tuple[int, int]] = {}  # id(param) -> buffer [start, end)
         layout: list[tuple[list[torch.nn.Parameter], int, int]] = []  # (params, offset, numel)
@@ -146,21 +151,29 @@ class ParamAndGradBuffer:
         return self.grad_data[ps + start : ps + end]
 
     # --- reduction ---------------------------------------------------------------------------
-    def launch(self, bucket: Bucket, group, async_op: bool) -> None:
-        """Average the bucket's gradients over dp: all-reduce, or reduce-scatter into the shard."""
+    def launch(self, bucket: Bucket, async_op: bool) -> None:
+        """Average the bucket's gradients over dp (x cp): all-reduce over the buffer's group, or
+        under sharding an all-reduce over the cp group and a reduce-scatter over the group (dp)
+        into the shard."""
         bucket.launched = True
         if self.grad_scale != 1.0:
             bucket.grad_data.mul_(self.grad_scale)  # averaging done once, before the sum
-        if self.dp_size == 1:
+        if self.dp_size * self.cp_size == 1:
             return
+        if self.shard and self.cp_size > 1:
+            comm.all_reduce(bucket.grad_data, self.cp_group)  # cp partial sums, then the shards
+            if self.dp_size == 1:
+                return
         if self.shard:
             # a separate destination: an in-place reduce-scatter is not safe on every backend
             bucket.shard_out = torch.empty(
                 bucket.numel // self.dp_size, dtype=self.grad_dtype, device=self.grad_data.device
             )
-            bucket.work = comm.reduce_scatter(bucket.shard_out, bucket.grad_data, group, async_op)
+            bucket.work = comm.reduce_scatter(
+                bucket.shard_out, bucket.grad_data, self.group, async_op
+            )
         else:
-            bucket.work = comm.all_reduce(bucket.grad_data, group, async_op=async_op)
+            bucket.work = comm.all_reduce(bucket.grad_data, self.group, async_op=async_op)
 
     def wait(self, bucket: Bucket, dp_rank: int) -> None:
         if bucket.work is not None:

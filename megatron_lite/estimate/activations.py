@@ -13,6 +13,9 @@ unfused softmax (s x s probabilities), RMSNorm's fp32 copies, SwiGLU, GQA's expa
 parallel linears keep their all-gathered input (full s, not s/t) under sequence parallelism, and
 SDPA keeps its output besides q, k, v. A chunk that sends its output down the pipeline keeps it until
 its backward. Data-loader inputs (tokens, labels, masks) are not counted.
+
+Under context parallelism every tensor holds this rank's s / cp tokens, and ring attention keeps
+q, k, v (not expanded over GQA groups), its fp32 output and log-sum-exp in place of the core's.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from megatron_lite.model.gpt import stage_chunks
 
 @dataclass(frozen=True)
 class Dims:
-    s: int  # sequence length
+    s: int  # sequence length on this rank (seq_length / cp)
     b: int  # micro batch size
     h: int
     t: int  # tensor-parallel size
@@ -37,26 +40,29 @@ class Dims:
     d: int  # head dim
     f: int  # ffn size per tp rank
     mask: int  # bytes per dropout-mask element: bool on CUDA, the activation dtype on CPU
+    cp: int = 1  # context-parallel size
 
 
 def dims(cfg: Config, device: str = "cuda") -> Dims:
     """`device`: "cuda" (what the estimate is for) or "cpu" (how the tests measure it): torch's CPU
     dropout keeps its mask in the activation dtype, the CUDA kernel as bool."""
     m, p = cfg.model, cfg.parallel
-    t = p.tensor_model_parallel_size
+    t, cp = p.tensor_model_parallel_size, p.context_parallel_size
     a = params_dtype(cfg.optim).itemsize
+    s = m.seq_length // cp
     return Dims(
-        s=m.seq_length,
+        s=s,
         b=cfg.train.micro_batch_size,
         h=m.hidden_size,
         t=t,
-        sl=m.seq_length // t if p.sequence_parallel else m.seq_length,
+        sl=s // t if p.sequence_parallel else s,
         a=a,
         nq=m.num_attention_heads // t,
         ng=m.num_query_groups // t,
         d=m.kv_channels,
         f=m.ffn_hidden_size // t,
         mask=1 if device == "cuda" else a,
+        cp=cp,
     )
 
 
@@ -94,6 +100,12 @@ def _attention_terms(cfg: Config, x: Dims, selective: bool) -> dict[str, int]:
     sizes["rotary k"] = kv_numel
     if selective:  # checkpoint(core_attention, q, k, v): only the inputs stay
         kept = {q, k, v}
+    elif (
+        x.cp > 1
+    ):  # ring attention: its inputs, fp32 output and log-sum-exp (GQA expands per block)
+        kept = {q, k, v}
+        extra["ring output (fp32)"] = 4 * q_numel
+        extra["ring logsumexp"] = 4 * x.b * x.nq * x.s
     else:
         if gqa:  # keys and values repeated to every query head inside the core
             k, v = "expanded k", "expanded v"
@@ -114,7 +126,7 @@ def _attention_terms(cfg: Config, x: Dims, selective: bool) -> dict[str, int]:
                 extra["attention dropout mask + output"] = (x.mask + x.a) * probs
     for name in sorted(kept):
         storages[name] = sizes[name]
-    storages["projection input"] = q_numel  # the sdpa output under sdpa
+    storages["projection input"] = q_numel  # the sdpa output under sdpa; a copy under cp
     out = {name: x.a * n for name, n in storages.items()}
     out.update(extra)
     return out
@@ -140,6 +152,17 @@ def layer_terms(cfg: Config, granularity: str | None = "", device: str = "cuda")
     if m.hidden_dropout > 0:
         terms["2 dropout masks"] = 2 * x.mask * x.sl * x.b * x.h
     return terms
+
+
+def ring_bytes(cfg: Config) -> dict[str, int]:
+    """Bytes one rank sends around its cp ring per layer and microbatch: K/V blocks cp - 1 times in
+    the forward (again under full recompute) and in the backward, and the fp32 dK/dV cp times."""
+    x = dims(cfg)
+    if x.cp == 1:
+        return {}
+    kv = 2 * x.b * x.ng * x.s * x.d
+    forwards = 2 if cfg.model.recompute_granularity == "full" else 1
+    return {"k/v blocks": (forwards + 1) * (x.cp - 1) * x.a * kv, "dk/dv blocks": x.cp * 4 * kv}
 
 
 def full_recompute_layers(cfg: Config, n_layers: int) -> tuple[int, int]:
@@ -196,9 +219,11 @@ def chunk_bytes(cfg: Config, padded_vocab: int, pp_rank: int, device: str = "cud
 
 
 def korthikanti_layer(cfg: Config) -> dict[str, float]:
-    """The paper's per-layer bytes (16-bit activations, dropout masks) for this layer's s, b, h, a, t."""
+    """The paper's per-layer bytes (16-bit activations, dropout masks) for this layer's s, b, h, a, t
+    (s: this rank's s / cp tokens under context parallelism)."""
     m, p = cfg.model, cfg.parallel
-    s, b, h, a = m.seq_length, cfg.train.micro_batch_size, m.hidden_size, m.num_attention_heads
+    s, b, h = m.seq_length // p.context_parallel_size, cfg.train.micro_batch_size, m.hidden_size
+    a = m.num_attention_heads
     t = p.tensor_model_parallel_size
     sbh = s * b * h
     if m.recompute_granularity == "full":

@@ -16,6 +16,8 @@ The throughput model (README, "Estimating memory and throughput") is a model, no
             --overlap-param-gather the all-gather minus the first microbatch's forward (1/3)
   pp_comm = one activation and one gradient transfer per microbatch and chunk
   ep_comm = MoE token dispatch and combine, forward and backward (`moe.py`)
+  cp_comm = ring attention's K/V and dK/dV blocks (`activations.ring_bytes`) per layer and
+            microbatch, counted as if not hidden behind the block compute (an upper bound)
 Ring collectives move 2 (n - 1) / n (all-reduce) or (n - 1) / n (reduce-scatter, all-gather) of the
 buffer per GPU; a group inside one node runs at the intra-node bandwidth, else at the inter-node one.
 """
@@ -27,7 +29,7 @@ import functools
 from dataclasses import dataclass, field
 
 from megatron_lite.config import Config
-from megatron_lite.estimate.activations import chunk_bytes, dims
+from megatron_lite.estimate.activations import chunk_bytes, dims, ring_bytes
 from megatron_lite.estimate.memory import StaticMemory, static_memory
 from megatron_lite.estimate.moe import ep_comm_seconds
 from megatron_lite.training.log import model_flops_per_token
@@ -99,6 +101,8 @@ class Estimate:
     def layout(self) -> str:
         p, c = self.cfg.parallel, self.cfg
         text = f"tp{p.tensor_model_parallel_size} pp{p.pipeline_model_parallel_size}"
+        if p.context_parallel_size > 1:
+            text += f" cp{p.context_parallel_size}"
         if (c.virtual_pipeline_size or 1) > 1:
             text += f" v{c.virtual_pipeline_size}"
         return text + f" dp{c.data_parallel_size}"
@@ -198,15 +202,18 @@ def _times(est: Estimate, hw: Hardware) -> dict[str, float]:
     tp_bw = hw.intra_node_gbs if tp <= gpn else hw.inter_node_gbs
     layers = mdl.num_layers // pp
     tp_comm = layers * m * per_layer * _ring(tp, x.s * x.b * x.h * x.a, tp_bw)
-    # dp ranks of one (tp, pp) position sit tp apart: one node holds them when tp x dp <= gpn
-    dp_bw = hw.intra_node_gbs if tp * dp <= gpn else hw.inter_node_gbs
+    cp = p.context_parallel_size  # cp ranks sit tp apart, dp ranks tp x cp apart
+    cp_bw = hw.intra_node_gbs if tp * cp <= gpn else hw.inter_node_gbs
+    cp_comm = layers * m * sum(ring_bytes(cfg).values()) / (cp_bw * 1e9)
+    # dp ranks of one (tp, pp) position sit tp x cp apart: one node holds them when tp x cp x dp <= gpn
+    dp_bw = hw.intra_node_gbs if tp * cp * dp <= gpn else hw.inter_node_gbs
     worst = max(est.stages, key=lambda s: s.static.grads)
     gather = 0.0
-    if p.use_distributed_optimizer:
-        dp_comm = _ring(dp, worst.static.grads, dp_bw, False)
+    if p.use_distributed_optimizer:  # shards over dp; the cp ranks' partial sums all-reduced first
+        dp_comm = _ring(dp, worst.static.grads, dp_bw, False) + _ring(cp, worst.static.grads, cp_bw)
         gather = _ring(dp, worst.static.params, dp_bw, False)
-    else:
-        dp_comm = _ring(dp, worst.static.grads, dp_bw)
+    else:  # one all-reduce over dp x cp
+        dp_comm = _ring(dp * cp, worst.static.grads, dp_bw)
     if p.overlap_grad_reduce:  # hidden behind the last microbatch's backward (2/3 of its compute)
         dp_comm = max(0.0, dp_comm - 2 / 3 * compute / m)
     if p.overlap_param_gather:  # hidden behind the first microbatch's forward (1/3 of its compute)
@@ -222,6 +229,7 @@ def _times(est: Estimate, hw: Hardware) -> dict[str, float]:
         "bubble": (compute + tp_comm) * est.bubble_over_ideal,
         "pp comm": pp_comm,
         "dp comm": dp_comm,
+        "cp comm": cp_comm,
     }
     if cfg.moe.enabled:  # token dispatch over ep, not overlapped
         times["ep comm"] = ep_comm_seconds(cfg, hw.intra_node_gbs, hw.inter_node_gbs, gpn)

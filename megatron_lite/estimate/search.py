@@ -1,10 +1,10 @@
 """Every layout of a world size that fits in GPU memory, ranked by the throughput model.
 
 Enumerated: tp dividing the attention heads and query groups (at most a node's GPUs unless asked),
-pp dividing the layers, dp = world / (tp x pp) with the global batch divisible by micro x dp, micro
-batch sizes 1, 2, 4, 8 (and the one given), the distributed optimizer on/off (dp > 1), recompute
-none / selective / full, and optionally 2 virtual stages. Sequence parallelism is on whenever tp > 1
-(it only saves memory, for the same communication volume). Each candidate goes through the same
+pp dividing the layers, dp = world / (tp x pp x cp) (cp as given) with the global batch divisible
+by micro x dp, micro batch sizes 1, 2, 4, 8 (and the one given), the distributed optimizer on/off
+(dp > 1), recompute none / selective / full, and optionally 2 virtual stages. Sequence parallelism
+is on whenever tp > 1 (it only saves memory, for the same communication volume). Each candidate goes through the same
 `Config` validation as training, so an impossible one is skipped for the reason training would give.
 """
 
@@ -31,13 +31,14 @@ def candidate_configs(
     d = base.to_dict()
     for k in ("world_size", "data_parallel_size", "num_microbatches"):
         d[k] = None
+    cp = base.parallel.context_parallel_size  # kept as given: it follows from the sequence length
     for tp in _divisors(tp_max):
         if world % tp or m.num_query_groups % tp:
             continue
         for pp in _divisors(m.num_layers):
-            if world % (tp * pp):
+            if world % (tp * pp * cp):
                 continue
-            dp = world // (tp * pp)
+            dp = world // (tp * pp * cp)
             for virtual in (None, 2) if vpp and pp > 1 else (None,):
                 for mbs in micro:
                     for zero in (False, True) if dp > 1 else (False,):

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_lite.comm import Group, group_size
+from megatron_lite.comm import Group, group_rank, group_size
 from megatron_lite.config import Config
 from megatron_lite.config.moe import moe_layer_pattern
+from megatron_lite.model.context_parallel import cp_chunk_positions, ring_attention
 from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax, with_window
 from megatron_lite.model.rope import apply_rotary, rotary_cos_sin
 from megatron_lite.parallel_state import ParallelState
@@ -123,11 +124,13 @@ class InferenceParams:
 
 
 class CoreAttention(nn.Module):
-    """softmax(q k^T / sqrt(d) + mask) v for this rank's heads; q [b, np, s, d], k/v [b, ng, s, d]."""
+    """softmax(q k^T / sqrt(d) + mask) v for this rank's heads; q [b, np, s, d], k/v [b, ng, s, d].
+    Under context parallelism (a `cp_group` of more than one rank): ring attention over the group."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, cp_group: Group = None):
         super().__init__()
         m = cfg.model
+        self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self.backend = m.attention_backend
         self.fusion = m.masked_softmax_fusion
         self.dropout_p = m.attention_dropout
@@ -136,6 +139,10 @@ class CoreAttention(nn.Module):
         self.softmax = FusedScaleMaskSoftmax("causal", fusion=self.fusion, scale=self.scale)
 
     def forward(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.cp_group is not None:  # causal only (Config refuses masks, dropout, fused)
+            if mask is not None:
+                raise ValueError("context parallelism runs causal attention only: got a mask")
+            return ring_attention(q, k, v, self.cp_group, self.scale)
         b, np_, sq, d = q.shape
         if k.shape[1] != np_:  # grouped-query attention: each kv head serves np/ng query heads
             k = k.repeat_interleave(np_ // k.shape[1], dim=1)
@@ -169,10 +176,11 @@ class SelfAttention(nn.Module):
     then its k and v), so a contiguous split over tp gives each rank whole groups.
     """
 
-    def __init__(self, cfg: Config, tp_group: Group, output_std: float):
+    def __init__(self, cfg: Config, tp_group: Group, output_std: float, cp_group: Group = None):
         super().__init__()
         m, sp = cfg.model, cfg.parallel.sequence_parallel
         tp = group_size(tp_group)
+        self.cp_size, self.cp_rank = group_size(cp_group), group_rank(cp_group)
         self.d = m.kv_channels
         self.np = m.num_attention_heads // tp
         self.ng = m.num_query_groups // tp
@@ -184,7 +192,7 @@ class SelfAttention(nn.Module):
         self.linear_qkv = ColumnParallelLinear(
             m.hidden_size, qkv_size, init_std=m.init_method_std, **common
         )
-        self.core_attention = CoreAttention(cfg)
+        self.core_attention = CoreAttention(cfg, cp_group)
         self.linear_proj = RowParallelLinear(
             m.num_attention_heads * m.kv_channels,
             m.hidden_size,
@@ -196,9 +204,15 @@ class SelfAttention(nn.Module):
         self._rope_cache: tuple | None = None
 
     def _cos_sin(self, s: int, device: torch.device):
+        """Tables for this rank's `s` positions: 0..s-1, or under context parallelism its two
+        chunks of the s x cp positions of the whole sequence."""
         c = self._rope_cache
         if c is None or c[0] != s or c[1].device != device:
-            self._rope_cache = (s, *rotary_cos_sin(s, self.model_cfg, device))
+            cos, sin = rotary_cos_sin(s * self.cp_size, self.model_cfg, device)
+            if self.cp_size > 1:
+                idx = cp_chunk_positions(s * self.cp_size, self.cp_rank, self.cp_size).to(device)
+                cos, sin = cos[idx], sin[idx]
+            self._rope_cache = (s, cos, sin)
         return self._rope_cache[1:]
 
     def forward(
@@ -281,7 +295,8 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = m.hidden_dropout
         output_std = m.init_method_std / math.sqrt(2.0 * m.num_layers)  # GPT-2's scaled init
         self.input_layernorm = build_norm(cfg)
-        self.self_attention = SelfAttention(cfg, tp_group, output_std)
+        cp_group = ps.cp_group if ps is not None else None
+        self.self_attention = SelfAttention(cfg, tp_group, output_std, cp_group)
         self.pre_mlp_layernorm = build_norm(cfg)
         if (
             cfg.moe.enabled

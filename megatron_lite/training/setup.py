@@ -22,6 +22,7 @@ from megatron_lite.data import (
 from megatron_lite.data.sampler import cyclic_iter
 from megatron_lite.distributed import DistributedDataParallel
 from megatron_lite.model import build_model_chunks
+from megatron_lite.model.context_parallel import CPBatchSlicer
 from megatron_lite.optim import (
     MegatronOptimizer,
     NumMicroBatchesCalculator,
@@ -83,6 +84,7 @@ def setup(cfg: Config) -> Run:
         cfg.virtual_pipeline_size,
         ep=cfg.moe.expert_model_parallel_size,
         etp=cfg.moe.expert_tensor_parallel_size,
+        cp=cfg.parallel.context_parallel_size,
     )
     dev = device.get_device()
     device.set_device(dev)
@@ -119,7 +121,7 @@ def setup(cfg: Config) -> Run:
         n_params = sum(p.numel() for c in chunks for p in c.parameters())
         print_rank(
             f"> megatron_lite: world {ps.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x dp "
-            f"{ps.dp_size}, {cfg.num_microbatches} microbatches of {cfg.train.micro_batch_size}, "
+            f"{ps.dp_size}{f' x cp {ps.cp_size}' if ps.cp_size > 1 else ''}, {cfg.num_microbatches} microbatches of {cfg.train.micro_batch_size}, "
             f"padded vocab {padded}, {n_params:,} parameters on the last rank, backend {ps.backend}"
         )
     return run
@@ -168,6 +170,8 @@ def build_data_iterators(
             loader = build_pretraining_data_loader(
                 ds, consumed, mbs, ps.dp_rank, ps.dp_size, cfg.data.num_workers
             )
+            if ps.cp_size > 1:  # same samples across the cp group, each rank its chunks
+                loader = CPBatchSlicer(loader, ps.cp_rank, ps.cp_size)
             per_chunk.append(cyclic_iter(loader) if forever else iter(loader))
         iterators.append(per_chunk if num_chunks > 1 else per_chunk[0])
     return tuple(iterators)

@@ -39,10 +39,12 @@ def forward_step(
     poison_loss: bool = False,
     timers: Timers = NO_TIMERS,
     dpo_beta: float | None = None,
+    cp_group: comm.Group = None,
 ):
     """Megatron's forward step: one microbatch through this chunk; the loss function on the last.
     `poison_loss` makes the loss nan (the fault tests' injected nan); `dpo_beta` (--dpo) makes it
-    the DPO loss of preference pairs (training/dpo.py)."""
+    the DPO loss of preference pairs (training/dpo.py). `cp_group`: the ranks holding the other
+    chunks of these sequences (context parallelism), over which the loss is summed."""
     with timers("batch-generator", 2):
         batch = _to_device(next(data_iterator), next(model.parameters()).device)
     if dpo_beta is not None:  # --dpo: [b, 2, s] pairs run as [2b, s] rows
@@ -55,12 +57,32 @@ def forward_step(
     loss_mask = batch["loss_mask"].float()
 
     def loss_func(per_token_loss: torch.Tensor):
-        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        loss, reported = cp_loss((per_token_loss.float() * loss_mask).sum(), loss_mask, cp_group)
         if poison_loss:
-            loss = loss * float("nan")
-        return loss, {"lm loss": loss.detach()}
+            loss, reported = loss * float("nan"), reported * float("nan")
+        return loss, {"lm loss": reported}
 
     return output, loss_func
+
+
+def cp_loss(
+    local_sum: torch.Tensor, loss_mask: torch.Tensor, cp_group: comm.Group
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, loss to report) of a microbatch whose tokens are split over the cp
+    group: each rank's share of the sum over all its tokens, over the count of all of them. The
+    backward loss is cp x that share, because DDP averages gradients over dp x cp: the cp ranks'
+    gradients then add up to the gradient of the whole sequence's mean."""
+    count = loss_mask.sum()
+    cp = comm.group_size(cp_group)
+    if cp == 1:
+        loss = local_sum / count.clamp(min=1)
+        return loss, loss.detach()
+    count = count.detach().clone()
+    comm.all_reduce(count, cp_group)
+    total = local_sum.detach().clone()
+    comm.all_reduce(total, cp_group)
+    count = count.clamp(min=1)
+    return local_sum * cp / count, total / count
 
 
 def _mean_reported(losses: list[dict], key: str = "lm loss") -> float | None:
@@ -98,12 +120,13 @@ def train_step(run: Run, data_iterators) -> dict:
                 forward_step,
                 poison_loss=run.faults.nan_loss_at(iteration),
                 timers=run.timers,
+                cp_group=run.ps.cp_group,
                 **extra,
             ),
             data_iterator=data_iterators,
             model=run.model,
             num_microbatches=num_microbatches,
-            seq_length=cfg.model.seq_length,
+            seq_length=cfg.model.seq_length // run.ps.cp_size,  # this rank's part of a sequence
             micro_batch_size=rows,
             forward_only=False,
             grad_scale_func=run.optimizer.scale_loss,
@@ -154,11 +177,11 @@ def evaluate(run: Run, data_iterators, num_batches: int) -> float | None:
     total = torch.zeros(2, dtype=torch.float64)
     for _ in range(num_batches):
         losses = forward_only(
-            forward_step_func=functools.partial(forward_step, **extra),
+            forward_step_func=functools.partial(forward_step, cp_group=run.ps.cp_group, **extra),
             data_iterator=data_iterators,
             model=run.model,
             num_microbatches=cfg.num_microbatches,
-            seq_length=cfg.model.seq_length,
+            seq_length=cfg.model.seq_length // run.ps.cp_size,
             micro_batch_size=rows,
             forward_only=True,
         )
