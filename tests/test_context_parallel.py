@@ -171,6 +171,8 @@ def _world2(root: str) -> dict:
     out["cp2"] = _train(cp_flags(2))
     out["first"] = _train([*cp_flags(2), *ckpt], iters=2, save_at=2)
     out["resumed"] = _train([*cp_flags(2), *ckpt])
+    dist_ckpt = ["--save", f"{root}/dist", "--ckpt-format", "torch_dist"]
+    out["first dist"] = _train([*cp_flags(2), *dist_ckpt], iters=2, save_at=2)
     return out
 
 
@@ -181,6 +183,7 @@ def _world1(root: str) -> dict:
         "llama": _train(LLAMA),
         "gpt 4 layers": _train(FOUR_LAYERS),
         "from cp2": _train(["--load", root], iters=3),
+        "from cp2 torch_dist": _train(["--load", f"{root}/dist"], iters=3),
         "memory": _held_activation_bytes(1),
     }
 
@@ -244,9 +247,10 @@ def test_cp2_resume_is_exact_and_its_checkpoint_loads_at_cp1(results):
         assert sorted(rank["first"]["losses"]) == [1, 2]
         assert sorted(rank["resumed"]["losses"]) == [3, 4]  # it started from the checkpoint
         _assert_losses({**rank["first"]["losses"], **rank["resumed"]["losses"]}, ref, "resume")
-    from_cp2 = results["one"]["from cp2"]["losses"]
-    assert sorted(from_cp2) == [3]
-    assert from_cp2[3] == pytest.approx(ref[3], rel=1e-5)
+    for fmt in ("", " torch_dist"):  # both checkpoint formats: written once per cp group
+        from_cp2 = results["one"][f"from cp2{fmt}"]["losses"]
+        assert sorted(from_cp2) == [3]
+        assert from_cp2[3] == pytest.approx(ref[3], rel=1e-5)
 
 
 def test_activation_memory_per_rank_falls_as_one_over_cp_as_estimated(results):
