@@ -53,7 +53,26 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-class HFReader:
+class WeightsOnlyReader:
+    """What a reader of weights alone (an HF model, a megatron-core torch_dist save) answers the
+    loader: one "file" holding every name in `self._names`, and no optimizer state."""
+
+    _names: list[str]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def locate(self, name: str) -> int | None:
+        return 0 if name in self._names else None
+
+    def has_optimizer(self) -> bool:
+        return False
+
+    def optimizer_state_keys(self, name: str) -> list[str]:  # noqa: ARG002
+        return []
+
+
+class HFReader(WeightsOnlyReader):
     """A HF model directory seen as a one-stage megatron_lite checkpoint without optimizer state."""
 
     def __init__(self, path: str):
@@ -100,18 +119,6 @@ class HFReader:
             names.append(OUTPUT_WEIGHT)
         # the final norm after the layers, as the model's state dict orders them
         return sorted(names, key=lambda n: ("final_layernorm" in n) + 2 * (n == OUTPUT_WEIGHT))
-
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def locate(self, name: str) -> int | None:
-        return 0 if name in self._names else None
-
-    def has_optimizer(self) -> bool:
-        return False
-
-    def optimizer_state_keys(self, name: str) -> list[str]:  # noqa: ARG002
-        return []
 
     def file(self, tp_rank: int = 0, pp_rank: int = 0) -> dict:  # noqa: ARG002
         # the special token ids have no place in our config: an import keeps them in `extra`

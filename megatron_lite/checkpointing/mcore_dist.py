@@ -28,6 +28,7 @@ import torch
 
 from megatron_lite.checkpointing.dist_read import DCPTensors, resolve_iteration_dir
 from megatron_lite.checkpointing.files import CheckpointError
+from megatron_lite.checkpointing.hf_reader import WeightsOnlyReader
 from megatron_lite.checkpointing.megatron import _TE_NAMES, config_from_args, load_megatron_file
 
 MCORE_METADATA = "metadata.json"
@@ -52,7 +53,7 @@ def is_mcore_dist_dir(iter_dir: str) -> bool:
             return False
 
 
-class McoreDistReader:
+class McoreDistReader(WeightsOnlyReader):
     """A megatron-core torch_dist checkpoint through the CheckpointReader interface (weights only).
 
     `config`: our config (plain dict) of the model, needed when `common.pt` carries no `args`
@@ -103,18 +104,6 @@ class McoreDistReader:
         rest = _TE_NAMES.get(m.group(1), m.group(1))
         n = self.config["model"]["num_layers"]
         return [f"decoder.layers.{i}.{rest}" for i in range(n)]
-
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def locate(self, name: str) -> int | None:
-        return 0 if name in self._names else None
-
-    def has_optimizer(self) -> bool:
-        return False
-
-    def optimizer_state_keys(self, name: str) -> list[str]:  # noqa: ARG002
-        return []
 
     def file(self, tp_rank: int = 0, pp_rank: int = 0) -> dict:  # noqa: ARG002
         return {"optimizer": None, "opt_param_scheduler": None, "rng_state": None, "extra": {}}
