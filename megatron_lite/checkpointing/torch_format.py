@@ -32,6 +32,8 @@ CHECKPOINT_VERSION = 3.0  # Megatron-LM's
 OPTIMIZER_KEY = "lite_optimizer"  # ours, not Megatron's `optimizer` layout
 RNG_KEY = "lite_rng_state"  # ours, not Megatron's `rng_state` layout
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LINEARS = tuple(f".{n}.weight" for n in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"))
+EXTRA_STATE = "._extra_state"
 
 
 def layer_offset(num_layers: int, pp: int, vpp: int | None, pp_rank: int, chunk: int) -> int:
@@ -47,6 +49,19 @@ def renumber(name: str, delta: int) -> str:
     if not m:
         return name
     return f"decoder.layers.{int(m.group(1)) + delta}.{name[m.end() :]}"
+
+
+def with_extra_state(tensors: dict[str, Any]) -> dict[str, Any]:
+    """`tensors` plus the `_extra_state: None` entries megatron-core's local-spec linear layers
+    have in their state dict (a strict `load_state_dict` wants them): each layer's four linears
+    and, on the stage that has the final norm, the output layer (tied or not)."""
+    out = dict(tensors)
+    for name in tensors:
+        if name.endswith(_LINEARS):
+            out[name.rsplit(".", 1)[0] + "._extra_state"] = None
+    if "decoder.final_layernorm.weight" in tensors:
+        out["output_layer._extra_state"] = None
+    return out
 
 
 def _model_keys(n_chunks: int) -> list[str]:
@@ -96,7 +111,7 @@ def to_file(state: dict, models: list[dict[str, torch.Tensor]], pp_rank: int) ->
     m, lay = state["config"]["model"], state["layout"]
     for c, (key, tensors) in enumerate(zip(_model_keys(len(models)), models, strict=True)):
         delta = -layer_offset(m["num_layers"], lay["pp"], lay["vpp"], pp_rank, c)
-        out[key] = {renumber(n, delta): t for n, t in tensors.items()}
+        out[key] = with_extra_state({renumber(n, delta): t for n, t in tensors.items()})
     out.update(
         format_version=TORCH_FORMAT_VERSION,
         checkpoint_version=CHECKPOINT_VERSION,
@@ -118,7 +133,9 @@ def from_file(state: dict, pp_rank: int, path: str) -> tuple[dict, dict[str, tor
         if key not in state:
             raise CheckpointError(f"{path} has no '{key}' entry (layout {lay})")
         delta = layer_offset(num_layers, lay["pp"], lay["vpp"], pp_rank, c)
-        index.update({renumber(n, delta): t for n, t in state[key].items()})
+        index.update(
+            {renumber(n, delta): t for n, t in state[key].items() if not n.endswith(EXTRA_STATE)}
+        )
     if set(index) != set(state["shard_info"]):
         odd = sorted(set(index) ^ set(state["shard_info"]))[:3]
         raise CheckpointError(
