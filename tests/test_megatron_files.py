@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite import checkpointing as ckpt
+from megatron_lite.checkpointing import CheckpointReader
+from megatron_lite.checkpointing.hf_reader import open_checkpoint
+from megatron_lite.checkpointing.megatron import is_megatron_dir
 from megatron_lite.checkpointing.torch_format import OPTIMIZER_KEY, RNG_KEY
 from megatron_lite.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.distributed.testing import run_distributed
@@ -201,6 +204,8 @@ def test_files_carry_what_megatron_lm_reads(saved):
         assert args.padded_vocab_size == PADDED[spec["tp"]]
         assert args.consumed_train_samples == 56 and args.add_position_embedding is True
         assert args.make_vocab_size_divisible_by == 128 and args.tokenizer_type == "NullTokenizer"
+    for root in roots.values():  # carrying `args` does not make them Megatron-LM's own files
+        assert not is_megatron_dir(root) and isinstance(open_checkpoint(root), CheckpointReader)
     vpp = _load_with_namespace_only(pairs[-1][0]["path"])["args"]
     assert vpp.virtual_pipeline_model_parallel_size == 2
 

@@ -38,6 +38,7 @@ from megatron_lite.checkpointing.files import (
 )
 from megatron_lite.checkpointing.hf_rules import OUTPUT_WEIGHT, WORD_EMBEDDING
 from megatron_lite.checkpointing.load import CHECKPOINT_MODEL_ARGS, assemble_full_tensor
+from megatron_lite.checkpointing.torch_format import EXTRA_STATE, layer_offset, renumber
 from megatron_lite.config import Config
 from megatron_lite.model.gpt import build_meta_chunk
 from megatron_lite.tensor_parallel.utils import ParamTags, tags_of
@@ -147,15 +148,15 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return Config.from_dict(base).to_dict()
 
 
-def _global_name(name: str, stage: int, chunk: int, pp: int, per_chunk: int) -> str | None:
-    """Megatron's stage-local name -> our global one (None for `_extra_state` entries)."""
-    if name.endswith("._extra_state"):
+def _global_name(name: str, offset: int) -> str | None:
+    """Megatron's stage-local name -> our global one (None for `_extra_state` entries); `offset`:
+    the global number of the chunk's first layer (torch_format.layer_offset)."""
+    if name.endswith(EXTRA_STATE):
         return None
     m = _LOCAL_LAYER.match(name)
-    if not m:
-        return name
-    rest = _TE_NAMES.get(m.group(2), m.group(2))
-    return f"decoder.layers.{(chunk * pp + stage) * per_chunk + int(m.group(1))}.{rest}"
+    if m:
+        name = f"decoder.layers.{m.group(1)}.{_TE_NAMES.get(m.group(2), m.group(2))}"
+    return renumber(name, offset)
 
 
 class MegatronReader:
@@ -209,7 +210,7 @@ class MegatronReader:
     def _stage(self, pp_rank: int) -> list[dict[str, torch.Tensor]]:
         """Per tp rank, {global name: shard} of pipeline stage `pp_rank`."""
         if pp_rank not in self._stages:
-            per_chunk = self.config["model"]["num_layers"] // (self.pp * (self.vpp or 1))
+            num_layers = self.config["model"]["num_layers"]
             shards = []
             for tp_rank in range(self.tp):
                 sd = load_megatron_file(self.path(tp_rank, pp_rank))
@@ -217,7 +218,8 @@ class MegatronReader:
                 named = {}
                 for c, key in enumerate(keys):
                     for name, t in sd[key].items():
-                        g = _global_name(name, pp_rank, c, self.pp, per_chunk)
+                        offset = layer_offset(num_layers, self.pp, self.vpp, pp_rank, c)
+                        g = _global_name(name, offset)
                         if g is not None:
                             named[g] = t
                 shards.append(named)
