@@ -258,3 +258,24 @@ def _shift(name: str, offset: int) -> str:
         return name
     _, _, i, rest = name.split(".", 3)
     return f"decoder.layers.{int(i) + offset}.{rest}"
+
+
+def test_reshard_writes_the_same_layout_as_training(saved, tmp_path):
+    """convert.py's writer (reshard) is the training one: tp1 resharded to tp2 x pp2 gives files
+    with the training save's model keys and shapes, `args` and `checkpoint_version`."""
+    from megatron_lite.checkpointing.reshard import reshard
+
+    roots, _ = saved
+    out = str(tmp_path / "resharded")
+    reshard(CheckpointReader(roots["tp1"]), out, 2, 2, log=lambda _: None)
+    for spec in _specs(roots["tp2pp2"], 2, 2, 1):
+        trained = _load_with_namespace_only(spec["path"])
+        converted = _load_with_namespace_only(spec["path"].replace(roots["tp2pp2"], out))
+        shapes = [
+            {k: list(v.shape) if torch.is_tensor(v) else v for k, v in s["model"].items()}
+            for s in (trained, converted)
+        ]
+        assert shapes[0] == shapes[1], spec["path"]
+        assert converted["checkpoint_version"] == 3.0
+        for f in MEGATRON_READS:
+            assert getattr(converted["args"], f) == getattr(trained["args"], f), f
