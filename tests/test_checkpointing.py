@@ -4,6 +4,7 @@ These tests use a toy tp-sharded model whose parameters carry the real tags (see
 and whose full values depend only on (seed, name), so every layout knows what it should hold.
 """
 
+import argparse
 import os
 import random
 import signal
@@ -392,13 +393,24 @@ class NotPlain:
 
 
 def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    """Our files load with weights_only=True and exactly argparse.Namespace allowed (their `args`,
+    for Megatron-LM); a custom class, a function, a Namespace holding an object or sitting
+    anywhere but `args` is refused."""
     _save_single(str(tmp_path))
     path = tmp_path / "iter_0000100" / "mp_rank_00" / "model_optim_rng.pt"
-    state = torch.load(path, weights_only=True)
-    state["extra"] = {"payload": NotPlain()}
-    torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"refusing to load .*mp_rank_00.*pickled"):
-        _load_single(str(tmp_path))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        clean = torch.load(path, weights_only=True)
+    assert isinstance(clean["args"], argparse.Namespace)
+    bad_args = argparse.Namespace(**vars(clean["args"]), hook=torch.zeros(1))
+    for change, match in [
+        ({"extra": {"payload": NotPlain()}}, r"refusing to load .*pickled"),  # a custom class
+        ({"extra": {"payload": os.system}}, r"refusing to load .*pickled"),  # a function
+        ({"args": bad_args}, r"refusing to load .*args\.hook is a torch\.Tensor"),
+        ({"extra": {"ns": argparse.Namespace(a=1)}}, r"refusing to load .*a Namespace at"),
+    ]:
+        torch.save({**clean, **change}, path)
+        with pytest.raises(CheckpointError, match=match):
+            _load_single(str(tmp_path))
 
 
 def test_saving_a_non_plain_object_is_refused(tmp_path):

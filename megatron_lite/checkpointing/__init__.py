@@ -4,12 +4,15 @@ the reader they share: offline reshard (`reshard.py`), HF import (`hf_reader.py`
     <save>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt   (_PPP only when pp > 1)
     <save>/latest_checkpointed_iteration.txt                  (written last)
 
-Each file is written by dp rank 0 of its (tp, pp) place and holds that place's tensors, keyed by global
-parameter names, with a `shard_info` entry per tensor saying where the shard sits in the full tensor.
+Each file is written by dp rank 0 of its (tp, pp) place in Megatron-LM's layout (`torch_format.py`:
+`model` with megatron-core's stage-local names, `args`, `checkpoint_version`, so Megatron-LM's
+`load_checkpoint` reads it), with our `shard_info` entry per tensor, by global parameter name, saying
+where the shard sits in the full tensor.
 Loading reassembles each full tensor from the source shards and slices out this rank's shard, so a
 checkpoint saved with any tp x pp x dp (distributed optimizer or not) loads into any other layout of
-the same model. Files hold only tensors and plain Python types and are read with
-`torch.load(weights_only=True)`: a file with a pickled object is refused.
+the same model. Files hold only tensors, plain Python types and the `args` Namespace of plain values,
+and are read with `torch.load(weights_only=True)` allowing that one class: any other pickled object is
+refused.
 
 A save goes to `iter_XXXXXXX.tmp`, every file and directory is fsynced, the directory is renamed into
 place, and only then is the latest-iteration file replaced (atomically): a job killed at any point

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import time
@@ -17,6 +18,13 @@ from megatron_lite.tensor_parallel.utils import tags_of
 FORMAT_VERSION = 1
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
+# The one allow-list of pickled classes: `args` (Megatron-LM's and ours) is an argparse.Namespace;
+# Megatron-LM's own files add numpy's array/dtype reconstruction (their RNG state, megatron.py).
+ARGS_GLOBALS = [argparse.Namespace]
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
+_RECONSTRUCT = getattr(np, "_core", np.core).multiarray._reconstruct
+MEGATRON_GLOBALS = [*ARGS_GLOBALS, _RECONSTRUCT, *_NUMPY_GLOBALS]
+_SCALARS = (int, float, bool, str, type(None))
 # Test-only: "before_rename" or "before_latest" makes rank 0 write `<save>/.paused` and wait there,
 # so a test can kill the process at a known point of a save.
 PAUSE_ENV = "MEGATRON_LITE_CKPT_TEST_PAUSE"
@@ -105,6 +113,33 @@ def plain(obj: Any, where: str) -> Any:
     )
 
 
+def is_plain_arg(v: Any) -> bool:
+    """A value an `args` Namespace may hold in our files: a scalar or a list/tuple of scalars."""
+    if isinstance(v, (list, tuple)):
+        return all(type(x) in _SCALARS for x in v)
+    return type(v) in _SCALARS
+
+
+def check_namespaces(obj: Any, path: str, where: str = "") -> None:
+    """Refuse a Namespace anywhere but the top-level `args`, or one holding a value that is not
+    plain: allowing the class must not let other objects in through it."""
+    if isinstance(obj, argparse.Namespace):
+        if where != "['args']":
+            raise CheckpointError(f"refusing to load {path}: a Namespace at {where or 'the top'}")
+        for k, v in vars(obj).items():
+            if not is_plain_arg(v):
+                raise CheckpointError(
+                    f"refusing to load {path}: args.{k} is a {type(v).__module__}."
+                    f"{type(v).__qualname__}; args may hold plain values only"
+                )
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            check_namespaces(v, path, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_namespaces(v, path, f"{where}[{i}]")
+
+
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
 
 
@@ -124,15 +159,17 @@ def _not_a_checkpoint(path: str) -> CheckpointError | None:
 
 
 def safe_load(path: str) -> dict:
-    """`torch.load(path, weights_only=True)`, memory-mapped; a CheckpointError naming the file when
-    it is missing, empty, truncated, garbage, a plain pickle or holds pickled objects."""
+    """`torch.load(path, weights_only=True)`, memory-mapped, with `argparse.Namespace` (the `args`
+    entry, plain values only) the one class allowed; a CheckpointError naming the file when it is
+    missing, empty, truncated, garbage, a plain pickle or holds any other pickled object."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
     bad = _not_a_checkpoint(path)
     if bad is not None:
         raise bad
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(ARGS_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
@@ -145,6 +182,8 @@ def safe_load(path: str) -> dict:
             f"checkpoint file {path} is corrupt or truncated ({os.path.getsize(path)} bytes; "
             f"torch.load said: {first}); an earlier iteration's checkpoint may be whole"
         ) from None
+    check_namespaces(state, path)
+    return state
 
 
 def fsync_dir(path: str) -> None:

@@ -26,6 +26,7 @@ from megatron_lite.checkpointing.files import (
     shard_info_of,
 )
 from megatron_lite.checkpointing.rng import set_rng_state
+from megatron_lite.checkpointing.torch_format import TORCH_FORMAT_VERSION, from_file
 from megatron_lite.config import Config, ModelConfig, flag_name
 from megatron_lite.config.model import LONG_CONTEXT_FIELDS
 from megatron_lite.parallel_state import ParallelState
@@ -114,10 +115,10 @@ class CheckpointReader:
         self._files: dict[tuple[int, int], dict] = {}
         self._index: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         first = self._file(0, 0)
-        if first.get("format_version") != FORMAT_VERSION:
+        if first.get("format_version") not in (FORMAT_VERSION, TORCH_FORMAT_VERSION):
             raise CheckpointError(
                 f"{self.dir}: checkpoint format {first.get('format_version')!r}, "
-                f"this version reads {FORMAT_VERSION}"
+                f"this version reads {FORMAT_VERSION} and {TORCH_FORMAT_VERSION}"
             )
         self.layout: dict = first["layout"]
         self.config: dict = first["config"]
@@ -134,13 +135,13 @@ class CheckpointReader:
         key = (tp_rank, pp_rank)
         if key not in self._files:
             state = safe_load(self.path(tp_rank, pp_rank))
-            if not isinstance(state, dict) or "model" not in state:
+            if not isinstance(state, dict) or "shard_info" not in state:
                 raise CheckpointError(
                     f"{self.path(tp_rank, pp_rank)} is a torch file but not a megatron_lite "
-                    "checkpoint (no 'model' entry)"
+                    "checkpoint (no 'shard_info' entry)"
                 )
-            self._files[key] = state
-            self._index[key] = {n: t for m in self._files[key]["model"] for n, t in m.items()}
+            # either file version: Megatron-LM's layout (stage-local names) or our first
+            self._files[key], self._index[key] = from_file(state, pp_rank, self.path(*key))
         return self._files[key]
 
     def file(self, tp_rank: int = 0, pp_rank: int = 0) -> dict:

@@ -26,11 +26,11 @@ import re
 import zipfile
 from typing import Any
 
-import numpy as np
 import torch
 
 from megatron_lite.checkpointing.files import (
     LATEST_FILE,
+    MEGATRON_GLOBALS,
     MODEL_FILE,
     CheckpointError,
     iteration_dir,
@@ -38,13 +38,11 @@ from megatron_lite.checkpointing.files import (
 )
 from megatron_lite.checkpointing.hf_rules import OUTPUT_WEIGHT, WORD_EMBEDDING
 from megatron_lite.checkpointing.load import CHECKPOINT_MODEL_ARGS, assemble_full_tensor
+from megatron_lite.checkpointing.torch_format import EXTRA_STATE, layer_offset, renumber
 from megatron_lite.config import Config
 from megatron_lite.model.gpt import build_meta_chunk
 from megatron_lite.tensor_parallel.utils import ParamTags, tags_of
 
-_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
-_RECONSTRUCT = getattr(np, "_core", np.core).multiarray._reconstruct
-SAFE_GLOBALS = [argparse.Namespace, _RECONSTRUCT, *_NUMPY_GLOBALS]
 # Transformer Engine's fused layer-norm parameter names -> the local spec's (ours)
 _TE_NAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -57,23 +55,28 @@ _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _ARG_ALIASES = {"layernorm_epsilon": "norm_epsilon"}
 
 
-def pickled_globals(path: str) -> set[str]:
-    """Every `module.name` a torch zip file's pickle refers to, read without unpickling."""
+def _pickle_ops(path: str):
     with zipfile.ZipFile(path) as z:
         pkl = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
         data = z.read(pkl)
-    found = set()
-    for op, arg, _ in pickletools.genops(data):
-        if op.name == "GLOBAL":
-            found.add(arg.replace(" ", "."))
-    return found
+    return pickletools.genops(data)
+
+
+def pickled_globals(path: str) -> set[str]:
+    """Every `module.name` a torch zip file's pickle refers to, read without unpickling."""
+    return {arg.replace(" ", ".") for op, arg, _ in _pickle_ops(path) if op.name == "GLOBAL"}
 
 
 def is_megatron_file(path: str) -> bool:
+    """Megatron-LM's file: its pickle names an argparse.Namespace, and it is not one of ours (which
+    carry `args` too, for Megatron-LM's loader, beside our `shard_info`)."""
     try:
-        return "argparse.Namespace" in pickled_globals(path)
+        ops = [(op.name, arg) for op, arg, _ in _pickle_ops(path)]
     except (OSError, zipfile.BadZipFile, StopIteration, ValueError):
         return False
+    namespace = ("GLOBAL", "argparse Namespace") in ops
+    ours = any(name.endswith("UNICODE") and arg == "shard_info" for name, arg in ops)
+    return namespace and not ours
 
 
 def is_megatron_dir(load_dir: str, iteration: int | None = None) -> bool:
@@ -106,7 +109,7 @@ def load_megatron_file(path: str) -> dict:
     # megatron's own classes (enums in args) become inert placeholders; anything else is refused
     try:
         own = [(MegatronValue, g) for g in pickled_globals(path) if g.startswith("megatron.")]
-        with torch.serialization.safe_globals([*SAFE_GLOBALS, *own]):
+        with torch.serialization.safe_globals([*MEGATRON_GLOBALS, *own]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
@@ -145,15 +148,15 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return Config.from_dict(base).to_dict()
 
 
-def _global_name(name: str, stage: int, chunk: int, pp: int, per_chunk: int) -> str | None:
-    """Megatron's stage-local name -> our global one (None for `_extra_state` entries)."""
-    if name.endswith("._extra_state"):
+def _global_name(name: str, offset: int) -> str | None:
+    """Megatron's stage-local name -> our global one (None for `_extra_state` entries); `offset`:
+    the global number of the chunk's first layer (torch_format.layer_offset)."""
+    if name.endswith(EXTRA_STATE):
         return None
     m = _LOCAL_LAYER.match(name)
-    if not m:
-        return name
-    rest = _TE_NAMES.get(m.group(2), m.group(2))
-    return f"decoder.layers.{(chunk * pp + stage) * per_chunk + int(m.group(1))}.{rest}"
+    if m:
+        name = f"decoder.layers.{m.group(1)}.{_TE_NAMES.get(m.group(2), m.group(2))}"
+    return renumber(name, offset)
 
 
 class MegatronReader:
@@ -207,7 +210,7 @@ class MegatronReader:
     def _stage(self, pp_rank: int) -> list[dict[str, torch.Tensor]]:
         """Per tp rank, {global name: shard} of pipeline stage `pp_rank`."""
         if pp_rank not in self._stages:
-            per_chunk = self.config["model"]["num_layers"] // (self.pp * (self.vpp or 1))
+            num_layers = self.config["model"]["num_layers"]
             shards = []
             for tp_rank in range(self.tp):
                 sd = load_megatron_file(self.path(tp_rank, pp_rank))
@@ -215,7 +218,8 @@ class MegatronReader:
                 named = {}
                 for c, key in enumerate(keys):
                     for name, t in sd[key].items():
-                        g = _global_name(name, pp_rank, c, self.pp, per_chunk)
+                        offset = layer_offset(num_layers, self.pp, self.vpp, pp_rank, c)
+                        g = _global_name(name, offset)
                         if g is not None:
                             named[g] = t
                 shards.append(named)

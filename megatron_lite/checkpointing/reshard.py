@@ -22,6 +22,7 @@ import torch
 from megatron_lite import checkpointing as ckpt
 from megatron_lite.checkpointing.hf_reader import is_hf_dir, open_checkpoint, training_dtype
 from megatron_lite.checkpointing.hf_rules import WORD_EMBEDDING, dtype_name
+from megatron_lite.checkpointing.torch_format import to_file
 from megatron_lite.config import Config
 from megatron_lite.model.gpt import build_meta_chunk
 from megatron_lite.tensor_parallel.utils import tags_of
@@ -182,8 +183,9 @@ def reshard(
                     plain_part = state  # the plain entries are the same in every target file
                     continue
                 d = os.path.join(tmp, ckpt.mp_rank_name(tp_rank, pp_rank, pp))
-                _write_file(d, ckpt.plain(state, "converted checkpoint"))
-                log(f"  wrote {os.path.relpath(d, save_dir)} ({len(state['model'][0])} tensors)")
+                state = ckpt.plain(state, "converted checkpoint")
+                _write_file(d, to_file(state, state["model"], pp_rank))
+                log(f"  wrote {os.path.relpath(d, save_dir)} ({len(state['shard_info'])} tensors)")
                 del state
         if ckpt_format == "torch_dist":
             _write_dist(tmp, chunks, plain_part)

@@ -28,6 +28,7 @@ from megatron_lite.checkpointing.files import (
     write_latest,
 )
 from megatron_lite.checkpointing.rng import gather_rng_states
+from megatron_lite.checkpointing.torch_format import to_file
 from megatron_lite.config import Config
 from megatron_lite.parallel_state import ParallelState
 
@@ -97,9 +98,8 @@ def save_checkpoint(
             iteration, model_chunks, opt_param_scheduler, cfg, ps, consumed_samples, extra,
             vocab_size,
         )  # fmt: skip
-        state.update(
-            model=models, shard_info=shard_info, optimizer=plain(optim, "optimizer"), rng_state=rng
-        )
+        state.update(shard_info=shard_info, optimizer=plain(optim, "optimizer"), rng_state=rng)
+        state = to_file(state, models, ps.pp_rank)  # Megatron-LM's layout (torch_format.py)
         d = os.path.join(tmp, mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
         os.makedirs(d)
         write_durably(os.path.join(d, MODEL_FILE), lambda f: torch.save(state, f))
