@@ -39,8 +39,6 @@ from megatron_lite.checkpointing.files import (
     write_latest,
 )
 from megatron_lite.checkpointing.load import (
-    CHECKPOINT_MODEL_ARGS,
-    SHAPE_FIELDS,
     CheckpointReader,
     assemble_full_tensor,
     check_same_model,
@@ -55,6 +53,7 @@ from megatron_lite.checkpointing.load import (
 )
 from megatron_lite.checkpointing.rng import get_rng_state, set_rng_state
 from megatron_lite.checkpointing.save import save_checkpoint
+from megatron_lite.config.model import CHECKPOINT_MODEL_ARGS, SHAPE_FIELDS
 
 __all__ = [
     "CHECKPOINT_MODEL_ARGS", "FORMAT_VERSION", "LATEST_FILE", "MODEL_FILE", "PAUSE_ENV",

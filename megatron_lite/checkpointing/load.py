@@ -28,37 +28,9 @@ from megatron_lite.checkpointing.files import (
 from megatron_lite.checkpointing.rng import set_rng_state
 from megatron_lite.checkpointing.torch_format import TORCH_FORMAT_VERSION, from_file
 from megatron_lite.config import Config, ModelConfig, flag_name
-from megatron_lite.config.model import LONG_CONTEXT_FIELDS
+from megatron_lite.config.model import SHAPE_FIELDS
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of, tags_of
-
-# Model settings that change a parameter's shape (or existence): a checkpoint must agree on all of them.
-SHAPE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "ffn_hidden_size",
-    "swiglu",
-    "normalization",
-    "position_embedding_type",
-    "max_position_embeddings",
-    "untie_embeddings_and_output_weights",
-    "add_bias_linear",
-)
-# --use-checkpoint-args takes these from a checkpoint (as Megatron's load_args_from_checkpoint):
-# the shape-defining settings and those that decide the model's numerics
-CHECKPOINT_MODEL_ARGS = (
-    *SHAPE_FIELDS,
-    "group_query_attention",
-    "openai_gelu",
-    "layernorm_epsilon",
-    "rotary_base",
-    "make_vocab_size_divisible_by",
-    *LONG_CONTEXT_FIELDS,
-)
-
 
 # The shard rule (Megatron's partition_stride) lives once, with the layers that shard.
 slice_shard = shard_of

@@ -37,9 +37,10 @@ from megatron_lite.checkpointing.files import (
     read_latest_iteration,
 )
 from megatron_lite.checkpointing.hf_rules import OUTPUT_WEIGHT, WORD_EMBEDDING
-from megatron_lite.checkpointing.load import CHECKPOINT_MODEL_ARGS, assemble_full_tensor
+from megatron_lite.checkpointing.load import assemble_full_tensor
 from megatron_lite.checkpointing.torch_format import EXTRA_STATE, layer_offset, renumber
 from megatron_lite.config import Config
+from megatron_lite.config.model import CHECKPOINT_MODEL_ARGS
 from megatron_lite.model.gpt import build_meta_chunk
 from megatron_lite.tensor_parallel.utils import ParamTags, tags_of
 

@@ -271,3 +271,31 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of divisible_by x tp."""
     multiple = divisible_by * tp_size
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+# Model settings that change a parameter's shape (or existence): a checkpoint must agree on all of them.
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "ffn_hidden_size",
+    "swiglu",
+    "normalization",
+    "position_embedding_type",
+    "max_position_embeddings",
+    "untie_embeddings_and_output_weights",
+    "add_bias_linear",
+)
+# --use-checkpoint-args takes these from a checkpoint (as Megatron's load_args_from_checkpoint):
+# the shape-defining settings and those that decide the model's numerics
+CHECKPOINT_MODEL_ARGS = (
+    *SHAPE_FIELDS,
+    "group_query_attention",
+    "openai_gelu",
+    "layernorm_epsilon",
+    "rotary_base",
+    "make_vocab_size_divisible_by",
+    *LONG_CONTEXT_FIELDS,
+)
