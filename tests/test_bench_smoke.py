@@ -19,6 +19,10 @@ SMOKE = {
         "stream every full tensor",
     ),
     "bench_clean.py": (["--smoke"], "speedup 2 workers vs 1"),
+    "bench_context_parallel.py": (
+        ["--seq", "64", "--steps", "1", "--cp", "1", "2"],
+        "overlap gain",
+    ),
     "bench_data.py": (["--corpus-mb", "0.2"], "build_sample_idx"),
     "bench_eval.py": (["--smoke"], "ratio megatron_lite / transformers"),
     "bench_ddp.py": (
