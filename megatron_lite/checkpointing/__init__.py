@@ -19,8 +19,7 @@ place, and only then is the latest-iteration file replaced (atomically): a job k
 leaves the previous checkpoint whole and named by the latest file.
 """
 
-from megatron_lite.checkpointing.dist import finalize_async_save
-from megatron_lite.checkpointing.dist_read import DistReader
+from megatron_lite.checkpointing.async_save import finalize_async_save
 from megatron_lite.checkpointing.files import (
     FORMAT_VERSION,
     LATEST_FILE,
@@ -57,7 +56,7 @@ from megatron_lite.config.model import CHECKPOINT_MODEL_ARGS, SHAPE_FIELDS
 
 __all__ = [
     "CHECKPOINT_MODEL_ARGS", "FORMAT_VERSION", "LATEST_FILE", "MODEL_FILE", "PAUSE_ENV",
-    "SHAPE_FIELDS", "CheckpointError", "CheckpointReader", "DistReader", "finalize_async_save", "assemble_full_tensor",
+    "SHAPE_FIELDS", "CheckpointError", "CheckpointReader", "finalize_async_save", "assemble_full_tensor",
     "check_same_model", "chunk_params", "fsync_dir", "get_rng_state", "iter_full_state",
     "iteration_dir", "load_checkpoint", "load_full_state", "load_weights", "mp_rank_name", "plain",
     "read_latest_iteration", "safe_load", "save_checkpoint", "set_rng_state", "shard_from_reader",

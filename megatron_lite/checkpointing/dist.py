@@ -40,8 +40,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
+from megatron_lite.checkpointing.async_save import _PENDING
 from megatron_lite.checkpointing.files import (
-    CheckpointError,
     barrier,
     chunk_params,
     chunk_tensors,
@@ -257,7 +257,6 @@ class ChunkSavePlanner(DefaultSavePlanner):
 # ---------------------------------------------------------------------------------------------------
 # Save (synchronous or in a background thread)
 
-_PENDING: dict[str, Any] = {}
 _ASYNC_GROUP: list = []
 
 
@@ -345,20 +344,4 @@ def save_dist(
     thread = threading.Thread(target=work, name="megatron-lite-async-save", daemon=True)
     _PENDING.update(thread=thread, publish=publish, dir=final, error=None)
     thread.start()
-    return final
-
-
-def finalize_async_save() -> str | None:
-    """Wait for an async save in flight, then publish it (every rank calls it; collective).
-    Returns its directory, or None when none was in flight."""
-    if not _PENDING:
-        return None
-    _PENDING["thread"].join()
-    error, publish, final = _PENDING["error"], _PENDING["publish"], _PENDING["dir"]
-    _PENDING.clear()
-    if error is not None:
-        raise CheckpointError(f"async save to {final} failed: {error}") from error
-    barrier()
-    publish()
-    barrier()
     return final

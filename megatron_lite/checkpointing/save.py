@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from megatron_lite.checkpointing.dist import finalize_async_save, save_dist
+from megatron_lite.checkpointing.async_save import finalize_async_save
 from megatron_lite.checkpointing.experts import gather_experts
 from megatron_lite.checkpointing.files import (
     FORMAT_VERSION,
@@ -153,6 +153,8 @@ def _save_torch_dist(
         else None,
         has_rng=not ck.no_save_rng,
     )
+    from megatron_lite.checkpointing.dist import save_dist  # DCP: imported only when used
+
     return save_dist(
         save_dir,
         iteration,

@@ -27,7 +27,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader  # noqa: E402
-from megatron_lite.checkpointing.dist_read import open_dist_checkpoint  # noqa: E402
 from megatron_lite.checkpointing.hf_export import export_hf  # noqa: E402
 from megatron_lite.checkpointing.hf_reader import DTYPES, HFReader, parse_dtype  # noqa: E402
 from megatron_lite.checkpointing.hf_rules import model_flags  # noqa: E402
@@ -90,6 +89,8 @@ def _open_source(args):
         if not os.path.isfile(os.path.join(args.load_dir, "config.json")):
             raise CheckpointError(f"--loader hf: {args.load_dir} has no config.json")
         return HFReader(args.load_dir)
+    from megatron_lite.checkpointing.dist_read import open_dist_checkpoint
+
     dist = open_dist_checkpoint(args.load_dir, args.iteration)  # ours or megatron-core's
     if dist is not None:
         return dist
