@@ -101,6 +101,18 @@ def _random_hf_model(flavour, path):
             eos_token_id=96,
         )
         model = transformers.GPT2LMHeadModel(config)
+    elif flavour == "qwen2":  # q/k/v biases only: imported as --add-qkv-bias
+        config = transformers.Qwen2Config(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            vocab_size=97,
+            max_position_embeddings=24,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        )
+        model = transformers.Qwen2ForCausalLM(config)
     else:
         config = transformers.LlamaConfig(
             num_hidden_layers=2,
@@ -120,7 +132,7 @@ def _random_hf_model(flavour, path):
     return model
 
 
-@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+@pytest.mark.parametrize("flavour", ["gpt2", "llama", "qwen2"])
 def test_import_of_transformers_model_then_export_round_trips_exactly(tmp_path, flavour):
     model = _random_hf_model(flavour, tmp_path / "orig")
     reshard(HFReader(str(tmp_path / "orig")), str(tmp_path / "ours"), 2, 2, log=lambda s: None)
@@ -137,6 +149,8 @@ def test_import_of_transformers_model_then_export_round_trips_exactly(tmp_path, 
     assert sorted(a) == sorted(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    back, loaded = hf_logits(tmp_path / "back", tokens)  # the export loads as the same class
+    assert type(loaded) is type(model) and torch.equal(back, expected)
     ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("orig", "back"))
     keys = [
         "model_type",
@@ -153,13 +167,15 @@ def test_import_of_transformers_model_then_export_round_trips_exactly(tmp_path, 
         assert cb["rope_parameters"]["rope_theta"] == 5000.0
 
 
-@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+@pytest.mark.parametrize("flavour", ["gpt2", "llama", "qwen2"])
 def test_printed_flags_of_an_import_rebuild_the_same_model(tmp_path, flavour):
     _random_hf_model(flavour, tmp_path / "orig")
     imported = HFReader(str(tmp_path / "orig")).config["model"]
     flags = model_flags(imported)
     assert dataclasses.asdict(parse_args(shlex.split(flags)).model) == imported, flags
-    if flavour == "llama":  # derived settings are left out; bare flags for booleans
+    if flavour == "qwen2":  # q/k/v biases without the other linears
+        assert {"--add-qkv-bias", "--disable-bias-linear"} <= set(flags.split())
+    elif flavour == "llama":  # derived settings are left out; bare flags for booleans
         assert "--swiglu" in flags.split() and "--ffn-hidden-size 48" in flags
         assert "--hidden-dropout 0.0" in flags and "--kv-channels" not in flags
     else:

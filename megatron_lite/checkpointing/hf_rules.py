@@ -10,6 +10,7 @@ Two flavours map one to one:
   converter permutes). Our fc1 is [gate; up] stacked; HF keeps gate_proj and up_proj apart.
   Mistral (`MistralForCausalLM`) is the same layout with a sliding window; RoPE scaling and the
   window map onto config keys in `hf_rope.py`.
+  Qwen2/2.5 (`Qwen2ForCausalLM`) is a Llama with biases on q/k/v only (--add-qkv-bias).
 
 A Llama with --num-experts is a Mixtral (`MixtralForCausalLM`): its MLP rules are in hf_mixtral.py.
 
@@ -42,7 +43,7 @@ from megatron_lite.checkpointing.hf_rope import (
 from megatron_lite.config import Config, ModelConfig, MoEConfig, command_line
 from megatron_lite.model.gpt import WORD_EMBEDDING
 
-GPT2, LLAMA, MISTRAL = "gpt2", "llama", "mistral"
+GPT2, LLAMA, MISTRAL, QWEN2 = "gpt2", "llama", "mistral", "qwen2"
 OUTPUT_WEIGHT = "output_layer.weight"
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")  # (layer number, name in the layer)
@@ -278,6 +279,13 @@ def hf_config(cfg: dict, vocab_size: int, dtype: torch.dtype, eod: int | None = 
     window = sliding_window(m)
     if is_moe(cfg.get("moe")):
         return mixtral_config(cfg, llama, window)
+    if m.get("add_qkv_bias") and not m["add_bias_linear"]:
+        if window is not None:
+            raise CheckpointError("Qwen2 export with --window-size is not supported")
+        llama.update(architectures=["Qwen2ForCausalLM"], model_type=QWEN2, use_sliding_window=False)
+        for k in ("attention_bias", "mlp_bias"):
+            del llama[k]
+        return llama
     if window is None:
         return llama
     if m["add_bias_linear"]:  # HF Mistral has no bias switch
@@ -313,7 +321,9 @@ def config_from_hf(hf: dict) -> dict:
         )
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise CheckpointError("GPT-2 scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn")
-    elif kind in (LLAMA, MISTRAL, MIXTRAL):
+    elif kind in (LLAMA, MISTRAL, MIXTRAL, QWEN2):
+        if kind == QWEN2 and hf.get("use_sliding_window"):
+            raise CheckpointError("Qwen2 use_sliding_window is not supported (--window-size)")
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False) != hf.get(
             "attention_bias", False
         ):
@@ -338,13 +348,15 @@ def config_from_hf(hf: dict) -> dict:
             swiglu=True,
             untie_embeddings_and_output_weights=not tie,
             add_bias_linear=bool(hf.get("attention_bias", False)),
+            add_qkv_bias=kind == QWEN2,
             hidden_dropout=0.0,
             attention_dropout=hf.get("attention_dropout", 0.0),
             init_method_std=hf.get("initializer_range", 0.02),
         )
     else:
         raise CheckpointError(
-            f"model_type {kind!r}: only 'gpt2', 'llama', 'mistral' and 'mixtral' can be imported"
+            f"model_type {kind!r}: only 'gpt2', 'llama', 'mistral', 'mixtral' and 'qwen2' can be "
+            "imported (Qwen3's q/k norm, Gemma's soft-capping and DeepSeek's MLA are not)"
         )
     moe = MoEConfig(**moe_from_mixtral(hf)) if kind == MIXTRAL else MoEConfig()
     return Config(model=m, moe=moe).to_dict()

@@ -101,6 +101,11 @@ class ModelConfig:
     add_bias_linear: bool = flag(
         True, "Disable biases in linear layers.", name="--disable-bias-linear", action="store_false"
     )
+    add_qkv_bias: bool = flag(
+        False,
+        "Bias on the QKV projection even under --disable-bias-linear (Qwen2/2.5).",
+        action="store_true",
+    )
     group_query_attention: bool = flag(False, "Grouped-query attention.", action="store_true")
     num_query_groups: int = flag(
         1, "Key/value head groups under --group-query-attention.", type=int
@@ -293,6 +298,7 @@ SHAPE_FIELDS = (
 CHECKPOINT_MODEL_ARGS = (
     *SHAPE_FIELDS,
     "group_query_attention",
+    "add_qkv_bias",
     "openai_gelu",
     "layernorm_epsilon",
     "rotary_base",

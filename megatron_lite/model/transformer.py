@@ -190,7 +190,10 @@ class SelfAttention(nn.Module):
         qkv_size = m.kv_channels * (m.num_attention_heads + 2 * m.num_query_groups)
         common = dict(tp_group=tp_group, bias=m.add_bias_linear, sequence_parallel=sp)
         self.linear_qkv = ColumnParallelLinear(
-            m.hidden_size, qkv_size, init_std=m.init_method_std, **common
+            m.hidden_size,
+            qkv_size,
+            init_std=m.init_method_std,
+            **{**common, "bias": m.add_bias_linear or m.add_qkv_bias},
         )
         self.core_attention = CoreAttention(cfg, cp_group)
         self.linear_proj = RowParallelLinear(
