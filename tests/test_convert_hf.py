@@ -20,7 +20,7 @@ from megatron_lite import checkpointing as ckpt
 from megatron_lite.arguments import parse_args
 from megatron_lite.checkpointing.hf_export import export_hf
 from megatron_lite.checkpointing.hf_reader import HFReader
-from megatron_lite.checkpointing.hf_rules import model_flags
+from megatron_lite.checkpointing.hf_rules import config_from_hf, model_flags
 from megatron_lite.checkpointing.reshard import probe_tokens, reshard
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.inference.generation import load_model
@@ -180,6 +180,19 @@ def test_printed_flags_of_an_import_rebuild_the_same_model(tmp_path, flavour):
         assert "--hidden-dropout 0.0" in flags and "--kv-channels" not in flags
     else:
         assert "--openai-gelu" in flags.split() and "--ffn-hidden-size" not in flags
+
+
+@pytest.mark.parametrize(
+    "hf,named",
+    [
+        ({"model_type": "qwen3"}, "Qwen3's q/k norm"),
+        ({"model_type": "gemma2"}, "Gemma's soft-capping"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ],
+)
+def test_hf_families_we_cannot_hold_are_refused_by_name(hf, named):
+    with pytest.raises(ckpt.CheckpointError, match=named):
+        config_from_hf(hf)
 
 
 def _tp4_logits(path, tokens):
