@@ -463,3 +463,15 @@ def test_an_output_that_is_or_links_to_an_input_is_refused_and_the_input_kept(tm
     assert clean_corpus.main(["--stage", "dedup", "--work-dir", str(work), "--output-dir", str(d)])
     assert "would overwrite the input" in capsys.readouterr().err
     assert f.read_bytes() == before and sorted(p.name for p in d.iterdir()) == ["a.jsonl"]
+
+
+def test_invalid_utf8_names_file_and_line_and_leaves_no_output(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import clean_corpus
+
+    f = write_jsonl(tmp_path / "u.jsonl", [BASE])
+    with open(f, "ab") as fh:
+        fh.write(b'{"text": "bad \xff\xfe here"}\n')
+    assert clean_corpus.main(["--input", str(f), "--output-dir", str(tmp_path / "out")]) == 1
+    assert f"{f}:2: not valid UTF-8 (byte 0xff" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
