@@ -438,3 +438,40 @@ def test_minhash_agreement_estimates_jaccard():
     true = len(sa & sb) / len(sa | sb)
     est = float(np.mean(mh.signature(word_hashes(a)) == mh.signature(word_hashes(b))))
     assert abs(est - true) < 0.08, (est, true)
+
+
+def test_an_output_that_is_or_links_to_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import clean_corpus
+
+    d = tmp_path / "d"
+    d.mkdir()
+    f = write_jsonl(d / "a.jsonl", [BASE, BASE])
+    before = f.read_bytes()
+    (tmp_path / "alias").symlink_to(d)  # the same directory by another name
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "a.jsonl").symlink_to(f)  # the output name links to the input
+    for out in (d, tmp_path / "alias", tmp_path / "links"):
+        with pytest.raises(SystemExit) as e:
+            clean_corpus.main(["--input", str(f), "--output-dir", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"would overwrite the input {f}" in err and f"--output-dir {out}" in err, err
+    # the dedup stage reads its inputs from the shards' manifests: refused there as well
+    work = tmp_path / "work"
+    assert clean_corpus.main(["--input", str(f), "--stage", "scan", "--work-dir", str(work)]) == 0
+    assert clean_corpus.main(["--stage", "dedup", "--work-dir", str(work), "--output-dir", str(d)])
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert f.read_bytes() == before and sorted(p.name for p in d.iterdir()) == ["a.jsonl"]
+
+
+def test_invalid_utf8_names_file_and_line_and_leaves_no_output(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import clean_corpus
+
+    f = write_jsonl(tmp_path / "u.jsonl", [BASE])
+    with open(f, "ab") as fh:
+        fh.write(b'{"text": "bad \xff\xfe here"}\n')
+    assert clean_corpus.main(["--input", str(f), "--output-dir", str(tmp_path / "out")]) == 1
+    assert f"{f}:2: not valid UTF-8 (byte 0xff" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []

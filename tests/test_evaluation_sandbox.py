@@ -17,7 +17,7 @@ from evalutil import save_tiny_model
 
 from megatron_lite.evaluation.requests import Scorer
 from megatron_lite.evaluation.runner import evaluate_task
-from megatron_lite.evaluation.sandbox import run_program
+from megatron_lite.evaluation.sandbox import MAX_OUTPUT_BYTES, run_program
 from megatron_lite.evaluation.tasks import load_task
 from megatron_lite.evaluation.tasks.humaneval import program
 from megatron_lite.inference.generation import build_generation_tokenizer, load_model
@@ -150,3 +150,21 @@ def test_humaneval_runs_end_to_end_with_sampling_and_pass_at_k(humaneval, tmp_pa
     assert set(greedy) == {"pass@1"} and greedy["pass@1"] == 0.0  # a random model's code fails
     sampled = evaluate_task(scorer, task, num_samples=2, ks=(1, 2), gen={"max_gen_toks": 8})
     assert set(sampled) == {"pass@1", "pass@2"}
+
+
+def _peak_rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_program_flooding_its_output_fails_and_the_evaluator_keeps_little_of_it():
+    """A 1.5 GB writer once pushed the evaluator to 6.3 GiB: what is kept of the output is bounded."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak RSS starts again from now
+    before = _peak_rss_kib()
+    flood = "import sys\nfor _ in range(200):\n    sys.stdout.write('x' * (1 << 20))\n"
+    out = run_program(flood, timeout=30)
+    assert not out.passed and out.reason == f"output over {MAX_OUTPUT_BYTES} bytes", out.reason
+    assert len(out.stdout) <= 4000
+    assert _peak_rss_kib() - before < 64 * 1024  # 200 MB written, under 64 MiB more held
+    assert run_program("print('ok')").passed  # and the next program runs as before

@@ -7,7 +7,10 @@ split over 2 gloo ranks (tp 2, then pp 2) and 4 (tp 2 x pp 2) must answer as one
 timings are asserted.
 """
 
+import json
 import threading
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -263,6 +266,61 @@ def test_a_tokenizers_own_chat_template_is_applied_and_its_refusals_are_400s(tmp
                                            "content": "hi"}])  # fmt: skip
     finally:
         serving.close()
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_poison_request_fails_alone_and_every_endpoint_answers_after_it(lms):
+    """temperature 1e-40 once gave NaN probabilities, killed the engine thread and 503'd everything
+    after; a 30,000-deep array and a 5,000-digit seed got 503 and a dropped connection."""
+    serving = _Serving(lms["gpt2"], max_new_tokens=20)
+    try:
+        client, model, url = serving.client(), serving.server.limits["model"], serving.url
+        tiny = client.completions.create(model=model, prompt="1 2", max_tokens=4, temperature=1e-40)
+        greedy = client.completions.create(model=model, prompt="1 2", max_tokens=4, temperature=0)
+        assert tiny.choices[0].text == greedy.choices[0].text  # a tiny temperature is greedy
+        deep = b'{"prompt": "1", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+        for path in ("/completions", "/chat/completions"):
+            status, body = _post(url + path, deep)
+            assert status == 400 and "nested too deep" in body["error"]["message"], body
+        long_seed = b'{"prompt": "1 2", "seed": ' + b"7" * 5000 + b"}"
+        status, body = _post(url + "/completions", long_seed)
+        assert status == 400 and "'seed'" in body["error"]["message"], body
+        assert "integer of 5000 digits" in body["error"]["message"]
+        generate_url = url.removesuffix("/v1") + "/generate"
+        status, body = _post(generate_url, long_seed)
+        assert status == 400 and "seed must be an integer" in body["error"], body
+        status, body = _post(generate_url, b'{"prompt": "1 2", "max_new_tokens": 3}')
+        assert status == 200, body
+        # every endpoint still answers
+        assert client.completions.create(model=model, prompt="1 2", max_tokens=2).usage
+        assert _stream_chat(client, model, max_tokens=3, temperature=1e-30)[0]
+        assert [m.id for m in client.models.list()] == [model]
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=60) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+    finally:
+        serving.close()
+
+
+def test_a_failed_step_fails_only_its_requests(lms):
+    engine = Engine(lms["gpt2"], max_batch_size=2)
+    real = engine.core.step
+    engine.core.step = lambda plan: (_ for _ in ()).throw(RuntimeError("boom"))
+    bad = engine.submit(Request([1, 2], 3, GREEDY))
+    engine.run_until_idle()
+    with pytest.raises(RuntimeError, match="generation failed: boom"):
+        bad.result(timeout=5)
+    engine.core.step = real
+    good = engine.submit(Request([1, 2], 3, GREEDY))
+    engine.run_until_idle()
+    assert good.result(timeout=5).tokens == generate(lms["gpt2"], [1, 2], 3, GREEDY).tokens
 
 
 def test_refused_requests_name_the_field(lms):

@@ -27,7 +27,7 @@ from megatron_lite.data.cleaning import heuristics  # noqa: E402
 from megatron_lite.data.cleaning.decontaminate import Decontaminator, FastTextFilter  # noqa: E402
 from megatron_lite.data.cleaning.documents import FilterConfig  # noqa: E402
 from megatron_lite.data.cleaning.minhash import MinHasher, lsh_params  # noqa: E402
-from megatron_lite.data.cleaning.pipeline import clean, finish  # noqa: E402
+from megatron_lite.data.cleaning.pipeline import check_outputs, clean, finish  # noqa: E402
 from megatron_lite.data.cleaning.report import summary  # noqa: E402
 from megatron_lite.data.cleaning.scan import CorpusError, scan_shard  # noqa: E402
 from megatron_lite.data.corpus import BadLineError  # noqa: E402
@@ -96,6 +96,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if base in names:
             p.error(f"--input {names[base]} and {path} have the same name (outputs are by name)")
         names[base] = path
+    if args.stage == "all":
+        try:
+            check_outputs(args.input, args.output_dir)
+        except ValueError as e:
+            p.error(str(e))
     for flag, paths in (("--keywords", args.keywords), ("--decontaminate", args.decontaminate)):
         for path in paths:
             if not os.path.isfile(path):

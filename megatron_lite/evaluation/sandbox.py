@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ runpy.run_path(sys.argv[1], run_name="__main__")
 @dataclass
 class Outcome:
     passed: bool
-    reason: str  # "passed", "failed" (non-zero exit), "timeout", "killed by signal N"
+    reason: str  # "passed", "failed" (non-zero exit), "timeout", "killed by signal N", "output over N bytes"
     stdout: str = ""
     stderr: str = ""
 
@@ -182,21 +183,55 @@ def run_program(
             stderr=subprocess.PIPE,
             preexec_fn=_limits(timeout, memory_mb, uid, workdir),
         )
+        flood = threading.Event()
+        captures = [_Capture(pipe, flood, proc.pid) for pipe in (proc.stdout, proc.stderr)]
+        timed_out = False
         try:
-            out, err = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            timed_out = True
             _kill_group(proc.pid)
-            out, err = proc.communicate()
-            return Outcome(False, "timeout", _text(out), _text(err))
+            proc.wait()
         finally:  # anything it left behind in its group, gone before we return
             _kill_group(proc.pid)
             _wait_group_gone(proc.pid)
+            for c in captures:
+                c.join()
+        out, err = (_text(bytes(c.tail)) for c in captures)
+        if flood.is_set():
+            return Outcome(False, f"output over {MAX_OUTPUT_BYTES} bytes", out, err)
+        if timed_out:
+            return Outcome(False, "timeout", out, err)
         if proc.returncode == 0:
-            return Outcome(True, "passed", _text(out), _text(err))
+            return Outcome(True, "passed", out, err)
         reason = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else "failed"
-        return Outcome(False, reason, _text(out), _text(err))
+        return Outcome(False, reason, out, err)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+MAX_OUTPUT_BYTES = 1 << 20  # what a program may write to stdout + stderr each; past it, a failure
+
+
+class _Capture(threading.Thread):
+    """Reads one of the program's pipes to its end, keeping only the last 16 KiB: a program that
+    writes past MAX_OUTPUT_BYTES is killed (its group) and fails, so a flood costs no memory."""
+
+    def __init__(self, pipe, flood: threading.Event, pgid: int):
+        super().__init__(daemon=True)
+        self.pipe, self.flood, self.pgid = pipe, flood, pgid
+        self.tail, self.total = bytearray(), 0
+        self.start()
+
+    def run(self) -> None:
+        with self.pipe:
+            while chunk := self.pipe.read1(1 << 16):
+                self.total += len(chunk)
+                self.tail += chunk
+                del self.tail[: -(1 << 14)]
+                if self.total > MAX_OUTPUT_BYTES and not self.flood.is_set():
+                    self.flood.set()
+                    _kill_group(self.pgid)
 
 
 def _kill_group(pgid: int) -> None:

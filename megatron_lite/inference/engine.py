@@ -42,6 +42,7 @@ from megatron_lite.inference.generation import (
 from megatron_lite.inference.kv_cache import SlotKVCache
 
 _DONE = object()  # the end of a request's token stream
+FAILED = -1  # the token of a row whose step failed
 DEFAULT_MAX_REQUESTS = 8  # Megatron's --inference-max-requests default: rows of the batch
 
 
@@ -146,13 +147,16 @@ class EngineCore:
         sampled = None
         if logits is not None:
             last = logits[torch.arange(len(rows)), lengths.to(logits.device) - 1]  # [b, vocab]
-            sampled = torch.cat(
-                [
-                    sample(last[i : i + 1], self.params[r], self.generators[r])
-                    for i, r in enumerate(rows)
-                ]
-            )
+            sampled = torch.cat([self._sample(last[i : i + 1], r) for i, r in enumerate(rows)])
         return _broadcast_token(sampled, self.lm.ps, len(rows)).tolist()
+
+    def _sample(self, logits: torch.Tensor, row: int) -> torch.Tensor:
+        """One row's token, or FAILED when its sampling raised: the token is still broadcast, so
+        every rank stays in step and only that row's request fails."""
+        try:
+            return sample(logits, self.params[row], self.generators[row])
+        except (RuntimeError, ValueError):
+            return torch.tensor([FAILED])
 
 
 def follow(lm: LanguageModel, max_batch_size: int = DEFAULT_MAX_REQUESTS) -> None:
@@ -250,8 +254,19 @@ class Engine:
 
     def _run(self, plan: dict, rows: list[int]) -> None:
         broadcast_json(plan, self.lm)
-        for row, token in zip(rows, self.core.step(plan)):
+        error: BaseException = RuntimeError("sampling failed")
+        try:
+            tokens = self.core.step(plan)
+        except Exception as e:
+            if self.lm.ps.tp_size * self.lm.ps.pp_size > 1:
+                raise  # the ranks may disagree now: stop serving (the loop fails everything)
+            tokens, error = [FAILED] * len(rows), e  # one process: only this step's requests fail
+        for row, token in zip(rows, tokens):
             req = self._active[row]
+            if token == FAILED:
+                del self._active[row]
+                req._finish(None, error)
+                continue
             req._push(token)
             reason = _finish_reason(req)
             if reason is not None:

@@ -239,7 +239,9 @@ def sample(
     logits = logits.float().cpu()
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits / params.temperature
+    # scaled from the max (0 there, <= 0 elsewhere): any temperature > 0 stays finite, and one so
+    # small that every other token underflows to -inf is greedy (1e-40 used to give NaN probs)
+    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)

@@ -145,14 +145,37 @@ def _max_tokens(req: dict, n_prompt: int, limits: dict) -> int:
     return v
 
 
+class _LongInt:
+    """What a JSON integer of more digits than any field accepts parses to: a field check refuses
+    it by name (int() of 5,000 digits raises past Python's digit limit, with no field named)."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits)
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def load_json_body(body: bytes):
+    """The request body's JSON, or ValueError saying why not (bad UTF-8 or JSON, nested too deep)."""
+    try:
+        return json.loads(
+            body.decode("utf-8"), parse_int=lambda s: int(s) if len(s) < 40 else _LongInt(s)
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("request body is not valid JSON: nested too deep") from None
+
+
 def parse_openai(
     body: bytes, kind: str, tokenizer, chat: ChatFormat, limits: dict
 ) -> OpenAIRequest:
     """The validated request, or an OpenAIError saying which field is wrong."""
     try:
-        req = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OpenAIError(400, f"request body is not valid JSON: {e}") from None
+        req = load_json_body(body)
+    except ValueError as e:
+        raise OpenAIError(400, str(e)) from None
     if not isinstance(req, dict):
         raise OpenAIError(400, "request body must be a JSON object")
     _check_fields(req, kind)

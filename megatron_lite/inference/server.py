@@ -33,6 +33,7 @@ from megatron_lite.inference.openai_api import (
     Answer,
     OpenAIError,
     TextStream,
+    load_json_body,
     models_list,
     parse_openai,
 )
@@ -62,9 +63,9 @@ def _int_field(req: dict, name: str, default: int, lo: int, hi: int) -> int:
 def parse_request(body: bytes, tokenizer, limits: dict) -> dict:
     """The validated request (prompt tokens, sampling) or a RequestError with its status."""
     try:
-        req = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+        req = load_json_body(body)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
     if not isinstance(req, dict):
         raise RequestError(400, "request body must be a JSON object")
     unknown = sorted(set(req) - FIELDS)

@@ -81,7 +81,7 @@ class DocumentFilter:
         return None, cleaned
 
     def __call__(self, path: str, lineno: int, line: str) -> Result:
-        nbytes = len(line.encode("utf-8"))
+        nbytes = len(line.encode("utf-8", "surrogateescape"))  # the bytes as read, UTF-8 or not
         try:
             fields = parse_json_line(line, [self.cfg.text_key], path, lineno)
         except BadLineError as e:

@@ -21,12 +21,27 @@ from megatron_lite.data.cleaning.scan import scan_shard
 REPORT_JSON, REPORT_TEXT = "report.json", "report.txt"
 
 
+def check_outputs(inputs: list[str], output_dir: str) -> None:
+    """ValueError when an output (a cleaned file or a report) is, or links to, one of the inputs:
+    the rename at the end would replace the input with its cleaned copy."""
+    real = {os.path.realpath(i): i for i in inputs}
+    outputs = [os.path.basename(i) for i in inputs] + [REPORT_JSON, REPORT_TEXT]
+    for name in outputs:
+        out = os.path.join(output_dir, name)
+        if os.path.realpath(out) in real:
+            raise ValueError(
+                f"--output-dir {output_dir}: the output {out} would overwrite the input "
+                f"{real[os.path.realpath(out)]}; pick an --output-dir apart from the inputs"
+            )
+
+
 def finish(
     work_dir: str, output_dir: str, max_examples: int = 3, start: float | None = None
 ) -> dict:
     """Pass 2 over every shard in `work_dir`: drop duplicates, write the outputs and the report."""
     start = time.time() if start is None else start
     manifests = load_manifests(work_dir)
+    check_outputs([f["input"] for m in manifests for f in m["files"]], output_dir)
     os.makedirs(output_dir, exist_ok=True)
     flag_dir = os.path.join(work_dir, f"dedup.tmp-{os.getpid()}")
     os.makedirs(flag_dir)
