@@ -35,7 +35,8 @@ def with_checkpoint_args(cfg: Config) -> Config:
         raise ConfigError("--use-checkpoint-args needs --load")
     saved = open_checkpoint(cfg.checkpoint.load).config
     d = cfg.to_dict()
-    d["model"].update({k: saved["model"][k] for k in CHECKPOINT_MODEL_ARGS if k in saved["model"]})
+    copied = ("seq_length", *CHECKPOINT_MODEL_ARGS)  # as Megatron's load_args_from_checkpoint
+    d["model"].update({k: saved["model"][k] for k in copied if k in saved["model"]})
     if cfg.data.tokenizer_type is None:
         d["data"].update({k: saved["data"].get(k) for k in TOKENIZER_ARGS})
     new = Config.from_dict(d)

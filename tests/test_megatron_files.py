@@ -279,3 +279,37 @@ def test_reshard_writes_the_same_layout_as_training(saved, tmp_path):
         assert converted["checkpoint_version"] == 3.0
         for f in MEGATRON_READS:
             assert getattr(converted["args"], f) == getattr(trained["args"], f), f
+
+
+# Megatron-LM's check_checkpoint_args (checkpoint version 3.0): field -> value its argparse gives a
+# run of that model (add_position_embedding: True unless --no-position-embedding, which no Llama
+# script passes; padded_vocab_size and tp / pp compared only for --ckpt-format torch)
+def _megatron_expects(tp: int, pp: int, fmt: str) -> dict:
+    rules = dict(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                 add_position_embedding=True, max_position_embeddings=SEQ,
+                 make_vocab_size_divisible_by=128, tokenizer_type="NullTokenizer")  # fmt: skip
+    if fmt == "torch":
+        rules.update(padded_vocab_size=PADDED[tp], tensor_model_parallel_size=tp,
+                     pipeline_model_parallel_size=pp)  # fmt: skip
+    return rules
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_args_pass_megatron_lms_checks_with_its_llama_flags(flavour, tp, pp, fmt):
+    """A Llama run (rope, swiglu, RMSNorm, GQA, untied) gets add_position_embedding True, as
+    Megatron-LM's own run with --position-embedding-type rope has it; every compared field too."""
+    from megatron_lite.checkpointing.save import _plain_entries
+    from megatron_lite.checkpointing.torch_format import megatron_args
+
+    cfg = _cfg(tp, pp, None, tp * pp)
+    if flavour == "llama":
+        cfg.model.position_embedding_type, cfg.model.swiglu = "rope", True
+        cfg.model.normalization, cfg.model.num_query_groups = "RMSNorm", 2
+        cfg.model.untie_embeddings_and_output_weights = True
+    ps = argparse.Namespace(tp_size=tp, pp_size=pp, dp_size=1, ep_size=1)
+    args = megatron_args(_plain_entries(7, [None], None, cfg, ps, 56, {}, VOCAB), fmt)
+    got = {k: getattr(args, k) for k in _megatron_expects(tp, pp, fmt)}
+    assert got == _megatron_expects(tp, pp, fmt)
+    assert args.ckpt_format == fmt and args.consumed_train_samples == 56

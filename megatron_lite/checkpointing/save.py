@@ -28,7 +28,7 @@ from megatron_lite.checkpointing.files import (
     write_latest,
 )
 from megatron_lite.checkpointing.rng import gather_rng_states
-from megatron_lite.checkpointing.torch_format import to_file
+from megatron_lite.checkpointing.torch_format import CHECKPOINT_VERSION, megatron_args, to_file
 from megatron_lite.config import Config
 from megatron_lite.parallel_state import ParallelState
 
@@ -152,6 +152,12 @@ def _save_torch_dist(
         if save_optim
         else None,
         has_rng=not ck.no_save_rng,
+    )
+    # what Megatron-LM's torch_dist loader reads from common.pt (its loop writes them there)
+    common.update(
+        args=megatron_args(common, "torch_dist"),
+        checkpoint_version=CHECKPOINT_VERSION,
+        num_floating_point_operations_so_far=0,
     )
     from megatron_lite.checkpointing.dist import save_dist  # DCP: imported only when used
 

@@ -68,7 +68,7 @@ def _model_keys(n_chunks: int) -> list[str]:
     return ["model"] if n_chunks == 1 else [f"model{c}" for c in range(n_chunks)]
 
 
-def megatron_args(state: dict) -> argparse.Namespace:
+def megatron_args(state: dict, ckpt_format: str = "torch") -> argparse.Namespace:
     """Megatron-LM's `args` for a file of `state` (our neutral per-file entries): every plain
     config value under its (Megatron's) name, plus the layout, padded vocabulary and progress."""
     cfg, lay = state["config"], state["layout"]
@@ -93,12 +93,14 @@ def megatron_args(state: dict) -> argparse.Namespace:
         ),
         vocab_size=vocab,
         norm_epsilon=m["layernorm_epsilon"],
-        add_position_embedding=m["position_embedding_type"] == "learned_absolute",
+        # Megatron-LM's argparse default (only --no-position-embedding clears it); its rope runs
+        # pass --position-embedding-type rope and keep it, and check_checkpoint_args compares it
+        add_position_embedding=True,
         use_rotary_position_embeddings=m["position_embedding_type"] == "rope",
         transformer_impl="local",  # megatron-core's local spec names (no fused TE norms)
         consumed_train_samples=state["consumed_samples"],
         iteration=state["iteration"],
-        ckpt_format="torch",
+        ckpt_format=ckpt_format,
     )
     return argparse.Namespace(**values)
 
