@@ -22,6 +22,9 @@ from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.tensor_parallel.utils import set_default_attributes
 
+# torch >= 2.5: SDPA shares each kv head across its query group itself (no repeated K/V copies)
+SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 
 def _norm_tags(module: nn.Module, sequence_parallel: bool) -> None:
     for name, p in module.named_parameters():
@@ -144,11 +147,13 @@ class CoreAttention(nn.Module):
                 raise ValueError("context parallelism runs causal attention only: got a mask")
             return ring_attention(q, k, v, self.cp_group, self.scale)
         b, np_, sq, d = q.shape
-        if k.shape[1] != np_:  # grouped-query attention: each kv head serves np/ng query heads
-            k = k.repeat_interleave(np_ // k.shape[1], dim=1)
-            v = v.repeat_interleave(np_ // v.shape[1], dim=1)
         p = self.dropout_p if self.training else 0.0
         backend = resolve_attention_backend(self.backend, self.fusion, q.device.type)
+        gqa = k.shape[1] != np_  # grouped-query attention: each kv head serves np/ng query heads
+        if gqa and not (backend == "sdpa" and SDPA_HAS_GQA):  # else SDPA shares kv heads itself
+            k = k.repeat_interleave(np_ // k.shape[1], dim=1)
+            v = v.repeat_interleave(np_ // v.shape[1], dim=1)
+            gqa = False
         if self.window_left is not None:  # sliding window: an explicit mask on every backend
             mask = with_window(mask, sq, k.shape[2], self.window_left, q.device)
         with get_rng_tracker().fork():  # heads are split over tp: a different stream per rank
@@ -161,6 +166,7 @@ class CoreAttention(nn.Module):
                     dropout_p=p,
                     is_causal=mask is None,
                     scale=self.scale,
+                    **({"enable_gqa": True} if gqa else {}),
                 )
             scores = torch.matmul(q, k.transpose(-1, -2))  # [b, np, sq, sk], unscaled
             probs = self.softmax(scores, mask, fusion=backend == "fused")

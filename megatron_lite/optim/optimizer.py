@@ -79,7 +79,11 @@ def _inner_optimizer(optim_cfg: OptimConfig, groups: list[dict]) -> torch.optim.
             )
         except ImportError:
             pass
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+    # CUDA without apex: torch's fused kernel (one launch for all tensors); CPU: the foreach default
+    fused = {"fused": True} if on_cuda else {}
+    return torch.optim.AdamW(
+        groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **fused
+    )
 
 
 class MegatronOptimizer(PerParamState):

@@ -30,7 +30,11 @@ from megatron_lite.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron_lite.tensor_parallel.utils import set_tensor_model_parallel_attributes
-from megatron_lite.tensor_parallel.weight_grad_store import apply_grads, deferring_store
+from megatron_lite.tensor_parallel.weight_grad_store import (
+    any_store_alive,
+    apply_grads,
+    deferring_store,
+)
 
 
 class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
@@ -97,6 +101,8 @@ def linear_with_grad_accumulation_and_async_allreduce(
     sequence_parallel: bool,
     group: Group,
 ) -> torch.Tensor:
+    if not (allreduce_dgrad or sequence_parallel or any_store_alive()):
+        return F.linear(x, weight, bias)  # nothing to overlap or defer: autograd's own linear
     params = tuple(p if p is not None and p.requires_grad else None for p in (weight, bias))
     if any(p is not None for p in params) and torch.is_grad_enabled() and not x.requires_grad:
         x = x.detach().requires_grad_()  # backward must run to produce the weight gradients

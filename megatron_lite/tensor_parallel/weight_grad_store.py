@@ -14,6 +14,7 @@ through normal gradient accumulation and fire the parameters' post-accumulate-gr
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -24,6 +25,7 @@ class WeightGradStore:
     """Queue of weight-gradient closures, one list per deferred microbatch backward."""
 
     def __init__(self) -> None:
+        _live_stores.add(self)
         self._current: list[Callable[[], None]] | None = None
         self._queue: deque[list[Callable[[], None]]] = deque()
 
@@ -63,6 +65,16 @@ class WeightGradStore:
     def clear(self) -> None:
         """Drop every queued closure (after an aborted step)."""
         self._queue.clear()
+
+
+# Every store alive: while there is none, no backward can defer, so the linears take the plain
+# `F.linear` path (no custom autograd function, no nested backward per weight: ~free when off).
+_live_stores: weakref.WeakSet[WeightGradStore] = weakref.WeakSet()
+
+
+def any_store_alive() -> bool:
+    """Whether some WeightGradStore exists (a zero-bubble step, or a test driving one)."""
+    return len(_live_stores) > 0
 
 
 # The store inside `defer()`, if any: the linears' backward, which autograd may run on its own

@@ -113,7 +113,8 @@ def train_step(run: Run, data_iterators) -> dict:
     forward_backward = get_forward_backward_func(cfg, run.ps)
     extra, rows = step_settings(cfg)
     num_microbatches = run.microbatches.get()
-    moe.start_step(run.optimizer.get_loss_scale(), num_microbatches)
+    if cfg.moe.enabled:  # dense steps skip the MoE records entirely
+        moe.start_step(run.optimizer.get_loss_scale(), num_microbatches)
     with run.timers("forward-backward", 1):
         losses = forward_backward(
             forward_step_func=functools.partial(
