@@ -87,7 +87,10 @@ def test_layouts_match_single_process_dpo(setup):
     one = run_distributed(train, 1, flags)[0]
     layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
     eight = run_distributed(train, 8, [*flags, *layout], timeout=120)[-1]
-    for name in ("lm loss", *DPO_METRICS):
+    # Continuous quantities only: accuracy is a step function of margins near 0 early on, so rounding
+    # differences between layouts (and machines) flip it.
+    continuous = [name for name in DPO_METRICS if name != "dpo accuracy"]
+    for name in ("lm loss", *continuous):
         want, got = losses(one, name), losses(eight, name)
         assert sorted(want) == sorted(got) == [1, 2, 3, 4], (name, one[-2000:])
         for it in want:

@@ -369,7 +369,7 @@ def test_unsupported_hf_settings_and_exports_are_refused_with_the_reason():
             },
             "layer_types",
         ),  # fmt: skip
-        ({"model_type": "qwen2"}, "'mistral' and 'mixtral' can be imported"),
+        ({"model_type": "phi3"}, "'mixtral' and 'qwen2' can be imported"),
     ):
         with pytest.raises(CheckpointError, match=words):
             config_from_hf({**base, **hf})
