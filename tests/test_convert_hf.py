@@ -101,8 +101,11 @@ def _random_hf_model(flavour, path):
             eos_token_id=96,
         )
         model = transformers.GPT2LMHeadModel(config)
-    elif flavour == "qwen2":  # q/k/v biases only: imported as --add-qkv-bias
-        config = transformers.Qwen2Config(
+    else:  # qwen2 is a Llama with q/k/v biases only: imported as --add-qkv-bias
+        qwen2 = flavour == "qwen2"
+        config_class = transformers.Qwen2Config if qwen2 else transformers.LlamaConfig
+        model_class = transformers.Qwen2ForCausalLM if qwen2 else transformers.LlamaForCausalLM
+        config = config_class(
             num_hidden_layers=2,
             hidden_size=32,
             num_attention_heads=4,
@@ -112,19 +115,7 @@ def _random_hf_model(flavour, path):
             max_position_embeddings=24,
             rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
         )
-        model = transformers.Qwen2ForCausalLM(config)
-    else:
-        config = transformers.LlamaConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            vocab_size=97,
-            max_position_embeddings=24,
-            rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-        )
-        model = transformers.LlamaForCausalLM(config)
+        model = model_class(config)
     with torch.no_grad():  # norms and biases away from their 1/0 init, so a mix-up shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
