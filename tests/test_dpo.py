@@ -114,3 +114,59 @@ def test_dpo_refuses_missing_reference_and_non_pairs(setup, tmp_path):
     with pytest.raises(DataError, match=r"not preference pairs .* --task dpo"):
         DPODataset(MaskedDataset(sft), np.arange(1), 1, "train", seq_length=32, seed=1,
                    tokenizer=tok)  # fmt: skip
+
+
+def test_a_reference_of_other_pairs_or_garbage_is_refused_naming_the_file(setup, tmp_path):
+    """The reference is bound to its pairs' files (a digest): another dataset with as many pairs is
+    refused, and unreadable reference files give one DataError naming them, the data untouched."""
+    from megatron_lite.data.dpo_dataset import DPODataset
+    from megatron_lite.data.sft_dataset import MaskedDataset
+    from megatron_lite.data.tokenizer import NullTokenizer
+    from megatron_lite.errors import DataError
+
+    _, base, _, _ = setup
+    mine = preprocess(
+        write_records(tmp_path / "a.jsonl", preference_pairs(12, 3)), str(tmp_path / "a"), "dpo"
+    )
+    other = preprocess(
+        write_records(tmp_path / "b.jsonl", preference_pairs(12, 4)), str(tmp_path / "b"), "dpo"
+    )
+    reference(base, mine)
+
+    def build(prefix):
+        return DPODataset(MaskedDataset(prefix), np.arange(12), 12, "train", seq_length=32, seed=1,
+                          tokenizer=NullTokenizer(VOCAB))  # fmt: skip
+
+    assert build(mine).reference.shape == (12, 2)
+    npy, meta = reference_paths(mine)
+    other_npy, other_meta = reference_paths(other)
+    for src, dst in ((npy, other_npy), (meta, other_meta)):
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read())
+    with pytest.raises(
+        DataError, match=r"computed from other pairs than .*b_dpo.*dpo_reference.py"
+    ):
+        build(other)
+    data_files = sorted(tmp_path.glob("b_*.bin")) + sorted(tmp_path.glob("b_*.idx"))
+    before = {p: p.read_bytes() for p in data_files}
+    garbage = {
+        "npy": (other_npy, b"\x93NUMPY garbage"),
+        "object": (other_npy, None),
+        "json": (other_meta, b"{not json"),
+    }
+    for case, (path, content) in garbage.items():
+        for src, dst in (
+            (npy, other_npy),
+            (meta, other_meta),
+        ):  # a good pair, then one file spoiled
+            with open(src, "rb") as f, open(dst, "wb") as g:
+                g.write(f.read())
+        if content is None:
+            np.save(path, np.array([[{"a": 1}, None]] * 12, dtype=object), allow_pickle=True)
+        else:
+            with open(path, "wb") as f:
+                f.write(content)
+        with pytest.raises(DataError, match=rf"{path}: .*dpo_reference.py") as e:
+            build(other)
+        assert "\n" not in str(e.value), case
+    assert {p: p.read_bytes() for p in data_files} == before

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_lite.cli import run_main  # noqa: E402
-from megatron_lite.data.dpo_dataset import pair_rows, reference_paths  # noqa: E402
+from megatron_lite.data.dpo_dataset import data_digest, pair_rows, reference_paths  # noqa: E402
 from megatron_lite.data.sft_dataset import MaskedDataset  # noqa: E402
 from megatron_lite.errors import UserError  # noqa: E402
 from megatron_lite.inference.generation import LanguageModel, load_model  # noqa: E402
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         npy, meta = args.output, os.path.splitext(args.output)[0] + ".json"
     np.save(npy, logps)
     with open(meta, "w", encoding="utf-8") as f:
-        json.dump({"load": args.load, "iteration": args.iteration, "seq_length": seq_length}, f)
+        info = {"load": os.path.realpath(args.load), "iteration": args.iteration}
+        info.update(seq_length=seq_length, data_digest=data_digest(args.data_path))
+        json.dump(info, f)
     margin = logps[:, 0] - logps[:, 1]
     print(f"wrote {npy}: {len(logps)} pairs, seq_length {seq_length}")
     if args.print_margin:
