@@ -173,3 +173,18 @@ def test_real_tiny_sweep_predicts_a_held_out_size_within_2_percent(tmp_path):
     assert held["D"] == 600 * 16 * 64  # its last evaluation
     error = held["predicted"] / held["measured"] - 1
     assert abs(error) < 0.02, fitted.stdout
+
+
+def test_tool_names_the_line_of_a_non_numeric_losses_row(tmp_path):
+    rows = [f"{n},{20 * n},{SMALL_LAW.loss(n, 20 * n)}" for n in (1e6, 2e6, 4e6, 8e6, 16e6, 32e6)]
+    good = tmp_path / "good.csv"
+    good.write_text("N,D,loss\n" + "\n".join(rows) + "\n")
+    cmd = [sys.executable, "tools/scaling_laws.py", "--losses", str(good)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr  # the header is skipped, 6 points fit
+    bad = tmp_path / "bad.csv"
+    bad.write_text("N,D,loss\n" + "\n".join(rows[:3] + ["4e6,8e7,oops"] + rows[3:]) + "\n")
+    cmd[-1] = str(bad)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"{bad}:5: '4e6,8e7,oops': expected N,D,loss numbers" in out.stderr, out.stderr

@@ -70,15 +70,31 @@ def load_points(args, p) -> tuple[list[Run], list[tuple], dict[str, list[tuple]]
     if missing:
         p.error(f"--hold-out {sorted(missing)}: not among the --runs ({[r.name for r in runs]})")
     if args.losses:
-        with open(args.losses, newline="") as f:
-            for row in csv.reader(f):
-                try:
-                    points.append(tuple(float(x) for x in row[:3]))
-                except ValueError:
-                    continue  # a header
+        points.extend(read_losses_csv(args.losses, p))
     if len(points) < 5:
         p.error(f"{len(points)} points to fit: 5 parameters need at least 5 (--runs, --losses)")
     return runs, points, held
+
+
+def read_losses_csv(path: str, p) -> list[tuple[float, float, float]]:
+    """N,D,loss rows of `path`; the first row may be a header, any other row must be three numbers."""
+    out = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, row in enumerate(csv.reader(f), 1):
+                if not row or all(not x.strip() for x in row):
+                    continue
+                try:
+                    if len(row) != 3:
+                        raise ValueError
+                    out.append(tuple(float(x) for x in row))
+                except ValueError:
+                    if line == 1:
+                        continue  # a header
+                    p.error(f"--losses {path}:{line}: {','.join(row)!r}: expected N,D,loss numbers")
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"--losses {path}: {e}")
+    return out
 
 
 def shape_config(ref: Config, layers: int, hidden: int) -> Config:
