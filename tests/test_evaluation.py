@@ -6,6 +6,7 @@ pp 2, tp 2 x pp 2 and dp 2 as in one process (generation too); each reader must 
 format and name file:line for a malformed one; pass@k must be Chen et al.'s estimator.
 """
 
+import gzip
 import importlib.util
 import itertools
 import json
@@ -233,6 +234,14 @@ def test_malformed_task_files_name_file_line_and_what_was_expected(tmp_path, mod
     (csv_dir / "law_test.csv").write_text("q,a,b,c,d,A\nq,a,b,c,A\n")
     with pytest.raises(TaskError, match=r"law_test.csv:2: expected 6 columns .* got 5"):
         load_task(f"mmlu={tmp_path / 'mmlu'}")
+    good = '{"task_id": "t/0", "prompt": "def f():\\n", "test": "", "entry_point": "f"}\n'
+    bad.write_bytes(good.encode() + b'{"task_id": "t/1", "prompt": "\xff\xfe"}\n')
+    with pytest.raises(TaskError, match=rf"{bad}:2: not valid UTF-8 \(byte 0xff at column 31\)"):
+        load_task(f"humaneval={bad}")
+    gz = tmp_path / "HumanEval.jsonl.gz"
+    gz.write_bytes(gzip.compress(good.encode() * 50)[:-30])  # truncated
+    with pytest.raises(TaskError, match=rf"{gz}: cannot be read to the end"):
+        load_task(f"humaneval={gz}")
 
 
 def test_unknown_task_is_listed_against_the_known_ones(tmp_path):

@@ -25,11 +25,17 @@ def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """(where, object) for each non-blank line; `where` is "file:line". Malformed JSON, or a line
     that is not an object, raises TaskError naming file:line."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(_lines(f, path), 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(
+                    f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -37,6 +43,14 @@ def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
             if not isinstance(obj, dict):
                 raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj
+
+
+def _lines(f, path: str) -> Iterator[bytes]:
+    """The lines of a binary file; a truncated or corrupt .gz raises TaskError naming the file."""
+    try:
+        yield from f
+    except (EOFError, OSError) as e:  # gzip.BadGzipFile is an OSError
+        raise TaskError(f"{path}: cannot be read to the end ({e})") from None
 
 
 def field(obj: dict, key: str, kind: type | tuple, where: str, what: str):
