@@ -6,7 +6,10 @@ outliving the torchrun agent that started it.
 A `UserError` (bad flags, files, values: megatron_lite.errors) prints `error: <message>` on stderr and
 exits 2, as argparse does for flag errors. Under a launcher only one rank prints it: the first to
 claim it in the job's key-value store (torchrun's lives in its agent), or, before the process group
-exists, `LOCAL_RANK` 0 (every rank of a node then has the same error). A rank that then fails only
+exists, `LOCAL_RANK` 0 (every rank of a node then has the same error). The others wait (up to
+`REPORT_WAIT_S`) until the printer says it has printed before they exit: torchrun stops the whole job
+when the first rank exits, and a loser exiting at once could take the printer down before its line is
+out (they print the line themselves when no word comes). A rank that then fails only
 because a peer stopped with a user error (a broken collective, a pipeline abort) exits 1 without a
 traceback of its own. Any other exception is a bug: it propagates with its traceback.
 
@@ -21,10 +24,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 from megatron_lite.errors import UserError
 
 USER_ERROR_KEY = "megatron_lite/user_error"
+USER_ERROR_PRINTED_KEY = "megatron_lite/user_error_printed"
+REPORT_WAIT_S = 10.0
+PRE_GROUP_GRACE_S = 2.0
 EXIT_USER_ERROR = 2
 PARENT_POLL_S = 0.2
 
@@ -46,14 +53,37 @@ def _claim_report(message: str) -> bool:
     if store is None:
         return os.environ.get("LOCAL_RANK", "0") == "0"
     try:
-        first = store.add(USER_ERROR_KEY, 1) == 1
-        if first:  # pipeline peers blocked in a transfer learn of it and stop (pipeline/abort.py)
-            from megatron_lite.pipeline.abort import signal_abort
-
-            signal_abort(f"a rank stopped with: error: {message}")
-        return first
+        return store.add(USER_ERROR_KEY, 1) == 1
     except Exception:  # the store is gone (its host rank exited): better twice than never
         return True
+
+
+def _announce_printed(message: str) -> None:
+    """After the printer's line is out: the other ranks may exit, and pipeline peers blocked in a
+    transfer learn of it and stop (pipeline/abort.py)."""
+    store = _store()
+    if store is None:
+        return
+    from megatron_lite.pipeline.abort import signal_abort
+
+    try:
+        store.set(USER_ERROR_PRINTED_KEY, "1")
+    except Exception:
+        pass
+    signal_abort(f"a rank stopped with: error: {message}")
+
+
+def _printed_elsewhere() -> bool:
+    """Whether the rank that claimed the report has printed it (waits up to REPORT_WAIT_S)."""
+    store = _store()
+    if store is None:  # before the group: LOCAL_RANK 0 of every node prints; give it a moment
+        time.sleep(PRE_GROUP_GRACE_S)
+        return True
+    try:
+        store.wait([USER_ERROR_PRINTED_KEY], timedelta(seconds=REPORT_WAIT_S))
+        return True
+    except Exception:  # no word (the printer died, the store is gone): better twice than never
+        return False
 
 
 def _peer_reported() -> bool:
@@ -77,6 +107,9 @@ def report_user_error(e: Exception) -> int:
     """Print `error: <message>` (one line, on one rank); return the exit code."""
     message = _one_line(e)
     if _claim_report(message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        _announce_printed(message)
+    elif not _printed_elsewhere():
         print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
 

@@ -11,13 +11,25 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from launch_utils import TINY_GPT, kill_job, launch, layout_flags, run_pretrain, wait_for, workers
+from launch_utils import (
+    ROOT,
+    TINY_GPT,
+    TORCHRUN,
+    kill_job,
+    launch,
+    layout_flags,
+    run_pretrain,
+    wait_for,
+    workers,
+)
 
 from megatron_lite.checkpointing import read_latest_iteration
+from megatron_lite.parallel_state import free_port
 
 PP2 = [*TINY_GPT, *layout_flags(1, 2)]
 
@@ -130,3 +142,26 @@ def test_a_bad_eval_task_is_one_line_from_one_rank():
     assert out.returncode != 0
     assert errors == ["error: task 'choice': /nonexistent.jsonl does not exist"], out.stdout[-3000:]
     assert " iteration " not in out.stdout
+
+
+def test_a_user_error_reaches_the_terminal_when_both_ranks_race_on_a_loaded_machine():
+    """Both ranks raise the same user error at once and stderr is slow (RACE_PRINT_DELAY_S): the rank
+    that does not print waits for the printer, so torchrun never stops the job before the line is out.
+    Eight jobs at once (the load), half before the process group exists and half after."""
+    jobs = []
+    for k in range(8):
+        cmd = [TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+        cmd += [f"--master_port={free_port()}", str(ROOT / "tests" / "race_user_error.py")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RACE_PRINT_DELAY_S": "1"}
+        env["RACE_BEFORE_GROUP"] = str(k % 2)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        jobs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    for k, job in enumerate(jobs):
+        out = job.communicate(timeout=120)[0]
+        lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+        assert job.returncode != 0, out
+        assert lines == ["error: --window-size 16,0: a racing user error"], (k, out[-3000:])
