@@ -45,7 +45,7 @@ lint: $(DEPS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/shellcheck examples/*.sh examples/*.sbatch tests/launch/*.sh
+	$(VENV)/bin/shellcheck examples/*.sh examples/*.sbatch tests/launch/*.sh bench/*.sh
 
 format: $(DEPS)
 	$(PY) -m ruff check --fix .

@@ -4,6 +4,7 @@ The figures at these sizes mean nothing (and tests never assert wall-clock times
 that each script runs to its last line, so an API change cannot silently break a benchmark.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,25 @@ def test_benchmark_runs_at_tiny_sizes(script, tmp_path):
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert expected in out.stdout, out.stdout[-2000:]
+
+
+def test_gpu_suite_dry_run_prints_its_table():
+    """bench/gpu_suite.sh --dry-run: the suite's measurement steps (pretrain_gpt with the SDPA and the
+    fused softmax attention paths, an all-reduce over two ranks) at tiny sizes on CPU."""
+    out = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run"],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "`" in ln]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| train GPT tiny fp32, sdpa attention",
+        "| train GPT tiny fp32, fused attention",
+        "| all-reduce bus bandwidth",
+    ], out.stdout
+    for row in rows:
+        figure = row.split(" | ")[1]
+        assert float(figure.split()[0].replace(",", "")) > 0, row
