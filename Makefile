@@ -51,8 +51,9 @@ format: $(DEPS)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# every bench/bench_*.py at the sizes in bench/run_all.py (~10 minutes here), then one table of ratios
 bench: build
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) bench/run_all.py
 
 demo: build
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/pretrain_gpt_demo.sh

@@ -78,3 +78,22 @@ def test_gpu_suite_dry_run_prints_its_table():
     for row in rows:
         figure = row.split(" | ")[1]
         assert float(figure.split()[0].replace(",", "")) > 0, row
+
+
+def test_make_bench_runs_each_script_and_prints_one_table():
+    """bench/run_all.py (what `make bench` runs) knows every script, and its table gets each one's
+    comparison lines (here the pipeline simulator's bubbles, the one bench that takes no time)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run_all
+
+    assert sorted(run_all.ARGS) == sorted(SMOKE)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "pipeline"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    table = out.stdout.split("| bench | s | headline figures |")[1]
+    (row,) = [ln for ln in table.splitlines() if ln.startswith("| bench_")]
+    assert row.startswith("| bench_pipeline.py | ") and "ZB-H1 / 1F1B bubble" in row, row
