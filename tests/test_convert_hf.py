@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from factory import make_config
 from launch_utils import ROOT, TINY_GPT, layout_flags, load_tool, losses, run_pretrain
 
 from megatron_lite import checkpointing as ckpt
@@ -263,11 +264,9 @@ def test_impossible_target_layout_is_refused_with_the_reason(trained, tmp_path, 
 def _export_a_tiny_model_tokenized_by(data, vocab_size: int, tmp_path) -> dict:
     """Save a 1-layer model whose config names the tokenizer `data`, export it to tmp_path/hf;
     returns the exported config.json."""
-    from megatron_lite.config import Config, ModelConfig
     from megatron_lite.model import build_model_chunks
 
-    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2), data=data)
-    cfg.finalize(1)
+    cfg = make_config(1, num_layers=1, hidden_size=16, num_attention_heads=2, data=data)
     ps = ParallelState.single()
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(vocab_size))
     ckpt.save_checkpoint(

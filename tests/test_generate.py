@@ -14,11 +14,11 @@ import threading
 
 import pytest
 import torch
+from factory import tiny_config
 
 from megatron_lite.checkpointing import save_checkpoint
 from megatron_lite.checkpointing.hf_export import export_hf
 from megatron_lite.checkpointing.hf_reader import open_checkpoint
-from megatron_lite.config import Config, DataConfig, ModelConfig
 from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.inference.generation import (
@@ -54,16 +54,9 @@ FLAVOURS = {
 
 
 def _save(path, flavour):
-    m = ModelConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        seq_length=32,
-        make_vocab_size_divisible_by=16,
-        **FLAVOURS[flavour],
+    cfg = tiny_config(
+        1, seq_length=32, make_vocab_size_divisible_by=16, vocab_size=EOD, **FLAVOURS[flavour]
     )
-    cfg = Config(model=m, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=EOD))
-    cfg.finalize(1)
     ps = ParallelState.single()
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(VOCAB))
     gen = torch.Generator().manual_seed(11)

@@ -18,13 +18,14 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from factory import tiny_config
 
 from megatron_lite import checkpointing as ckpt
 from megatron_lite.checkpointing import CheckpointReader
 from megatron_lite.checkpointing.hf_reader import open_checkpoint
 from megatron_lite.checkpointing.megatron import is_megatron_dir
 from megatron_lite.checkpointing.torch_format import OPTIMIZER_KEY, RNG_KEY
-from megatron_lite.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.config import Config
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model.gpt import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
@@ -43,22 +44,11 @@ MEGATRON_READS = (
 
 
 def _cfg(tp: int, pp: int, vl: int | None, world: int) -> Config:
-    return Config(
-        model=ModelConfig(
-            num_layers=LAYERS,
-            hidden_size=HIDDEN,
-            num_attention_heads=HEADS,
-            max_position_embeddings=SEQ,
-            seq_length=SEQ,
-        ),
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            num_layers_per_virtual_pipeline_stage=vl,
-        ),
-        data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
-        train=TrainConfig(global_batch_size=8),
-    ).finalize(world)
+    return tiny_config(
+        world, num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+        max_position_embeddings=SEQ, seq_length=SEQ, tp=tp, pp=pp, vl=vl,
+        vocab_size=VOCAB, global_batch_size=8,
+    )  # fmt: skip
 
 
 def _save(root: str, tp: int, pp: int, vl: int | None) -> None:

@@ -15,9 +15,9 @@ import urllib.request
 import openai
 import pytest
 import torch
+from factory import tiny_config
 
 from megatron_lite.checkpointing import save_checkpoint
-from megatron_lite.config import Config, DataConfig, ModelConfig
 from megatron_lite.data.chat import ChatFormat
 from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.distributed.testing import run_distributed
@@ -51,10 +51,7 @@ CHAT = [{"role": "user", "content": "5 17 42"}]
 
 
 def _save(path, flavour, vocab=VOCAB):
-    m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=48,
-                    **FLAVOURS[flavour])  # fmt: skip
-    cfg = Config(model=m, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=vocab - 1))
-    cfg.finalize(1)
+    cfg = tiny_config(1, seq_length=48, vocab_size=vocab - 1, **FLAVOURS[flavour])
     ps = ParallelState.single()
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(vocab))
     gen = torch.Generator().manual_seed(3)

@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from factory import NO_DROPOUT, tiny_config
 
-from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.distributed.finalize import allreduce_embedding_grads
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model import build_model_chunks
@@ -26,23 +26,10 @@ EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
 def make_cfg(num_layers, pp=1, vpp_layers=None, schedule="1f1b"):
-    return Config(
-        model=ModelConfig(
-            num_layers=num_layers,
-            hidden_size=32,
-            num_attention_heads=4,
-            seq_length=SEQ,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            make_vocab_size_divisible_by=32,
-        ),
-        parallel=ParallelConfig(
-            pipeline_model_parallel_size=pp,
-            num_layers_per_virtual_pipeline_stage=vpp_layers,
-            pipeline_schedule=schedule,
-        ),
-        train=TrainConfig(seed=5),
-    )
+    return tiny_config(
+        num_layers=num_layers, seq_length=SEQ, **NO_DROPOUT, make_vocab_size_divisible_by=32,
+        pp=pp, vl=vpp_layers, pipeline_schedule=schedule, seed=5,
+    )  # fmt: skip
 
 
 def microbatches(step, m):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from datautil import train_gpt2_tokenizer, write_documents
+from factory import NO_DROPOUT, tiny_config
 from sftutil import (
     TINY,
     VOCAB,
@@ -20,7 +21,6 @@ from sftutil import (
     write_records,
 )
 
-from megatron_lite.config import Config, ModelConfig, TrainConfig
 from megatron_lite.data.chat import ChatFormat
 from megatron_lite.data.sft_dataset import MaskedDataset, SFTDataset, packed_sample
 from megatron_lite.data.tokenizer import NullTokenizer, build_tokenizer
@@ -162,11 +162,8 @@ FLAVOURS = {
 
 
 def tiny_model(flavour: str):
-    cfg = Config(
-        model=ModelConfig(num_layers=2, seq_length=32, hidden_dropout=0.0, attention_dropout=0.0,
-                          max_position_embeddings=32, **FLAVOURS[flavour]),
-        train=TrainConfig(seed=3),
-    )  # fmt: skip
+    cfg = tiny_config(seq_length=32, **NO_DROPOUT, max_position_embeddings=32, seed=3,
+                      **FLAVOURS[flavour])  # fmt: skip
     torch.manual_seed(0)
     return build_model_chunks(cfg, ParallelState.single(), cfg.padded_vocab_size(VOCAB + 1))[0]
 

@@ -8,9 +8,9 @@ or each tp trains a different model (before the fix: iteration 1 loss 6.4849 at 
 
 import pytest
 import torch
+from factory import NO_DROPOUT, make_config, tiny_config
 from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
 
-from megatron_lite.config import Config, ModelConfig
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
 
@@ -20,7 +20,7 @@ FLAGS[FLAGS.index("--vocab-size") + 1] = "512"  # 513 ids with eod; the default 
 
 
 def test_default_divisor_pads_differently_per_tp():
-    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4))
+    cfg = make_config(num_layers=1, hidden_size=64, num_attention_heads=4)
     padded = []
     for tp in (1, 2, 4):
         cfg.parallel.tensor_model_parallel_size = tp
@@ -29,17 +29,7 @@ def test_default_divisor_pads_differently_per_tp():
 
 
 def test_real_rows_do_not_depend_on_padding_and_padded_logits_are_minus_inf():
-    cfg = Config(
-        model=ModelConfig(
-            num_layers=1,
-            hidden_size=32,
-            num_attention_heads=4,
-            seq_length=8,
-            max_position_embeddings=8,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-        )
-    )
+    cfg = tiny_config(num_layers=1, seq_length=8, max_position_embeddings=8, **NO_DROPOUT)
     small, large = (
         build_model_chunks(cfg, ParallelState.single(), padded, vocab_size=513)[0]
         for padded in (640, 1024)
