@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datautil import TOOLS, train_gpt2_tokenizer, write_documents, write_jsonl
+from data_util import TOOLS, train_gpt2_tokenizer, write_documents, write_jsonl
 from factory import tiny_config
 
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader, save_checkpoint

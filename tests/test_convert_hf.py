@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from factory import make_config
-from launch_utils import ROOT, TINY_GPT, layout_flags, load_tool, losses, run_pretrain
+from launch_util import ROOT, TINY_GPT, layout_flags, load_tool, losses, run_pretrain
 
 from megatron_lite import checkpointing as ckpt
 from megatron_lite.arguments import parse_args

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from datautil import labelled_documents, write_documents
+from data_util import labelled_documents, write_documents
 from factory import make_config
 
 from megatron_lite.config import DataConfig

@@ -1,6 +1,6 @@
 """DDP, distributed optimizer, mixed precision and clipping on gloo, against one process on the full batch.
 
-The reference is independent of megatron_lite's optimizer: the unsplit toy model (tests/ddp_toys.py) on
+The reference is independent of megatron_lite's optimizer: the unsplit toy model (tests/ddp_util.py) on
 the whole global batch with torch.optim.AdamW (no decay on 1-D parameters) and
 torch.nn.utils.clip_grad_norm_.
 """
@@ -26,7 +26,7 @@ from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.optim import build_optimizer
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training import optimizer_step
-from tests import ddp_toys as toys
+from tests import ddp_util as toys
 
 LR, WD, CLIP = 1e-2, 0.1, 0.5
 

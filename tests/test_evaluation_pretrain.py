@@ -11,7 +11,7 @@ import importlib.util
 import json
 
 import pytest
-from launch_utils import ROOT, build_corpus, layout_flags, run_pretrain
+from launch_util import ROOT, build_corpus, layout_flags, run_pretrain
 
 pytest.importorskip("tensorboard")
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import TINY_GPT, kill_job, launch, layout_flags, run_pretrain, wait_for, workers
+from launch_util import TINY_GPT, kill_job, launch, layout_flags, run_pretrain, wait_for, workers
 
 from megatron_lite.checkpointing import read_latest_iteration
 

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from launch_utils import ROOT, TINY_GPT, losses, run_pretrain
+from launch_util import ROOT, TINY_GPT, losses, run_pretrain
 
 from megatron_lite.checkpointing import CheckpointError
 from megatron_lite.checkpointing.megatron import MegatronReader, is_megatron_dir

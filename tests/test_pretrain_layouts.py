@@ -6,7 +6,7 @@ fp32, same seed, same data, dropout off: per-iteration lm loss within 1e-5 relat
 import re
 
 import pytest
-from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
+from launch_util import TINY_GPT, layout_flags, losses, run_pretrain
 
 ITERS = 10
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]

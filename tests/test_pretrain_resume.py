@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from launch_utils import (
+from launch_util import (
     TINY_GPT,
     build_corpus,
     eval_losses,
@@ -17,10 +17,10 @@ from launch_utils import (
     losses,
     run_pretrain,
 )
-from launch_utils import kill_job as _kill_job
-from launch_utils import launch as _launch
-from launch_utils import wait_for as _wait_for
-from launch_utils import workers as _workers
+from launch_util import kill_job as _kill_job
+from launch_util import launch as _launch
+from launch_util import wait_for as _wait_for
+from launch_util import workers as _workers
 
 from megatron_lite.checkpointing import read_latest_iteration
 

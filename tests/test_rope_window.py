@@ -23,7 +23,7 @@ import shlex
 
 import pytest
 import torch
-from launch_utils import TINY_GPT, layout_flags, load_tool, losses, run_pretrain
+from launch_util import TINY_GPT, layout_flags, load_tool, losses, run_pretrain
 
 from megatron_lite.arguments import parse_args
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader

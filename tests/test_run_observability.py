@@ -10,7 +10,7 @@ import re
 import struct
 
 import pytest
-from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
+from launch_util import TINY_GPT, layout_flags, losses, run_pretrain
 
 from megatron_lite.arguments import parse_args
 from megatron_lite.timers import Timers

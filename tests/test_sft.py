@@ -8,9 +8,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from datautil import train_gpt2_tokenizer, write_documents
+from data_util import train_gpt2_tokenizer, write_documents
 from factory import NO_DROPOUT, tiny_config
-from sftutil import (
+from sft_util import (
     TINY,
     VOCAB,
     addition_task,
@@ -111,7 +111,7 @@ def test_hf_chat_template_masks_assistant_turns(tokenizers, template):
 
 
 def test_preprocess_tool_applies_the_hf_tokenizers_own_template(tokenizers, tmp_path):
-    import preprocess_sft_data  # tools/ (on the path through datautil)
+    import preprocess_sft_data  # tools/ (on the path through data_util)
 
     _, hf = tokenizers
     jsonl = write_records(tmp_path / "c.jsonl", [{"messages": CHAT}])
@@ -125,7 +125,7 @@ def test_preprocess_tool_applies_the_hf_tokenizers_own_template(tokenizers, tmp_
 
 
 def test_preprocess_tool_writes_tokens_and_masks_and_names_bad_lines(tmp_path, capsys):
-    import preprocess_sft_data  # tools/ (on the path through datautil)
+    import preprocess_sft_data  # tools/ (on the path through data_util)
 
     records = [
         {"prompt": "1 2", "response": "2 1"},

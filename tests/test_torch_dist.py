@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from launch_utils import TINY_GPT, kill_job, launch, layout_flags, losses, run_pretrain
+from launch_util import TINY_GPT, kill_job, launch, layout_flags, losses, run_pretrain
 from test_checkpointing_gpt import _assert_same_model_and_optimizer, _setup, _snapshot
 
 from megatron_lite import checkpointing as ckpt

@@ -9,7 +9,7 @@ or each tp trains a different model (before the fix: iteration 1 loss 6.4849 at 
 import pytest
 import torch
 from factory import NO_DROPOUT, make_config, tiny_config
-from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
+from launch_util import TINY_GPT, layout_flags, losses, run_pretrain
 
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState

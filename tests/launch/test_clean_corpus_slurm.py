@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch_utils import ROOT
+from launch_util import ROOT
 from launching import LAUNCH_TIMEOUT, clean_env
 
 from megatron_lite.data.cleaning.synthetic import CorpusGenerator

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from launch_utils import ROOT, build_corpus, losses
+from launch_util import ROOT, build_corpus, losses
 from launching import LAUNCH_TIMEOUT, assert_same_losses, clean_env, run_group
 
 from megatron_lite.checkpointing import read_latest_iteration

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import ROOT, TINY_GPT, TORCHRUN, layout_flags, losses
+from launch_util import ROOT, TINY_GPT, TORCHRUN, layout_flags, losses
 from launching import (
     LAUNCH_TIMEOUT,
     assert_same_losses,
