@@ -255,11 +255,13 @@ def test_tp2_pp2_checkpoint_loads_into_tp1_pp1_and_tp4(tmp_path):
     run_distributed(_load_and_check, 4, str(tmp_path), 4, 1, timeout=60)
 
 
+@pytest.mark.slow
 def test_interleaved_tp1_pp2_dp2_loads_into_tp2_pp2(tmp_path):
     run_distributed(_save, 4, str(tmp_path), 1, 2, 1, timeout=60)  # vpp = 2 chunks per stage
     run_distributed(_load_and_check, 4, str(tmp_path), 2, 2, timeout=60)
 
 
+@pytest.mark.slow
 def test_layout_round_trip_is_bitwise(tmp_path):
     a, b, c = (str(tmp_path / x) for x in "abc")
     run_distributed(_save, 4, a, 2, 2, timeout=60)
@@ -453,6 +455,7 @@ def _saver(root, hidden=16, env=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["before_rename", "before_latest"])
 def test_kill_9_mid_save_leaves_previous_checkpoint_loadable(tmp_path, point):
     proc = _saver(str(tmp_path), env={ckpt.PAUSE_ENV: point})
@@ -471,6 +474,7 @@ def test_kill_9_mid_save_leaves_previous_checkpoint_loadable(tmp_path, point):
     assert ckpt.read_latest_iteration(str(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_never_breaks_the_latest_checkpoint(tmp_path):
     rng = random.Random(0)
     for trial in range(3):

@@ -126,6 +126,7 @@ def _split_generate(paths, layouts):
     return out
 
 
+@pytest.mark.slow
 def test_tensor_and_pipeline_parallel_generation_equal_single_process(models, lms):
     """tp 2, pp 2 and tp 2 x pp 2 (hidden states sent stage to stage, the tied embedding's copy on
     the last stage, the token broadcast from it) give one process's tokens, for both flavours."""
@@ -243,6 +244,7 @@ def test_server_over_two_pipeline_stages_answers_as_one_process(models, lms):
     assert followed is None and served[0] == 200 and served[1]["tokens"] == want.tokens
 
 
+@pytest.mark.slow
 def test_generate_cli_prints_the_greedy_completion(models, lms):
     cmd = [sys.executable, str(ROOT / "tools/generate.py"), "--load", models["llama"][0]]
     cmd += ["--prompt", "5 17 42 8 3", "--greedy", "--max-new-tokens", "6", "--dtype", "fp32"]
@@ -357,6 +359,7 @@ def _split_batches(paths, tp, pp):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_batched_generation_at_tp2_pp2_equals_one_process(models, lms):
     want = [_one_at_a_time(lms[f], SAMPLED, [3, 4, 5, 6]) for f in FLAVOURS]
     paths = [models[f][0] for f in FLAVOURS]
@@ -391,6 +394,7 @@ def _sequence_parallel_tokens(paths):
     return out
 
 
+@pytest.mark.slow
 def test_sequence_parallel_generation_gives_the_plain_models_tokens(models):
     paths = [models[f][0] for f in FLAVOURS]
     for got in run_distributed(_sequence_parallel_tokens, 2, paths, timeout=120):

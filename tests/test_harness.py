@@ -42,6 +42,7 @@ def test_a_raising_rank_fails_fast_with_its_traceback():
     assert time.monotonic() - start < 30  # not the 60 s collective timeout
 
 
+@pytest.mark.slow
 def test_a_hanging_rank_fails_after_the_timeout():
     with pytest.raises(DistributedError, match="did not finish"):
         run_distributed(_rank_zero_hangs, 2, timeout=2)

@@ -413,6 +413,7 @@ def _serve_split(path, layouts):
     return answers
 
 
+@pytest.mark.slow
 def test_server_at_tp2_pp2_and_tp2_x_pp2_answers_as_one_process(paths, lms):
     lm = lms["llama"]
     want = (
@@ -427,6 +428,7 @@ def test_server_at_tp2_pp2_and_tp2_x_pp2_answers_as_one_process(paths, lms):
     assert followed == [[], [], []] and served == [want]
 
 
+@pytest.mark.slow
 def test_cli_server_answers_the_openai_client_under_its_served_name(paths, lms):
     import signal
     import subprocess

@@ -10,6 +10,7 @@ import sys
 import time
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 from factory import NO_DROPOUT, tiny_config
@@ -228,6 +229,7 @@ def _run_failing_job(tmp_path, pp, bad_rank, m):
         assert float(elapsed) < 10, (rank, elapsed)
 
 
+@pytest.mark.slow
 def test_a_raising_stage_makes_every_rank_fail_promptly(tmp_path):
     _run_failing_job(tmp_path, pp=4, bad_rank=1, m=6)
 
@@ -263,6 +265,7 @@ def test_pp2_schedules_match_single_process():
     ]
 
 
+@pytest.mark.slow
 def test_pp4_schedules_match_single_process():
     results = run_distributed(_pp4_layouts, 4, timeout=120)
     assert results[0] == ["pp=4 1f1b m=8", "pp=4 interleaved m=8", "pp=4 zero-bubble m=6"]

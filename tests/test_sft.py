@@ -304,6 +304,7 @@ def pretrain_and_finetune(tmp_path) -> tuple[str, str]:
     return base, tuned
 
 
+@pytest.mark.slow
 def test_finetuned_model_answers_the_instruction_task(tmp_path):
     """'what is A+B' (0 <= A, B <= 4): the base model answers few of 50 new prompts, the model
     fine-tuned from its checkpoint most (greedy generation up to the end token)."""

@@ -67,6 +67,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_default_flags_match_single_process_losses(tp1_losses, name):
     nproc, layout = LAYOUTS[name]
@@ -76,6 +77,7 @@ def test_default_flags_match_single_process_losses(tp1_losses, name):
         assert got[it] == pytest.approx(ref, rel=1e-5), (name, it, got[it], ref)
 
 
+@pytest.mark.slow
 def test_tp1_checkpoint_resumed_at_tp4_continues_the_tp1_losses(tp1_losses, tmp_path):
     """640 rows saved, 1024 loaded (zero-padded): the function, and so the losses, stay the same."""
     ckpt = ["--save", str(tmp_path), "--load", str(tmp_path)]
