@@ -255,13 +255,11 @@ def test_tp2_pp2_checkpoint_loads_into_tp1_pp1_and_tp4(tmp_path):
     run_distributed(_load_and_check, 4, str(tmp_path), 4, 1, timeout=60)
 
 
-@pytest.mark.slow
 def test_interleaved_tp1_pp2_dp2_loads_into_tp2_pp2(tmp_path):
     run_distributed(_save, 4, str(tmp_path), 1, 2, 1, timeout=60)  # vpp = 2 chunks per stage
     run_distributed(_load_and_check, 4, str(tmp_path), 2, 2, timeout=60)
 
 
-@pytest.mark.slow
 def test_layout_round_trip_is_bitwise(tmp_path):
     a, b, c = (str(tmp_path / x) for x in "abc")
     run_distributed(_save, 4, a, 2, 2, timeout=60)

@@ -117,7 +117,6 @@ def _assert_same_model_and_optimizer(src, dst, master=False):
     }  # samples: 2 steps of global batch 8
 
 
-@pytest.mark.slow
 def test_gpt_tp2_pp2_loads_into_tp1_pp1_and_tp4(tmp_path):
     src = run_distributed(_train_and_save, 4, str(tmp_path), 2, 2, timeout=90)
     assert all(abs(st["exp_avg"]).sum() > 0 for s in src if s for st in s["optim"].values())
@@ -126,7 +125,6 @@ def test_gpt_tp2_pp2_loads_into_tp1_pp1_and_tp4(tmp_path):
         _assert_same_model_and_optimizer(src, dst)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
 def test_distributed_optimizer_tp2_dp2_loads_into_pp2_dp2_and_one_rank(tmp_path, bf16):
     src = run_distributed(_train_and_save, 4, str(tmp_path), 2, 1, True, bf16, timeout=90)
@@ -136,7 +134,6 @@ def test_distributed_optimizer_tp2_dp2_loads_into_pp2_dp2_and_one_rank(tmp_path,
     _assert_same_model_and_optimizer(src, dst, master=bf16)
 
 
-@pytest.mark.slow
 def test_fp32_and_bf16_checkpoints_cross_load_through_the_fp32_masters(tmp_path):
     fp32, bf16 = str(tmp_path / "fp32"), str(tmp_path / "bf16")
     src = run_distributed(_train_and_save, 2, fp32, 2, 1, timeout=90)

@@ -109,7 +109,6 @@ def test_gpt_tp2_dp2_with_sequence_parallel_and_zero1_matches_one_process():
     assert run_distributed(_gpt_checks, 4, 2, 1, variants, timeout=300) == [2] * 4
 
 
-@pytest.mark.slow
 def test_gpt_tp2_pp2_dp2_1f1b_and_zero_bubble_match_one_process():
     variants = [
         {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "ddp_bucket_size": 2000},

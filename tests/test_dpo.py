@@ -57,6 +57,7 @@ def setup(tmp_path_factory):
 DPO = ["--dpo", "--finetune", "--micro-batch-size", "4", "--global-batch-size", "16"]
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_held_out_margin(setup):
     d, base, pairs, held = setup
     tuned = str(d / "tuned")

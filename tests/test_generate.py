@@ -126,7 +126,6 @@ def _split_generate(paths, layouts):
     return out
 
 
-@pytest.mark.slow
 def test_tensor_and_pipeline_parallel_generation_equal_single_process(models, lms):
     """tp 2, pp 2 and tp 2 x pp 2 (hidden states sent stage to stage, the tied embedding's copy on
     the last stage, the token broadcast from it) give one process's tokens, for both flavours."""

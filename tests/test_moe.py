@@ -126,7 +126,6 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout,reference", LAYOUTS, ids=[n for n, _ in LAYOUTS])
 def test_layout_matches_single_process_losses_and_aux_losses(runs, layout, reference):
     got, ref = runs
@@ -140,7 +139,6 @@ CAPACITY_LAYOUTS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout,reference", CAPACITY_LAYOUTS, ids=[n for n, _ in CAPACITY_LAYOUTS])
 def test_capacity_drops_the_same_tokens_in_every_layout(runs, layout, reference):
     got, ref = runs
@@ -152,7 +150,6 @@ def test_capacity_drops_the_same_tokens_in_every_layout(runs, layout, reference)
     assert ref[reference]["steps"][0]["loss"] != ref["default"]["steps"][0]["loss"]
 
 
-@pytest.mark.slow
 def test_checkpoint_moves_between_ep_layouts_and_resumes_exactly(runs):
     got, ref = runs
     _assert_steps_match(got["ep2 resumed"], ref["default"], "ep2 save + go on")

@@ -308,6 +308,7 @@ LONG_FLAGS = [
 ]
 
 
+@pytest.mark.slow
 def test_windowed_yarn_training_at_tp2_and_pp2_matches_single_process_losses():
     """tp2 with sequence parallelism (SDPA, as the reference), and pp2 on the fused kernel."""
     ref = losses(run_pretrain(1, [*LONG_FLAGS, *layout_flags(1, 1)]).stdout)
