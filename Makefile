@@ -40,6 +40,11 @@ build: $(BUILT)
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the quick lane: every test module's fast cases (`slow` marks the long end-to-end ones), under
+# 5 minutes on 2 cores; `make test` still runs everything
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 # Python (ruff), the Dockerfile (hadolint: no Docker engine runs here) and every shell script (shellcheck)
 lint: $(DEPS)
 	$(PY) -m ruff check .

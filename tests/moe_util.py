@@ -4,17 +4,10 @@ in any layout: what tests/test_moe.py compares against one process."""
 from __future__ import annotations
 
 import torch
+from factory import NO_DROPOUT, tiny_config
 
 from megatron_lite import checkpointing
-from megatron_lite.config import (
-    Config,
-    DataConfig,
-    ModelConfig,
-    MoEConfig,
-    OptimConfig,
-    ParallelConfig,
-    TrainConfig,
-)
+from megatron_lite.config import Config
 from megatron_lite.distributed import DistributedDataParallel
 from megatron_lite.model import build_model_chunks
 from megatron_lite.model.moe import router
@@ -33,27 +26,12 @@ VOCAB, SEQ, MBS, GBS = 100, 16, 2, 8
 
 def make_cfg(world: int, tp=1, pp=1, ep=1, dist_opt=False, sp=False, **moe) -> Config:
     moe = {"num_experts": 4, "moe_aux_loss_coeff": 1e-2, "moe_z_loss_coeff": 1e-3, **moe}
-    return Config(
-        model=ModelConfig(
-            num_layers=4,
-            hidden_size=32,
-            num_attention_heads=4,
-            seq_length=SEQ,
-            max_position_embeddings=SEQ,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-        ),
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            use_distributed_optimizer=dist_opt,
-            sequence_parallel=sp,
-        ),
-        data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
-        optim=OptimConfig(lr=1e-2, clip_grad=1.0, lr_warmup_iters=1),
-        train=TrainConfig(micro_batch_size=MBS, global_batch_size=GBS, train_iters=20, seed=5),
-        moe=MoEConfig(expert_model_parallel_size=ep, **moe),
-    ).finalize(world)
+    return tiny_config(
+        world, num_layers=4, seq_length=SEQ, max_position_embeddings=SEQ, **NO_DROPOUT,
+        tp=tp, pp=pp, use_distributed_optimizer=dist_opt, sp=sp, vocab_size=VOCAB,
+        lr=1e-2, clip_grad=1.0, lr_warmup_iters=1,
+        micro_batch_size=MBS, global_batch_size=GBS, train_iters=20, seed=5, ep=ep, **moe,
+    )  # fmt: skip
 
 
 def build_run(cfg: Config, ps: ParallelState) -> Run:

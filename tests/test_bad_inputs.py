@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datautil import TOOLS, train_gpt2_tokenizer, write_documents, write_jsonl
+from data_util import TOOLS, train_gpt2_tokenizer, write_documents, write_jsonl
+from factory import tiny_config
 
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader, save_checkpoint
 from megatron_lite.checkpointing.hf_export import export_hf
 from megatron_lite.checkpointing.save import retain_checkpoints
-from megatron_lite.config import CheckpointConfig, Config, ConfigError, DataConfig, ModelConfig
+from megatron_lite.config import CheckpointConfig, Config, ConfigError, DataConfig
 from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.tokenizer import GPT2BPETokenizer, NullTokenizer
@@ -65,10 +66,7 @@ def _error_line(capsys) -> str:
 
 
 def _save_tiny(path: str, iteration: int = 1, data: DataConfig | None = None, **ck) -> Config:
-    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16)
-    cfg = Config(
-        model=model, data=data or DataConfig(tokenizer_type="NullTokenizer", vocab_size=99)
-    )
+    cfg = tiny_config(data=data) if data else tiny_config(vocab_size=99)
     for k, v in ck.items():
         setattr(cfg.checkpoint, k, v)
     cfg.finalize(1)
@@ -245,11 +243,8 @@ def _gpt_dataset(prefix: str, tokenizer, cache_dir=None, num_samples=8) -> GPTDa
 def _train_datasets(prefix: str):
     from megatron_lite.data import build_train_valid_test_datasets
 
-    cfg = Config(
-        model=ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8),
-        data=DataConfig(data_path=[prefix], split="1,0,0"),
-    )
-    cfg.finalize(1)
+    cfg = tiny_config(1, num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8,
+                      data_path=[prefix], split="1,0,0")  # fmt: skip
     return build_train_valid_test_datasets(cfg, NullTokenizer(99), [8, 0, 0])
 
 
@@ -352,10 +347,7 @@ def test_preprocess_removes_the_temp_files_a_killed_run_left(bpe, tmp_path, caps
 
 def _save_pp2(path: str) -> None:
     """Rank body: a tiny checkpoint saved by 2 pipeline stages (one file each)."""
-    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16)
-    cfg = Config(model=model, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=99))
-    cfg.parallel.pipeline_model_parallel_size = 2
-    cfg.finalize(2)
+    cfg = tiny_config(2, vocab_size=99, pp=2)
     ps = ParallelState.build(1, 2)
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(100))
     save_checkpoint(path, 1, chunks, None, None, cfg, ps, 0, vocab_size=100)

@@ -36,13 +36,18 @@ SMOKE = {
     "bench_pretrain.py": (["--iters", "7", "--layouts", "1x1x1"], "tokens/s"),
     "bench_serving.py": (["--smoke"], "32 concurrent"),
 }
+FAST = {"bench_model.py", "bench_pipeline.py"}
 
 
 def test_every_benchmark_is_covered():
     assert sorted(p.name for p in (ROOT / "bench").glob("bench_*.py")) == sorted(SMOKE)
 
 
-@pytest.mark.parametrize("script", sorted(SMOKE))
+@pytest.mark.parametrize(
+    "script",
+    # make test-fast runs the two quickest (under 4 s on 2 cores); make test runs every one
+    [pytest.param(s, marks=[] if s in FAST else pytest.mark.slow) for s in sorted(SMOKE)],
+)
 def test_benchmark_runs_at_tiny_sizes(script, tmp_path):
     args, expected = SMOKE[script]
     if script == "bench_checkpoint.py":
@@ -58,6 +63,7 @@ def test_benchmark_runs_at_tiny_sizes(script, tmp_path):
     assert expected in out.stdout, out.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run_prints_its_table():
     """bench/gpu_suite.sh --dry-run: the suite's measurement steps (pretrain_gpt with the SDPA and the
     fused softmax attention paths, an all-reduce over two ranks) at tiny sizes on CPU."""

@@ -17,18 +17,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from factory import make_config
 from torch import nn
 
 from megatron_lite import checkpointing as ckpt
 from megatron_lite.checkpointing import CheckpointError
-from megatron_lite.config import (
-    CheckpointConfig,
-    Config,
-    DataConfig,
-    ModelConfig,
-    ParallelConfig,
-    TrainConfig,
-)
+from megatron_lite.config import Config
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.parallel_state import ParallelState
 
@@ -36,22 +30,10 @@ VOCAB = 100  # true vocabulary; padded to 104 (tp1), 112 (tp2), 128 (tp4) with d
 
 
 def make_cfg(tp=1, pp=1, vl=None, hidden=16, layers=4, **ck) -> Config:
-    return Config(
-        model=ModelConfig(
-            num_layers=layers,
-            hidden_size=hidden,
-            num_attention_heads=4,
-            make_vocab_size_divisible_by=8,
-        ),
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            num_layers_per_virtual_pipeline_stage=vl,
-        ),
-        data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
-        checkpoint=CheckpointConfig(**ck),
-        train=TrainConfig(global_batch_size=8),
-    )
+    return make_config(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=4, make_vocab_size_divisible_by=8,
+        tp=tp, pp=pp, vl=vl, vocab_size=VOCAB, global_batch_size=8, **ck,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -471,6 +453,7 @@ def _saver(root, hidden=16, env=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["before_rename", "before_latest"])
 def test_kill_9_mid_save_leaves_previous_checkpoint_loadable(tmp_path, point):
     proc = _saver(str(tmp_path), env={ckpt.PAUSE_ENV: point})
@@ -489,6 +472,7 @@ def test_kill_9_mid_save_leaves_previous_checkpoint_loadable(tmp_path, point):
     assert ckpt.read_latest_iteration(str(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_never_breaks_the_latest_checkpoint(tmp_path):
     rng = random.Random(0)
     for trial in range(3):

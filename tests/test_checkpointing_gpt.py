@@ -8,16 +8,9 @@ live ranks of each run, not from the files) must be identical.
 import pytest
 import torch
 import torch.distributed as dist
+from factory import make_config
 
 from megatron_lite import checkpointing as ckpt
-from megatron_lite.config import (
-    Config,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    TrainConfig,
-)
 from megatron_lite.distributed import wrap_model_chunks, zero_grad_buffers
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model.gpt import build_model_chunks
@@ -31,23 +24,13 @@ VOCAB = 100  # padded to 104 (tp1), 112 (tp2), 128 (tp4)
 
 
 def _setup(tp, pp, dp_opt=False, bf16=False, seed=1234):
-    cfg = Config(
-        model=ModelConfig(
-            num_layers=4,
-            hidden_size=16,
-            num_attention_heads=4,
-            swiglu=True,  # fc1 is sharded with partition_stride 2
-            make_vocab_size_divisible_by=8,
-        ),
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            use_distributed_optimizer=dp_opt,
-        ),
-        data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
-        optim=OptimConfig(lr=1e-2, bf16=bf16, lr_warmup_iters=2),
-        train=TrainConfig(global_batch_size=8, train_iters=10, seed=seed),
-    ).finalize(dist.get_world_size())
+    cfg = make_config(
+        dist.get_world_size(), num_layers=4, hidden_size=16, num_attention_heads=4,
+        swiglu=True,  # fc1 is sharded with partition_stride 2
+        make_vocab_size_divisible_by=8, tp=tp, pp=pp, use_distributed_optimizer=dp_opt,
+        vocab_size=VOCAB, lr=1e-2, bf16=bf16, lr_warmup_iters=2,
+        global_batch_size=8, train_iters=10, seed=seed,
+    )  # fmt: skip
     ps = ParallelState.build(tp, pp)
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(VOCAB))
     if bf16:

@@ -14,7 +14,8 @@ import sys
 
 import pytest
 import torch
-from launch_utils import ROOT, TINY_GPT, layout_flags, load_tool, losses, run_pretrain
+from factory import make_config
+from launch_util import ROOT, TINY_GPT, layout_flags, load_tool, losses, run_pretrain
 
 from megatron_lite import checkpointing as ckpt
 from megatron_lite.arguments import parse_args
@@ -67,6 +68,7 @@ def hf_logits(path, tokens):
         return model.eval()(tokens).logits, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flavour,cls", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")]
 )
@@ -193,6 +195,7 @@ def _tp4_logits(path, tokens):
     return load_model(path, ps, dtype=torch.float32, device=CPU).logits(tokens)
 
 
+@pytest.mark.slow
 def test_reshard_tp2pp2_to_tp1pp1_to_tp4pp1_keeps_logits_and_optimizer_state(trained, tmp_path):
     src, _ = trained["gpt2"]
     tp1, tp4 = tmp_path / "tp1pp1", tmp_path / "tp4pp1"
@@ -222,6 +225,7 @@ def test_reshard_tp2pp2_to_tp1pp1_to_tp4pp1_keeps_logits_and_optimizer_state(tra
             assert torch.equal(t[: full.shape[0]], full[: t.shape[0]]), (name, k)
 
 
+@pytest.mark.slow
 def test_resharded_checkpoint_resumes_training_with_load(trained, tmp_path):
     src, reference = trained["gpt2"]
     dst = tmp_path / "tp1"
@@ -238,6 +242,7 @@ def test_resharded_checkpoint_resumes_training_with_load(trained, tmp_path):
         assert resumed[it] == pytest.approx(reference[it], rel=5e-5), (it, resumed, reference)
 
 
+@pytest.mark.slow
 def test_check_mode_exits_nonzero_when_logits_differ_beyond_tolerance(trained, tmp_path):
     src, _ = trained["llama"]
     args = ["--load-dir", str(src), "--saver", "hf", "--dtype", "bf16", "--check"]
@@ -250,6 +255,7 @@ def test_check_mode_exits_nonzero_when_logits_differ_beyond_tolerance(trained, t
     assert convert_tool.main(strict) == 1
 
 
+@pytest.mark.slow
 def test_impossible_target_layout_is_refused_with_the_reason(trained, tmp_path, capsys):
     src, _ = trained["llama"]  # 2 query groups cannot be split over 4 tp ranks
     args = ["--load-dir", str(src), "--save-dir", str(tmp_path / "x")]
@@ -263,11 +269,9 @@ def test_impossible_target_layout_is_refused_with_the_reason(trained, tmp_path, 
 def _export_a_tiny_model_tokenized_by(data, vocab_size: int, tmp_path) -> dict:
     """Save a 1-layer model whose config names the tokenizer `data`, export it to tmp_path/hf;
     returns the exported config.json."""
-    from megatron_lite.config import Config, ModelConfig
     from megatron_lite.model import build_model_chunks
 
-    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2), data=data)
-    cfg.finalize(1)
+    cfg = make_config(1, num_layers=1, hidden_size=16, num_attention_heads=2, data=data)
     ps = ParallelState.single()
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(vocab_size))
     ckpt.save_checkpoint(

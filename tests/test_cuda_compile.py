@@ -50,6 +50,7 @@ def test_cu_file_compiles_with_nvcc(cu, arch, tmp_path):
     assert "warning" not in out.stderr.lower(), out.stderr
 
 
+@pytest.mark.slow
 @needs_nvcc
 def test_cuda_glue_in_fused_kernels_cpp_compiles():
     from torch.utils.cpp_extension import include_paths

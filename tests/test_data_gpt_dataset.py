@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from datautil import labelled_documents, write_documents
+from data_util import labelled_documents, write_documents
+from factory import make_config
 
-from megatron_lite.config import Config, DataConfig, ModelConfig, TrainConfig
+from megatron_lite.config import DataConfig
 from megatron_lite.data import build_train_valid_test_datasets, train_valid_test_num_samples
 from megatron_lite.data.gpt_dataset import GPTDataset, ltor_masks_and_position_ids, split_ranges
 from megatron_lite.data.indexed_dataset import IndexedDataset
@@ -98,19 +99,11 @@ def test_split_boundaries_follow_megatron_rounding():
 
 def config(tmp, prefix_or_blend, split="6,2,2", **data):
     data_path = prefix_or_blend if isinstance(prefix_or_blend, list) else [prefix_or_blend]
-    cfg = Config(
-        model=ModelConfig(seq_length=SEQ),
-        data=DataConfig(
-            data_path=data_path,
-            split=split,
-            tokenizer_type="NullTokenizer",
-            vocab_size=EOD,
-            data_cache_path=str(tmp),
-            **data,
-        ),
-        train=TrainConfig(micro_batch_size=2, global_batch_size=4, train_iters=20, eval_interval=10, eval_iters=2),
+    return make_config(
+        2, seq_length=SEQ, data_path=data_path, split=split, vocab_size=EOD,
+        data_cache_path=str(tmp), **data,
+        micro_batch_size=2, global_batch_size=4, train_iters=20, eval_interval=10, eval_iters=2,
     )  # fmt: skip
-    return cfg.finalize(2)
 
 
 def test_no_sample_crosses_splits(tmp_path, prefix):

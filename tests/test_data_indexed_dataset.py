@@ -5,7 +5,7 @@ import struct
 
 import numpy as np
 import pytest
-from datautil import run_tool, write_documents
+from data_util import run_tool, write_documents
 
 from megatron_lite.data.indexed_dataset import (
     IndexedDataset,

@@ -4,7 +4,7 @@ PyPI builds its own on the CPU), a split too small for one sample included (both
 
 import numpy as np
 import pytest
-from datautil import labelled_documents, write_documents
+from data_util import labelled_documents, write_documents
 
 from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.data.indexed_dataset import IndexedDataset

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factory import NO_DROPOUT, tiny_config
 
-from megatron_lite.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from megatron_lite.config import Config
 from megatron_lite.distributed import finalize_model_grads, wrap_model_chunks, zero_grad_buffers
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model import build_model_chunks
@@ -28,22 +29,11 @@ EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
 def make_cfg(tp=1, pp=1, **par) -> Config:
-    return Config(
-        model=ModelConfig(
-            num_layers=4,
-            hidden_size=16,
-            num_attention_heads=2,
-            seq_length=SEQ,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            make_vocab_size_divisible_by=64,
-        ),
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **par
-        ),
-        optim=OptimConfig(lr=5e-3, weight_decay=0.1, clip_grad=0.5),
-        train=TrainConfig(seed=7, micro_batch_size=MBS),
-    )
+    return tiny_config(
+        num_layers=4, hidden_size=16, num_attention_heads=2, seq_length=SEQ, **NO_DROPOUT,
+        make_vocab_size_divisible_by=64, tp=tp, pp=pp, **par,
+        lr=5e-3, weight_decay=0.1, clip_grad=0.5, seed=7, micro_batch_size=MBS,
+    )  # fmt: skip
 
 
 def global_batch(step: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

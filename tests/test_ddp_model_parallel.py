@@ -1,6 +1,6 @@
 """DDP and the optimizer under tensor and pipeline parallelism match the unsplit model.
 
-The toy of tests/ddp_toys.py carries the parameter tags of docs/internals.md: tp-split weights,
+The toy of tests/ddp_util.py carries the parameter tags of docs/internals.md: tp-split weights,
 tp-replicated biases (norm counted once), a `sequence_parallel` scale (gradient summed over tp) and,
 with two stages, a tied `shared_embedding` (gradient summed over the embedding group, norm counted on
 the first stage only). Clipping is active (the norms exceed --clip-grad), so the returned global norm

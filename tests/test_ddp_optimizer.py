@@ -1,6 +1,6 @@
 """DDP, distributed optimizer, mixed precision and clipping on gloo, against one process on the full batch.
 
-The reference is independent of megatron_lite's optimizer: the unsplit toy model (tests/ddp_toys.py) on
+The reference is independent of megatron_lite's optimizer: the unsplit toy model (tests/ddp_util.py) on
 the whole global batch with torch.optim.AdamW (no decay on 1-D parameters) and
 torch.nn.utils.clip_grad_norm_.
 """
@@ -13,9 +13,10 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
+from factory import make_config
 
 from megatron_lite import comm
-from megatron_lite.config import Config, OptimConfig, ParallelConfig
+from megatron_lite.config import Config
 from megatron_lite.distributed import (
     DistributedDataParallel,
     finalize_model_grads,
@@ -25,20 +26,13 @@ from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.optim import build_optimizer
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training import optimizer_step
-from tests import ddp_toys as toys
+from tests import ddp_util as toys
 
 LR, WD, CLIP = 1e-2, 0.1, 0.5
 
 
 def make_cfg(tp=1, pp=1, **kw) -> Config:
-    par = {k: kw.pop(k) for k in list(kw) if k in ParallelConfig.__dataclass_fields__}
-    optim = {"lr": LR, "weight_decay": WD, "clip_grad": CLIP, **kw}
-    return Config(
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **par
-        ),
-        optim=OptimConfig(**optim),
-    )
+    return make_config(tp=tp, pp=pp, **{"lr": LR, "weight_decay": WD, "clip_grad": CLIP, **kw})
 
 
 def reference(steps: int, global_batch: int, clip: float = CLIP, dtype=torch.float32):

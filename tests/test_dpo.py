@@ -7,8 +7,8 @@ import random
 
 import numpy as np
 import pytest
-from datautil import write_documents
-from sftutil import TINY, VOCAB, losses, preprocess, train, write_records
+from data_util import write_documents
+from sft_util import TINY, VOCAB, losses, preprocess, train, write_records
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_lite.data.dpo_dataset import reference_paths
@@ -32,7 +32,7 @@ def preference_pairs(n: int, seed: int) -> list[dict]:
 
 def reference(load: str, data: str, output: str | None = None) -> np.ndarray:
     """tools/dpo_reference.py in this process: [pairs, 2] log-probabilities under `load`."""
-    import dpo_reference  # tools/ (on the path through datautil)
+    import dpo_reference  # tools/ (on the path through data_util)
 
     extra = ["--output", output] if output else []
     assert dpo_reference.main(["--load", load, "--data-path", data, *extra]) == 0
@@ -57,6 +57,7 @@ def setup(tmp_path_factory):
 DPO = ["--dpo", "--finetune", "--micro-batch-size", "4", "--global-batch-size", "16"]
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_held_out_margin(setup):
     d, base, pairs, held = setup
     tuned = str(d / "tuned")

@@ -234,6 +234,7 @@ def measured():
     return run_distributed(_measure_all, WORLD, timeout=240)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,flags", LAYOUTS, ids=[n for n, _ in LAYOUTS])
 def test_params_grads_optimizer_bytes_are_exact_per_rank(measured, name, flags):
     cfg = _cfg(flags)
@@ -251,6 +252,7 @@ def test_params_grads_optimizer_bytes_are_exact_per_rank(measured, name, flags):
         print(f"{name:30s} pp{pp_rank} dp{dp_rank} exact: {got}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,tp,flags", ACTIVATIONS, ids=[n for n, _, _ in ACTIVATIONS])
 def test_activations_within_15_percent_of_a_real_forward(measured, name, tp, flags):
     cfg = _cfg([*ACT_SHAPE, "--tensor-model-parallel-size", str(tp), *flags])
@@ -276,6 +278,7 @@ def test_in_flight_activations_follow_the_schedule():
     assert one.bubble_over_ideal == pytest.approx(3 / 8)  # (p - 1) / m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,flags", PIPELINES, ids=[n for n, _ in PIPELINES])
 def test_activation_peak_of_a_real_pipelined_step_within_15_percent(measured, schedule, flags):
     """The estimate's per-stage activations (one microbatch's bytes per chunk, summed over the
@@ -358,6 +361,7 @@ LLAMA_7B = (
 ).split()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [GPT_345M, LLAMA_7B], ids=["gpt-345m", "llama-7b"])
 def test_cli_prints_memory_and_a_table_of_fitting_layouts(flags):
     out = _cli(*flags, "--world-size", "64", "--search", "--top", "5")

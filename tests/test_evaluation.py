@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from evalutil import save_tiny_model, write_jsonl, write_tasks
+from eval_util import save_tiny_model, write_jsonl, write_tasks
 
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.evaluation import metrics

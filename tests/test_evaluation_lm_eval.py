@@ -17,7 +17,7 @@ import sys
 import textwrap
 
 import pytest
-from evalutil import save_tiny_model, write_jsonl, write_tasks
+from eval_util import save_tiny_model, write_jsonl, write_tasks
 
 pytest.importorskip("lm_eval")  # installed by `make test`
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import importlib.util
 import json
 
 import pytest
-from launch_utils import ROOT, build_corpus, layout_flags, run_pretrain
+from launch_util import ROOT, build_corpus, layout_flags, run_pretrain
 
 pytest.importorskip("tensorboard")
 
@@ -69,6 +69,7 @@ def _tensorboard(path) -> dict[str, dict[int, float]]:
     return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_eval_tasks_are_scored_in_the_log_and_tensorboard_and_equal_tools_evaluate(trained):
     d, tasks, log = trained
     lines = [ln for ln in log.splitlines() if "downstream tasks at iteration" in ln]
@@ -89,6 +90,7 @@ def test_eval_tasks_are_scored_in_the_log_and_tensorboard_and_equal_tools_evalua
                 assert tb[f"eval/{task}/{metric}"][it] == pytest.approx(value, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_trained_model_beats_the_context_free_baseline_on_held_out_tasks(trained):
     d, tasks, _ = trained
     out = d / "baseline.json"
@@ -113,6 +115,7 @@ def test_unknown_eval_task_fails_before_training(capsys):
     assert "unknown task 'lambda'; known tasks: arc_challenge" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "nproc,layout",
     [

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from evalutil import save_tiny_model
+from eval_util import save_tiny_model
 
 from megatron_lite.evaluation.requests import Scorer
 from megatron_lite.evaluation.runner import evaluate_task

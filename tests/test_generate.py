@@ -14,11 +14,11 @@ import threading
 
 import pytest
 import torch
+from factory import tiny_config
 
 from megatron_lite.checkpointing import save_checkpoint
 from megatron_lite.checkpointing.hf_export import export_hf
 from megatron_lite.checkpointing.hf_reader import open_checkpoint
-from megatron_lite.config import Config, DataConfig, ModelConfig
 from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.inference.generation import (
@@ -54,16 +54,9 @@ FLAVOURS = {
 
 
 def _save(path, flavour):
-    m = ModelConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        seq_length=32,
-        make_vocab_size_divisible_by=16,
-        **FLAVOURS[flavour],
+    cfg = tiny_config(
+        1, seq_length=32, make_vocab_size_divisible_by=16, vocab_size=EOD, **FLAVOURS[flavour]
     )
-    cfg = Config(model=m, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=EOD))
-    cfg.finalize(1)
     ps = ParallelState.single()
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(VOCAB))
     gen = torch.Generator().manual_seed(11)
@@ -250,6 +243,7 @@ def test_server_over_two_pipeline_stages_answers_as_one_process(models, lms):
     assert followed is None and served[0] == 200 and served[1]["tokens"] == want.tokens
 
 
+@pytest.mark.slow
 def test_generate_cli_prints_the_greedy_completion(models, lms):
     cmd = [sys.executable, str(ROOT / "tools/generate.py"), "--load", models["llama"][0]]
     cmd += ["--prompt", "5 17 42 8 3", "--greedy", "--max-new-tokens", "6", "--dtype", "fp32"]
@@ -364,6 +358,7 @@ def _split_batches(paths, tp, pp):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_batched_generation_at_tp2_pp2_equals_one_process(models, lms):
     want = [_one_at_a_time(lms[f], SAMPLED, [3, 4, 5, 6]) for f in FLAVOURS]
     paths = [models[f][0] for f in FLAVOURS]
@@ -398,6 +393,7 @@ def _sequence_parallel_tokens(paths):
     return out
 
 
+@pytest.mark.slow
 def test_sequence_parallel_generation_gives_the_plain_models_tokens(models):
     paths = [models[f][0] for f in FLAVOURS]
     for got in run_distributed(_sequence_parallel_tokens, 2, paths, timeout=120):

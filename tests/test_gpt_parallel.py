@@ -5,8 +5,9 @@ each pipeline stage/chunk gets the right layers and parameters."""
 import pytest
 import torch
 import torch.distributed as dist
+from factory import NO_DROPOUT, tiny_config
 
-from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.config import Config
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
@@ -30,16 +31,9 @@ FLAVOURS = {
 
 
 def make_cfg(flavour: str, tp: int = 1, sp: bool = False, pp: int = 1, **model) -> Config:
-    kw = dict(num_layers=2, seq_length=SEQ, hidden_dropout=0.0, attention_dropout=0.0)
-    kw.update(FLAVOURS[flavour])
+    kw = dict(seq_length=SEQ, **NO_DROPOUT, **FLAVOURS[flavour])
     kw.update(model)
-    return Config(
-        model=ModelConfig(make_vocab_size_divisible_by=32, **kw),
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
-        ),
-        train=TrainConfig(seed=7),
-    )
+    return tiny_config(make_vocab_size_divisible_by=32, **kw, tp=tp, pp=pp, sp=sp, seed=7)
 
 
 def _batch(explicit_mask: bool):

@@ -6,25 +6,26 @@ from unittest import mock
 
 import pytest
 import torch
+from factory import tiny_config
 
-from megatron_lite.config import Config, DataConfig, ModelConfig, TrainConfig
+from megatron_lite.config import Config
 from megatron_lite.model import transformer
 
 
 def _cfg(backend: str) -> Config:
-    model = ModelConfig(
+    return tiny_config(
+        1,
         num_layers=1,
         hidden_size=64,
         num_attention_heads=8,
         num_query_groups=2,
         group_query_attention=True,
-        seq_length=16,
         max_position_embeddings=16,
         attention_dropout=0.0,
         attention_backend=backend,
+        vocab_size=64,
+        micro_batch_size=2,
     )
-    data = DataConfig(tokenizer_type="NullTokenizer", vocab_size=64)
-    return Config(model=model, data=data, train=TrainConfig(micro_batch_size=2)).finalize(1)
 
 
 @pytest.mark.skipif(not transformer.SDPA_HAS_GQA, reason="this torch's SDPA has no enable_gqa")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import (
+from launch_util import (
     ROOT,
     TINY_GPT,
     TORCHRUN,
@@ -73,6 +73,7 @@ def sigterm_run(tmp_path_factory):
     return rc, "".join(lines), save
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_plain_torchrun_agent_ranks_save_agent_exits_1(sigterm_run):
     rc, text, save = sigterm_run
     saved = read_latest_iteration(str(save))
@@ -93,6 +94,7 @@ def test_a_config_error_after_parsing_is_one_line_from_one_rank():
     assert not _rank_lines(out.stdout) and "ConfigError" not in out.stdout
 
 
+@pytest.mark.slow
 def test_a_corrupt_stage_file_is_named_once_and_left_as_it_was(sigterm_run, tmp_path):
     _, _, save = sigterm_run
     ckpt = tmp_path / "ckpt"
@@ -110,6 +112,7 @@ def test_a_corrupt_stage_file_is_named_once_and_left_as_it_was(sigterm_run, tmp_
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_ranks_stop_within_seconds_when_the_agent_is_killed(tmp_path):
     proc, lines = launch(2, [*PP2, "--train-iters", "100000"])
     ranks = []
@@ -135,6 +138,7 @@ def test_ranks_stop_within_seconds_when_the_agent_is_killed(tmp_path):
             kill_job(proc)
 
 
+@pytest.mark.slow
 def test_a_bad_eval_task_is_one_line_from_one_rank():
     flags = [*TINY_GPT, "--train-iters", "2", *layout_flags(1, 2)]
     out = run_pretrain(2, [*flags, "--eval-tasks", "choice=/nonexistent.jsonl"], check=False)
@@ -144,6 +148,7 @@ def test_a_bad_eval_task_is_one_line_from_one_rank():
     assert " iteration " not in out.stdout
 
 
+@pytest.mark.slow
 def test_a_user_error_reaches_the_terminal_when_both_ranks_race_on_a_loaded_machine():
     """Both ranks raise the same user error at once and stderr is slow (RACE_PRINT_DELAY_S): the rank
     that does not print waits for the printer, so torchrun never stops the job before the line is out.

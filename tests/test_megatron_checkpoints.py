@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from launch_utils import ROOT, TINY_GPT, losses, run_pretrain
+from launch_util import ROOT, TINY_GPT, losses, run_pretrain
 
 from megatron_lite.checkpointing import CheckpointError
 from megatron_lite.checkpointing.megatron import MegatronReader, is_megatron_dir
@@ -243,6 +243,7 @@ def test_every_megatron_layout_reads_back_megatron_cores_tensors(mcore, tmp_path
             assert torch.equal(reader.full_tensor("output_layer.weight"), emb), (tp, pp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_loaded_model_matches_transformers_on_the_hf_export(mcore, tmp_path, flavour):
     """convert.py --loader megatron --saver hf --check: our model on the Megatron files against
@@ -280,6 +281,7 @@ def test_any_other_pickled_object_is_still_refused(mcore, tmp_path):
         MegatronReader(str(root))
 
 
+@pytest.mark.slow
 def test_training_routes_load_a_megatron_checkpoint(mcore, tmp_path):
     """--load (with --use-checkpoint-args and --no-load-optim) continues at the saved iteration;
     without --no-load-optim it says why not; --finetune starts at iteration 1."""

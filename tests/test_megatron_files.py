@@ -18,13 +18,14 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from factory import tiny_config
 
 from megatron_lite import checkpointing as ckpt
 from megatron_lite.checkpointing import CheckpointReader
 from megatron_lite.checkpointing.hf_reader import open_checkpoint
 from megatron_lite.checkpointing.megatron import is_megatron_dir
 from megatron_lite.checkpointing.torch_format import OPTIMIZER_KEY, RNG_KEY
-from megatron_lite.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_lite.config import Config
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model.gpt import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
@@ -43,22 +44,11 @@ MEGATRON_READS = (
 
 
 def _cfg(tp: int, pp: int, vl: int | None, world: int) -> Config:
-    return Config(
-        model=ModelConfig(
-            num_layers=LAYERS,
-            hidden_size=HIDDEN,
-            num_attention_heads=HEADS,
-            max_position_embeddings=SEQ,
-            seq_length=SEQ,
-        ),
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            num_layers_per_virtual_pipeline_stage=vl,
-        ),
-        data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=VOCAB),
-        train=TrainConfig(global_batch_size=8),
-    ).finalize(world)
+    return tiny_config(
+        world, num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+        max_position_embeddings=SEQ, seq_length=SEQ, tp=tp, pp=pp, vl=vl,
+        vocab_size=VOCAB, global_batch_size=8,
+    )  # fmt: skip
 
 
 def _save(root: str, tp: int, pp: int, vl: int | None) -> None:
@@ -162,6 +152,7 @@ def saved(tmp_path_factory):
     return roots, list(zip(specs, results, strict=True))
 
 
+@pytest.mark.slow
 def test_every_file_is_megatron_cores_stage_by_name_and_shape(saved):
     """`model` / `model<i>` of every file: megatron-core's keys (stage-local layer numbers, its
     `_extra_state` entries) and shapes (divided by tp where split); tp1 loads strictly, equal."""
@@ -178,6 +169,7 @@ def test_every_file_is_megatron_cores_stage_by_name_and_shape(saved):
         assert layers == set(range(spec["layers"])), (spec, layers)  # numbered from 0 per stage
 
 
+@pytest.mark.slow
 def test_files_carry_what_megatron_lm_reads(saved):
     """Megatron's keys: checkpoint_version 3.0, iteration, args with the fields its
     check_checkpoint_args compares; ours under keys it does not read, so it asks for
@@ -210,6 +202,7 @@ def test_files_carry_what_megatron_lm_reads(saved):
     assert vpp.virtual_pipeline_model_parallel_size == 2
 
 
+@pytest.mark.slow
 def test_every_layout_reads_back_the_same_full_tensors(saved):
     """Our reader maps stage-local numbers back to global ones: all three saves give the same
     full tensors by global name (the init does not depend on layout or padding past row 127)."""
@@ -223,6 +216,7 @@ def test_every_layout_reads_back_the_same_full_tensors(saved):
             assert torch.equal(full[other][name][:VOCAB], t[:VOCAB]), (other, name)
 
 
+@pytest.mark.slow
 def test_a_file_in_the_previous_layout_still_loads(saved, tmp_path):
     """Version 1: `model` a list of chunk dicts with global names, our optimizer and RNG states
     under `optimizer` and `rng_state`, no `args`; rewritten from the vpp save, it reads the same."""
@@ -260,6 +254,7 @@ def _shift(name: str, offset: int) -> str:
     return f"decoder.layers.{int(i) + offset}.{rest}"
 
 
+@pytest.mark.slow
 def test_reshard_writes_the_same_layout_as_training(saved, tmp_path):
     """convert.py's writer (reshard) is the training one: tp1 resharded to tp2 x pp2 gives files
     with the training save's model keys and shapes, `args` and `checkpoint_version`."""

@@ -4,8 +4,9 @@ capacity policies), padding to capacity, the grouped matmul, the shared expert, 
 import dataclasses
 
 import torch
+from factory import NO_DROPOUT, tiny_config
 
-from megatron_lite.config import Config, ModelConfig, MoEConfig
+from megatron_lite.config import Config
 from megatron_lite.model import build_model_chunks
 from megatron_lite.model.moe import aux_losses
 from megatron_lite.model.moe.layer import MoELayer
@@ -16,18 +17,8 @@ SEQ, BATCH, VOCAB = 16, 2, 100
 
 
 def _cfg(**moe) -> Config:
-    model = ModelConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        seq_length=SEQ,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        swiglu=True,
-        add_bias_linear=False,
-        ffn_hidden_size=64,
-    )
-    return Config(model=model, moe=MoEConfig(**{"num_experts": 4, **moe}))
+    model = dict(swiglu=True, add_bias_linear=False, ffn_hidden_size=64)
+    return tiny_config(seq_length=SEQ, **NO_DROPOUT, **model, **{"num_experts": 4, **moe})
 
 
 def _loss_and_grads(cfg: Config):

@@ -15,9 +15,9 @@ import urllib.request
 import openai
 import pytest
 import torch
+from factory import tiny_config
 
 from megatron_lite.checkpointing import save_checkpoint
-from megatron_lite.config import Config, DataConfig, ModelConfig
 from megatron_lite.data.chat import ChatFormat
 from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.distributed.testing import run_distributed
@@ -51,10 +51,7 @@ CHAT = [{"role": "user", "content": "5 17 42"}]
 
 
 def _save(path, flavour, vocab=VOCAB):
-    m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=48,
-                    **FLAVOURS[flavour])  # fmt: skip
-    cfg = Config(model=m, data=DataConfig(tokenizer_type="NullTokenizer", vocab_size=vocab - 1))
-    cfg.finalize(1)
+    cfg = tiny_config(1, seq_length=48, vocab_size=vocab - 1, **FLAVOURS[flavour])
     ps = ParallelState.single()
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(vocab))
     gen = torch.Generator().manual_seed(3)
@@ -416,6 +413,7 @@ def _serve_split(path, layouts):
     return answers
 
 
+@pytest.mark.slow
 def test_server_at_tp2_pp2_and_tp2_x_pp2_answers_as_one_process(paths, lms):
     lm = lms["llama"]
     want = (
@@ -430,6 +428,7 @@ def test_server_at_tp2_pp2_and_tp2_x_pp2_answers_as_one_process(paths, lms):
     assert followed == [[], [], []] and served == [want]
 
 
+@pytest.mark.slow
 def test_cli_server_answers_the_openai_client_under_its_served_name(paths, lms):
     import signal
     import subprocess

@@ -10,10 +10,11 @@ import sys
 import time
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
+from factory import NO_DROPOUT, tiny_config
 
-from megatron_lite.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megatron_lite.distributed.finalize import allreduce_embedding_grads
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model import build_model_chunks
@@ -26,23 +27,10 @@ EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
 def make_cfg(num_layers, pp=1, vpp_layers=None, schedule="1f1b"):
-    return Config(
-        model=ModelConfig(
-            num_layers=num_layers,
-            hidden_size=32,
-            num_attention_heads=4,
-            seq_length=SEQ,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            make_vocab_size_divisible_by=32,
-        ),
-        parallel=ParallelConfig(
-            pipeline_model_parallel_size=pp,
-            num_layers_per_virtual_pipeline_stage=vpp_layers,
-            pipeline_schedule=schedule,
-        ),
-        train=TrainConfig(seed=5),
-    )
+    return tiny_config(
+        num_layers=num_layers, seq_length=SEQ, **NO_DROPOUT, make_vocab_size_divisible_by=32,
+        pp=pp, vl=vpp_layers, pipeline_schedule=schedule, seed=5,
+    )  # fmt: skip
 
 
 def microbatches(step, m):
@@ -241,6 +229,7 @@ def _run_failing_job(tmp_path, pp, bad_rank, m):
         assert float(elapsed) < 10, (rank, elapsed)
 
 
+@pytest.mark.slow
 def test_a_raising_stage_makes_every_rank_fail_promptly(tmp_path):
     _run_failing_job(tmp_path, pp=4, bad_rank=1, m=6)
 
@@ -276,6 +265,7 @@ def test_pp2_schedules_match_single_process():
     ]
 
 
+@pytest.mark.slow
 def test_pp4_schedules_match_single_process():
     results = run_distributed(_pp4_layouts, 4, timeout=120)
     assert results[0] == ["pp=4 1f1b m=8", "pp=4 interleaved m=8", "pp=4 zero-bubble m=6"]

@@ -5,6 +5,7 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
+from factory import make_config
 
 from megatron_lite.config import Config, ConfigError, ModelConfig, ParallelConfig
 from megatron_lite.pipeline.actions import build_actions
@@ -100,7 +101,7 @@ def test_one_f_one_b_order_is_pipedream_flush():
 
 def test_schedule_choice_and_uneven_layers_rejected():
     def cfg(**par):
-        return Config(model=ModelConfig(num_layers=8), parallel=ParallelConfig(**par))
+        return make_config(num_layers=8, **par)
 
     assert schedule_name(cfg(), 1) == "no-pipelining"
     assert schedule_name(cfg(pipeline_model_parallel_size=2), 2) == "1f1b"

@@ -5,7 +5,7 @@ import gzip
 import json
 
 import pytest
-from datautil import corpus, run_tool, train_gpt2_tokenizer, write_jsonl
+from data_util import corpus, run_tool, train_gpt2_tokenizer, write_jsonl
 
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.tokenizer import GPT2BPETokenizer

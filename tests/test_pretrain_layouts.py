@@ -6,7 +6,7 @@ fp32, same seed, same data, dropout off: per-iteration lm loss within 1e-5 relat
 import re
 
 import pytest
-from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
+from launch_util import TINY_GPT, layout_flags, losses, run_pretrain
 
 ITERS = 10
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
@@ -33,7 +33,12 @@ def params_norms(output: str) -> list[float]:
     return [float(v) for v in PARAMS_NORM_RE.findall(output)]
 
 
-@pytest.mark.parametrize("tp,pp,dp", LAYOUTS, ids=[f"tp{t}pp{p}dp{d}" for t, p, d in LAYOUTS])
+@pytest.mark.parametrize(
+    "tp,pp,dp",
+    # make test-fast runs dp2 only: each layout is a torchrun launch of its own
+    [pytest.param(*x, marks=[] if x == (1, 1, 2) else pytest.mark.slow) for x in LAYOUTS],
+    ids=[f"tp{t}pp{p}dp{d}" for t, p, d in LAYOUTS],
+)
 def test_layout_matches_single_process_losses(reference_run, reference_losses, tp, pp, dp):
     """... and --log-params-norm's values: each parameter counted once, whatever the split."""
     flags = [*TINY_GPT, "--train-iters", str(ITERS), *layout_flags(tp, pp), "--log-params-norm"]
@@ -46,6 +51,7 @@ def test_layout_matches_single_process_losses(reference_run, reference_losses, t
     assert len(want) == ITERS and params_norms(out.stdout) == pytest.approx(want, abs=2e-3)
 
 
+@pytest.mark.slow
 def test_virtual_pipeline_and_zero_bubble_match_single_process(reference_losses):
     for extra in (
         ["--num-layers-per-virtual-pipeline-stage", "1"],
@@ -57,6 +63,7 @@ def test_virtual_pipeline_and_zero_bubble_match_single_process(reference_losses)
             assert got[it] == pytest.approx(ref, rel=1e-5), (extra, it, got[it], ref)
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_and_sequence_parallel_match_single_process(
     reference_run, reference_losses, tmp_path
 ):
@@ -85,6 +92,7 @@ def test_distributed_optimizer_and_sequence_parallel_match_single_process(
         assert got[it] == pytest.approx(ref, rel=1e-5), (it, got[it], ref)
 
 
+@pytest.mark.slow
 def test_batch_size_rampup_is_exact_across_dp():
     """Megatron's GPT-3 recipe in small: --train-samples 40 --rampup-batch-size 4 4 16 and the LR
     warm-up in samples: global batch 4 for the first 16 samples, then 8, in any layout."""

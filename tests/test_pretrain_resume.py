@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from launch_utils import (
+from launch_util import (
     TINY_GPT,
     build_corpus,
     eval_losses,
@@ -17,10 +17,10 @@ from launch_utils import (
     losses,
     run_pretrain,
 )
-from launch_utils import kill_job as _kill_job
-from launch_utils import launch as _launch
-from launch_utils import wait_for as _wait_for
-from launch_utils import workers as _workers
+from launch_util import kill_job as _kill_job
+from launch_util import launch as _launch
+from launch_util import wait_for as _wait_for
+from launch_util import workers as _workers
 
 from megatron_lite.checkpointing import read_latest_iteration
 
@@ -59,6 +59,7 @@ def reference(indexed_data):
     return ref
 
 
+@pytest.mark.slow
 def test_resume_gives_bitwise_identical_losses(indexed_data, reference, tmp_path):
     flags = [*indexed_data, "--train-iters", "8", *layout_flags(1, 2), "--save", str(tmp_path)]
     first = run_pretrain(2, [*flags, "--exit-interval", "4"])
@@ -78,6 +79,7 @@ def test_resume_gives_bitwise_identical_losses(indexed_data, reference, tmp_path
         assert resumed[it] == reference[it], (it, resumed[it], reference[it])
 
 
+@pytest.mark.slow
 def test_reshard_on_load_preserves_the_next_loss(indexed_data, reference, tmp_path):
     flags = [*indexed_data, "--train-iters", "8", "--save", str(tmp_path)]
     run_pretrain(4, [*flags, *layout_flags(2, 2), "--exit-interval", "4"])
@@ -91,6 +93,7 @@ def test_reshard_on_load_preserves_the_next_loss(indexed_data, reference, tmp_pa
         assert got[5] == pytest.approx(reference[5], rel=1e-5), (tp, pp, got[5], reference[5])
 
 
+@pytest.mark.slow
 def test_evaluation_and_tensorboard_scalars(indexed_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -128,6 +131,7 @@ def test_evaluation_and_tensorboard_scalars(indexed_data, tmp_path):
     assert acc.Scalars("lm loss validation")[-1].value == pytest.approx(evals[1][2], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(indexed_data, tmp_path):
     flags = [
         *indexed_data,
@@ -151,6 +155,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(indexed_data, tmp_path):
     assert f"saved checkpoint at iteration {saved:7d}" in text
 
 
+@pytest.mark.slow
 def test_a_raising_rank_ends_the_job_nonzero_quickly(indexed_data):
     start = time.monotonic()
     out = run_pretrain(
@@ -165,6 +170,7 @@ def test_a_raising_rank_ends_the_job_nonzero_quickly(indexed_data):
     assert time.monotonic() - start < 60  # far below --distributed-timeout-minutes 1 + start-up
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_job_nonzero(indexed_data):
     proc, lines = _launch(2, [*indexed_data, "--train-iters", "10000", *layout_flags(1, 2)])
     _wait_for(lines, " iteration        2/", proc)
@@ -175,6 +181,7 @@ def test_a_killed_rank_ends_the_job_nonzero(indexed_data):
     assert time.monotonic() - start < 120
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(indexed_data, tmp_path):
     flags = [*indexed_data, "--train-iters", "8", *layout_flags(1, 2), "--save", str(tmp_path)]
     run_pretrain(2, [*flags, "--exit-interval", "2"])
@@ -198,6 +205,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(indexed_data, 
     assert not list(tmp_path.glob("iter_*.tmp"))  # the killed save's leftovers are gone
 
 
+@pytest.mark.slow
 def test_nan_loss_is_counted_and_stops_with_check_for_nan(indexed_data):
     flags = [*indexed_data, "--train-iters", "4", "--clip-grad", "0"]
     out = run_pretrain(1, flags, env={"MEGATRON_LITE_FAULT": "nan:2"})

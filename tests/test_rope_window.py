@@ -23,7 +23,8 @@ import shlex
 
 import pytest
 import torch
-from launch_utils import TINY_GPT, layout_flags, load_tool, losses, run_pretrain
+from factory import tiny_config
+from launch_util import TINY_GPT, layout_flags, load_tool, losses, run_pretrain
 
 from megatron_lite.arguments import parse_args
 from megatron_lite.checkpointing import CheckpointError, CheckpointReader
@@ -170,15 +171,8 @@ def test_every_attention_backend_applies_the_window_to_values_and_gradients(back
 
     if backend == "fused":  # the kernel itself must run, not the torch fallback
         assert _extensions.load("_fused_kernels") is not None
-    m = ModelConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        seq_length=24,
-        window_size=[5, 0],
-        attention_backend=backend,
-        attention_dropout=0.0,
-    )
-    core = CoreAttention(Config(model=m))
+    m = dict(seq_length=24, window_size=[5, 0], attention_backend=backend, attention_dropout=0.0)
+    core = CoreAttention(tiny_config(**m))
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 4, 24, 8, generator=g) for _ in range(3))
     doc = torch.arange(24) >= 10  # two documents (reset-attention-mask)
@@ -308,6 +302,7 @@ LONG_FLAGS = [
 ]
 
 
+@pytest.mark.slow
 def test_windowed_yarn_training_at_tp2_and_pp2_matches_single_process_losses():
     """tp2 with sequence parallelism (SDPA, as the reference), and pp2 on the fused kernel."""
     ref = losses(run_pretrain(1, [*LONG_FLAGS, *layout_flags(1, 1)]).stdout)

@@ -10,7 +10,7 @@ import re
 import struct
 
 import pytest
-from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
+from launch_util import TINY_GPT, layout_flags, losses, run_pretrain
 
 from megatron_lite.arguments import parse_args
 from megatron_lite.timers import Timers
@@ -51,6 +51,7 @@ def wandb_history(run_file: str) -> dict[int, dict[str, float]]:
     return history
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -72,6 +73,7 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path):
     assert {"lm loss", "learning-rate", "grad-norm"} <= set(acc.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_pytorch_profiler_traces_the_requested_steps_on_the_requested_ranks(tmp_path):
     flags = [*FLAGS, "--tensorboard-dir", str(tmp_path), "--profile", "--use-pytorch-profiler"]
     flags += ["--profile-step-start", "2", "--profile-step-end", "4", "--profile-ranks", "1"]
@@ -86,6 +88,7 @@ def test_pytorch_profiler_traces_the_requested_steps_on_the_requested_ranks(tmp_
     )
 
 
+@pytest.mark.slow
 def test_timers_report_each_region_across_ranks_and_change_no_numerics():
     base = [*FLAGS, *layout_flags(1, 2)]
     plain = losses(run_pretrain(2, base).stdout)
@@ -128,6 +131,7 @@ def test_profiler_flags_are_checked(capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_profile_without_the_pytorch_profiler_needs_cuda():
     out = run_pretrain(1, [*FLAGS, "--profile"], check=False)
     assert out.returncode != 0

@@ -110,6 +110,7 @@ def _write_run(d: Path, hidden: int, tensorboard: bool) -> None:
     (d / "train.log").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_tool_reads_log_lines_and_tensorboard_files_and_plans_the_layout(tmp_path):
     runs = []
     for k, hidden in enumerate((32, 64, 128, 256)):

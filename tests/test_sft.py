@@ -8,8 +8,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from datautil import train_gpt2_tokenizer, write_documents
-from sftutil import (
+from data_util import train_gpt2_tokenizer, write_documents
+from factory import NO_DROPOUT, tiny_config
+from sft_util import (
     TINY,
     VOCAB,
     addition_task,
@@ -20,7 +21,6 @@ from sftutil import (
     write_records,
 )
 
-from megatron_lite.config import Config, ModelConfig, TrainConfig
 from megatron_lite.data.chat import ChatFormat
 from megatron_lite.data.sft_dataset import MaskedDataset, SFTDataset, packed_sample
 from megatron_lite.data.tokenizer import NullTokenizer, build_tokenizer
@@ -111,7 +111,7 @@ def test_hf_chat_template_masks_assistant_turns(tokenizers, template):
 
 
 def test_preprocess_tool_applies_the_hf_tokenizers_own_template(tokenizers, tmp_path):
-    import preprocess_sft_data  # tools/ (on the path through datautil)
+    import preprocess_sft_data  # tools/ (on the path through data_util)
 
     _, hf = tokenizers
     jsonl = write_records(tmp_path / "c.jsonl", [{"messages": CHAT}])
@@ -125,7 +125,7 @@ def test_preprocess_tool_applies_the_hf_tokenizers_own_template(tokenizers, tmp_
 
 
 def test_preprocess_tool_writes_tokens_and_masks_and_names_bad_lines(tmp_path, capsys):
-    import preprocess_sft_data  # tools/ (on the path through datautil)
+    import preprocess_sft_data  # tools/ (on the path through data_util)
 
     records = [
         {"prompt": "1 2", "response": "2 1"},
@@ -162,11 +162,8 @@ FLAVOURS = {
 
 
 def tiny_model(flavour: str):
-    cfg = Config(
-        model=ModelConfig(num_layers=2, seq_length=32, hidden_dropout=0.0, attention_dropout=0.0,
-                          max_position_embeddings=32, **FLAVOURS[flavour]),
-        train=TrainConfig(seed=3),
-    )  # fmt: skip
+    cfg = tiny_config(seq_length=32, **NO_DROPOUT, max_position_embeddings=32, seed=3,
+                      **FLAVOURS[flavour])  # fmt: skip
     torch.manual_seed(0)
     return build_model_chunks(cfg, ParallelState.single(), cfg.padded_vocab_size(VOCAB + 1))[0]
 
@@ -307,6 +304,7 @@ def pretrain_and_finetune(tmp_path) -> tuple[str, str]:
     return base, tuned
 
 
+@pytest.mark.slow
 def test_finetuned_model_answers_the_instruction_task(tmp_path):
     """'what is A+B' (0 <= A, B <= 4): the base model answers few of 50 new prompts, the model
     fine-tuned from its checkpoint most (greedy generation up to the end token)."""

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from factory import tiny_config
 
-from megatron_lite.config import Config, ModelConfig, ParallelConfig
 from megatron_lite.distributed.testing import run_distributed
 from megatron_lite.model.transformer import TransformerLayer
 from megatron_lite.parallel_state import ParallelState
@@ -195,12 +195,8 @@ class _CountCollectives:
 
 def _check_collectives_per_layer(ps: ParallelState, sp: bool) -> None:
     tp = ps.tp_size
-    cfg = Config(
-        model=ModelConfig(
-            num_layers=1, hidden_size=16, num_attention_heads=4, seq_length=8, hidden_dropout=0.0
-        ),
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp),
-    )
+    model = dict(num_layers=1, hidden_size=16, seq_length=8, hidden_dropout=0.0)
+    cfg = tiny_config(**model, tp=tp, sp=sp)
     layer = TransformerLayer(cfg, ps.tp_group)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.1)

@@ -6,7 +6,7 @@ import random
 import types
 
 import pytest
-from datautil import TEXTS, corpus, run_tool, train_gpt2_tokenizer, write_jsonl
+from data_util import TEXTS, corpus, run_tool, train_gpt2_tokenizer, write_jsonl
 
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.tokenizer import (

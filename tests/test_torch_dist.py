@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from launch_utils import TINY_GPT, kill_job, launch, layout_flags, losses, run_pretrain
+from launch_util import TINY_GPT, kill_job, launch, layout_flags, losses, run_pretrain
 from test_checkpointing_gpt import _assert_same_model_and_optimizer, _setup, _snapshot
 
 from megatron_lite import checkpointing as ckpt
@@ -118,6 +118,7 @@ def _same_losses(got: dict, ref: dict, iters) -> None:
         assert got[it] == pytest.approx(ref[it], rel=1e-5), (it, got[it], ref[it])
 
 
+@pytest.mark.slow
 def test_tp2_pp2_dp2_torch_dist_checkpoint_resumes_at_tp1_with_the_same_losses(reference, tmp_path):
     flags = [*TINY_GPT, "--train-iters", str(ITERS), *DIST, "--save", str(tmp_path)]
     zero1 = ["--use-distributed-optimizer", "--exit-interval", "4"]
@@ -128,6 +129,7 @@ def test_tp2_pp2_dp2_torch_dist_checkpoint_resumes_at_tp1_with_the_same_losses(r
     _same_losses(losses(second.stdout), reference, range(5, ITERS + 1))
 
 
+@pytest.mark.slow
 def test_async_save_resumes_exactly_and_a_kill_mid_write_leaves_the_previous_one(
     reference, tmp_path
 ):
@@ -261,6 +263,7 @@ def _load_one_at_tp2(root: str, flavour: str) -> dict:
             for n, t in chunks[0].named_parameters()}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_megatron_cores_own_torch_dist_checkpoint_loads_with_the_same_weights(tmp_path):
     """dist_checkpointing.save of megatron-core's GPTModel (stacked layers, Transformer Engine norm
     names, _extra_state objects): every tensor reads back equal, and --load's path at tp 2 gives

@@ -8,9 +8,9 @@ or each tp trains a different model (before the fix: iteration 1 loss 6.4849 at 
 
 import pytest
 import torch
-from launch_utils import TINY_GPT, layout_flags, losses, run_pretrain
+from factory import NO_DROPOUT, make_config, tiny_config
+from launch_util import TINY_GPT, layout_flags, losses, run_pretrain
 
-from megatron_lite.config import Config, ModelConfig
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
 
@@ -20,7 +20,7 @@ FLAGS[FLAGS.index("--vocab-size") + 1] = "512"  # 513 ids with eod; the default 
 
 
 def test_default_divisor_pads_differently_per_tp():
-    cfg = Config(model=ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4))
+    cfg = make_config(num_layers=1, hidden_size=64, num_attention_heads=4)
     padded = []
     for tp in (1, 2, 4):
         cfg.parallel.tensor_model_parallel_size = tp
@@ -29,17 +29,7 @@ def test_default_divisor_pads_differently_per_tp():
 
 
 def test_real_rows_do_not_depend_on_padding_and_padded_logits_are_minus_inf():
-    cfg = Config(
-        model=ModelConfig(
-            num_layers=1,
-            hidden_size=32,
-            num_attention_heads=4,
-            seq_length=8,
-            max_position_embeddings=8,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-        )
-    )
+    cfg = tiny_config(num_layers=1, seq_length=8, max_position_embeddings=8, **NO_DROPOUT)
     small, large = (
         build_model_chunks(cfg, ParallelState.single(), padded, vocab_size=513)[0]
         for padded in (640, 1024)
@@ -77,6 +67,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_default_flags_match_single_process_losses(tp1_losses, name):
     nproc, layout = LAYOUTS[name]
@@ -86,6 +77,7 @@ def test_default_flags_match_single_process_losses(tp1_losses, name):
         assert got[it] == pytest.approx(ref, rel=1e-5), (name, it, got[it], ref)
 
 
+@pytest.mark.slow
 def test_tp1_checkpoint_resumed_at_tp4_continues_the_tp1_losses(tp1_losses, tmp_path):
     """640 rows saved, 1024 loaded (zero-padded): the function, and so the losses, stay the same."""
     ckpt = ["--save", str(tmp_path), "--load", str(tmp_path)]

@@ -2,25 +2,15 @@
 
 import pytest
 import torch
+from factory import NO_DROPOUT, tiny_config
 
-from megatron_lite.config import Config, ModelConfig
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel import ColumnParallelLinear, RowParallelLinear, WeightGradStore
 
 
 def _tiny_gpt(**model):
-    cfg = Config(
-        model=ModelConfig(
-            num_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            seq_length=8,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            **model,
-        )
-    )
+    cfg = tiny_config(seq_length=8, **NO_DROPOUT, **model)
     return build_model_chunks(cfg, ParallelState.single(), cfg.padded_vocab_size(50))[0]
 
 

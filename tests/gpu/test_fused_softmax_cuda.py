@@ -3,9 +3,9 @@ fused, SDPA and unfused attention paths."""
 
 import pytest
 import torch
+from factory import NO_DROPOUT, tiny_config
 
 from megatron_lite import _extensions
-from megatron_lite.config import Config, ModelConfig
 from megatron_lite.model import build_model_chunks
 from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax, torch_softmax
 from megatron_lite.parallel_state import ParallelState
@@ -49,17 +49,7 @@ def test_cuda_kernel_matches_torch_path(dtype, kind, shape):
 def test_gpt_loss_is_the_same_for_every_attention_backend_on_cuda():
     losses = {}
     for backend in ("fused", "sdpa", "unfused"):
-        cfg = Config(
-            model=ModelConfig(
-                num_layers=2,
-                hidden_size=64,
-                num_attention_heads=4,
-                seq_length=64,
-                hidden_dropout=0.0,
-                attention_dropout=0.0,
-                attention_backend=backend,
-            )
-        )
+        cfg = tiny_config(hidden_size=64, seq_length=64, **NO_DROPOUT, attention_backend=backend)
         model = build_model_chunks(cfg, ParallelState.single(), 128, device="cuda")[0]
         torch.manual_seed(0)
         tokens = torch.randint(0, 128, (2, 64), device="cuda")

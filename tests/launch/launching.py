@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import ROOT, losses
+from launch_util import ROOT, losses
 
 from megatron_lite.parallel_state import free_port
 

@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch_utils import ROOT
+import pytest
+from launch_util import ROOT
 from launching import LAUNCH_TIMEOUT, clean_env
 
 from megatron_lite.data.cleaning.synthetic import CorpusGenerator
@@ -32,6 +33,7 @@ def make_inputs(tmp: Path, files: int = 6) -> list[str]:
     return paths
 
 
+@pytest.mark.slow
 def test_array_job_then_global_pass_cleans_like_one_process(slurm_cluster, tmp_path):
     inputs = make_inputs(tmp_path)
     flags = "--jaccard-threshold 0.7 --heuristics gopher_quality"

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from launch_utils import ROOT, build_corpus, losses
+from launch_util import ROOT, build_corpus, losses
 from launching import LAUNCH_TIMEOUT, assert_same_losses, clean_env, run_group
 
 from megatron_lite.checkpointing import read_latest_iteration
@@ -200,6 +200,7 @@ def test_single_node_example_refuses_a_bad_layout_or_precision(variables, messag
 # ---------------------------------------------------------------- one node, torchrun
 
 
+@pytest.mark.slow
 def test_single_node_example_matches_single_process(corpus, reference, tmp_path):
     ckpt = tmp_path / "ckpt"
     env = clean_env(**example_vars("gpt", corpus["gpt"], ckpt, GPUS_PER_NODE="2", TP="2", PP="1"))
@@ -285,6 +286,7 @@ def assert_resumed_to_the_end(log: Path, ckpt: Path, saved: int, reference: dict
     assert list((ckpt / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_gpt_sbatch_saves_on_sigterm_and_a_resubmission_resumes(
     slurm_cluster, corpus, reference, tmp_path
 ):
@@ -329,6 +331,7 @@ def llama_job(slurm_cluster, corpus, tmp_path_factory):
     return ckpt, job, final
 
 
+@pytest.mark.slow
 def test_llama_sbatch_requeues_itself_after_sigterm_and_resumes(llama_job, reference):
     ckpt, job, final = llama_job
     assert re.search(r"JobState=COMPLETED .*Restarts=1 .*ExitCode=0:0", final), final
@@ -342,6 +345,7 @@ def test_llama_sbatch_requeues_itself_after_sigterm_and_resumes(llama_job, refer
     assert "AUTO_REQUEUE" not in second.read_text()  # done: not requeued again
 
 
+@pytest.mark.slow
 def test_llama_checkpoint_exports_to_hf_and_generates(llama_job, tmp_path):
     """README "Running on a cluster", the last steps: convert to Hugging Face, then generate."""
     ckpt = llama_job[0]

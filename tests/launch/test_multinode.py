@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import ROOT, TINY_GPT, TORCHRUN, layout_flags, losses
+from launch_util import ROOT, TINY_GPT, TORCHRUN, layout_flags, losses
 from launching import (
     LAUNCH_TIMEOUT,
     assert_same_losses,
@@ -62,6 +62,7 @@ def reference_losses(tmp_path_factory):
 # ---------------------------------------------------------------- torchrun agents on loopback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rdzv", ["static", "c10d"])
 def test_two_torchrun_agents_on_loopback(reference_losses, rdzv, tmp_path):
     port = free_port()
@@ -86,6 +87,7 @@ def test_two_torchrun_agents_on_loopback(reference_losses, rdzv, tmp_path):
 # ---------------------------------------------------------------- srun-style, no torchrun
 
 
+@pytest.mark.slow
 def test_srun_style_plain_processes_with_slurm_variables_only(reference_losses, tmp_path):
     """What `srun -N2 --ntasks-per-node=2 python -m megatron_lite.pretrain_gpt` gives each rank:
     SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST (+ MASTER_PORT from the script)."""
@@ -158,6 +160,7 @@ def two_netns_hosts():
         assert tag not in Path("/etc/hosts").read_text()
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_in_two_network_namespaces(reference_losses, two_netns_hosts, tmp_path):
     """Two "hosts" with their own addresses and host names: gloo and the store really cross the veth
     (only 10.200.0.1/.2 and loopback are used)."""
@@ -178,6 +181,7 @@ def test_two_torchrun_agents_in_two_network_namespaces(reference_losses, two_net
 # ---------------------------------------------------------------- a real SLURM cluster
 
 
+@pytest.mark.slow
 def test_sbatch_cpu_example_matches_single_process(slurm_cluster, reference_losses, tmp_path):
     out = tmp_path / "job.out"
     proc = subprocess.run(
@@ -194,6 +198,7 @@ def test_sbatch_cpu_example_matches_single_process(slurm_cluster, reference_loss
     assert_same_losses(text, reference_losses)
 
 
+@pytest.mark.slow
 def test_sbatch_job_with_a_failing_rank_fails(slurm_cluster, tmp_path):
     out = tmp_path / "job.out"
     start = time.monotonic()

@@ -9,11 +9,12 @@ import json
 import random
 
 import torch
+from factory import tiny_config
 
 from megatron_lite.checkpointing import save_checkpoint
 from megatron_lite.checkpointing.hf_export import export_hf
 from megatron_lite.checkpointing.hf_reader import open_checkpoint
-from megatron_lite.config import Config, DataConfig, ModelConfig
+from megatron_lite.config import DataConfig
 from megatron_lite.data.tokenizer import GPT2BPETokenizer, bytes_to_unicode
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
@@ -38,15 +39,7 @@ def save_tiny_model(d, seq_length: int = 64) -> tuple[str, str]:
     """(checkpoint dir, HF export dir) of a random 2-layer GPT over the tiny tokenizer."""
     data = write_tokenizer(d)
     tok = GPT2BPETokenizer(data.vocab_file, data.merge_file)
-    m = ModelConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        seq_length=seq_length,
-        make_vocab_size_divisible_by=16,
-    )
-    cfg = Config(model=m, data=data)
-    cfg.finalize(1)
+    cfg = tiny_config(1, seq_length=seq_length, make_vocab_size_divisible_by=16, data=data)
     ps = ParallelState.single()
     chunks = build_model_chunks(cfg, ps, cfg.padded_vocab_size(tok.vocab_size))
     gen = torch.Generator().manual_seed(3)

@@ -9,7 +9,7 @@ import json
 import random
 import re
 
-from datautil import run_tool
+from data_util import run_tool
 
 from megatron_lite.arguments import parse_args
 
