@@ -22,6 +22,7 @@ from megatron_lite.tensor_parallel import (
     mappings,
     set_random_seed,
     shard_of,
+    token_log_probs,
     vocab_parallel_cross_entropy,
 )
 
@@ -125,6 +126,12 @@ def _check_embedding_and_cross_entropy(ps: ParallelState, reduce_scatter: bool) 
     torch.testing.assert_close(loss, want_loss.detach().reshape(s, b), **TOL)
     loss.backward(dl)
     torch.testing.assert_close(logits.grad, shard_of(logits_full.grad, 2, 1, r, tp), **TOL)
+    # the same softmax as log-probabilities (evaluation's, the DPO reference's): logits untouched
+    shard = logits.detach().clone()
+    logp = token_log_probs(shard, target, g)
+    want_logp = logits_full.detach().log_softmax(-1).gather(-1, target[..., None])[..., 0]
+    torch.testing.assert_close(logp, want_logp, rtol=0, atol=1e-6)
+    assert torch.equal(shard, logits.detach())
 
 
 def _check_mappings(ps: ParallelState) -> None:
@@ -234,6 +241,24 @@ def _all_layer_checks() -> int:
         _check_collectives_per_layer(ps, sp=False)
         _check_collectives_per_layer(ps, sp=True)
     return tp
+
+
+def test_token_log_probs_are_log_softmax_and_the_negated_cross_entropy():
+    """One process, no group: training's loss is exactly minus the log-probability; bf16 logits
+    are scored in fp32; the caller's logits are left as they were unless `inplace`."""
+    logits = _same_everywhere(21, 3, 5, 40) * 4
+    target = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(22))
+    logp = token_log_probs(logits, target)
+    want = logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]
+    torch.testing.assert_close(logp, want, rtol=0, atol=1e-6)
+    assert torch.equal(-logp, vocab_parallel_cross_entropy(logits.clone(), target, None))
+    half = token_log_probs(logits.bfloat16(), target)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, logits.bfloat16().float().log_softmax(-1).gather(
+        -1, target[..., None])[..., 0], rtol=0, atol=1e-5)  # fmt: skip
+    reused = logits.clone()
+    assert torch.equal(token_log_probs(reused, target, inplace=True), logp)
+    assert not torch.equal(reused, logits)  # its memory held the softmax
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -60,3 +60,23 @@ def vocab_parallel_cross_entropy(
     Modifies `logits` in place (when fp32) to save memory, as Megatron does: don't reuse them.
     """
     return _VocabParallelCrossEntropy.apply(logits, target, group)
+
+
+def token_log_probs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: Group = None,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """log p(target) per token (fp32, the shape of `targets`), differentiable: the one token
+    log-probability of training (its loss is the negation), the DPO reference and evaluation.
+
+    `logits` [..., V], or this rank's vocabulary slice [..., V/tp] with `tp_group` (the softmax
+    then reduces over the group: three all-reduces of per-token scalars). `inplace` reuses fp32
+    logits' memory (training's fresh matmul output, which nothing else reads); otherwise they
+    are left as they were.
+    """
+    if not inplace and logits.dtype == torch.float32:
+        logits = logits.clone()
+    return -_VocabParallelCrossEntropy.apply(logits, targets, tp_group)
