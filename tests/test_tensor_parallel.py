@@ -244,21 +244,25 @@ def _all_layer_checks() -> int:
 
 
 def test_token_log_probs_are_log_softmax_and_the_negated_cross_entropy():
-    """One process, no group: training's loss is exactly minus the log-probability; bf16 logits
-    are scored in fp32; the caller's logits are left as they were unless `inplace`."""
+    """One process, no group: training's loss (logits lent, `inplace`) is exactly minus the
+    log-probability of the vocab-parallel function; not lent, the logits stay as they were and
+    the values are log_softmax's; bf16 logits are scored in fp32."""
     logits = _same_everywhere(21, 3, 5, 40) * 4
     target = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(22))
-    logp = token_log_probs(logits, target)
+    kept = logits.clone()
+    logp = token_log_probs(kept, target)
+    assert torch.equal(kept, logits)
     want = logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]
     torch.testing.assert_close(logp, want, rtol=0, atol=1e-6)
-    assert torch.equal(-logp, vocab_parallel_cross_entropy(logits.clone(), target, None))
+    lent = logits.clone()
+    train = token_log_probs(lent, target, inplace=True)
+    assert torch.equal(-train, vocab_parallel_cross_entropy(logits.clone(), target, None))
+    assert not torch.equal(lent, logits)  # its memory held the softmax
+    torch.testing.assert_close(train, logp, rtol=0, atol=1e-6)
     half = token_log_probs(logits.bfloat16(), target)
+    want = logits.bfloat16().float().log_softmax(-1).gather(-1, target[..., None])[..., 0]
     assert half.dtype == torch.float32
-    torch.testing.assert_close(half, logits.bfloat16().float().log_softmax(-1).gather(
-        -1, target[..., None])[..., 0], rtol=0, atol=1e-5)  # fmt: skip
-    reused = logits.clone()
-    assert torch.equal(token_log_probs(reused, target, inplace=True), logp)
-    assert not torch.equal(reused, logits)  # its memory held the softmax
+    torch.testing.assert_close(half, want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -43,7 +43,7 @@ def pair_logps(lm: LanguageModel, data: MaskedDataset, seq_length: int, batch: i
         seqs = [s for d in range(lo, min(lo + batch, len(data))) for s in data[d]]
         rows = pair_rows(seqs, seq_length, pad)
         logits = lm.logits(rows["tokens"]).float()  # [r, s, vocab]
-        per_token = -token_log_probs(logits, rows["labels"], inplace=True)  # the loss
+        per_token = -token_log_probs(logits, rows["labels"])  # the loss
         out.append(sequence_logps(per_token, rows["loss_mask"]).view(-1, 2).numpy())
     return np.concatenate(out) if out else np.zeros((0, 2))
 
