@@ -19,8 +19,9 @@ every rank of the replica scheduling alike (`lockstep`: no plan broadcast, no fo
 
 Over tp x pp every rank of the model replica runs every step: the serving rank decides the step
 (a small JSON plan: which rows, which tokens) and broadcasts it; the last stage samples and
-broadcasts the tokens back (as `generate` does). The followers keep the same rows and generators
-because they apply the same plans.
+broadcasts the tokens back. The followers keep the same rows and generators because they apply
+the same plans. `lm` everywhere here is a loaded `generation.LanguageModel` (its `logits`, `ps`,
+`max_length`, `vocab_size`, `cache_margin`).
 """
 
 from __future__ import annotations
