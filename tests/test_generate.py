@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import torch
+import torch.distributed as dist
 from factory import tiny_config
 
 from megatron_lite.checkpointing import save_checkpoint
@@ -21,6 +22,7 @@ from megatron_lite.checkpointing.hf_export import export_hf
 from megatron_lite.checkpointing.hf_reader import open_checkpoint
 from megatron_lite.data.tokenizer import NullTokenizer
 from megatron_lite.distributed.testing import run_distributed
+from megatron_lite.inference.engine import Engine, Request
 from megatron_lite.inference.generation import (
     SamplingParams,
     generate,
@@ -349,21 +351,71 @@ def test_a_batch_of_prompts_of_different_lengths_gives_each_prompts_own_tokens(l
     assert len(stopped[1].tokens) == 2 and stopped[1].finish_reason == "stop"
 
 
+def _argmax_loop(lm, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding the plain way: the whole sequence through the model each step, no cache."""
+    seq, ps = list(prompt), lm.ps
+    for _ in range(n):
+        logits = lm.logits(torch.tensor([seq]))  # [1, s, vocab] on the last stage, else None
+        token = torch.zeros(1, dtype=torch.long) if logits is None else logits[0, -1].argmax()[None]
+        if ps.tp_size * ps.pp_size > 1:  # the last stage's first rank tells the model's ranks
+            dist.broadcast(token, ps.mp_ranks[(ps.pp_size - 1) * ps.tp_size], ps.mp_group)
+        seq.append(int(token))
+    return seq[len(prompt) :]
+
+
+def _served(lm, params, seeds) -> list[list[int]] | None:
+    """BATCH_PROMPTS through the serving engine, 3 rows for 4 requests (the last joins a running
+    batch); the ranks that follow it return None."""
+    if lm.ps.tp_size * lm.ps.pp_size > 1 and not is_serving_rank(lm.ps):
+        return follow(lm, max_batch_size=3)
+    engine = Engine(lm, max_batch_size=3)
+    outs = engine.run([Request(p, 10, params, seed=s) for p, s in zip(BATCH_PROMPTS, seeds)])
+    engine.stop()  # and the followers
+    return [o.tokens for o in outs]
+
+
+def _every_path(lm) -> dict:
+    """Tokens of BATCH_PROMPTS from generate, generate_batch and the engine, greedy and seeded,
+    and from the plain greedy loop."""
+    seeds, out = [3, 4, 5, 6], {}
+    for name, params in (("greedy", SamplingParams(temperature=0)), ("sampled", SAMPLED)):
+        out[name, "generate"] = [generate(lm, p, 10, params, seed=s).tokens
+                                 for p, s in zip(BATCH_PROMPTS, seeds)]  # fmt: skip
+        batch = generate_batch(lm, BATCH_PROMPTS, 10, params, seeds=seeds)
+        out[name, "batch"] = [o.tokens for o in batch]
+        out[name, "engine"] = _served(lm, params, seeds)
+    out["greedy", "argmax"] = [_argmax_loop(lm, p, 10) for p in BATCH_PROMPTS]
+    return out
+
+
 def _split_batches(paths, tp, pp):
     ps = ParallelState.build(tp, pp)
-    return [
-        [o.tokens for o in generate_batch(load_model(p, ps, dtype=torch.float32, device=CPU),
-                                          BATCH_PROMPTS, 10, SAMPLED, eod=EOD, seeds=[3, 4, 5, 6])]
-        for p in paths
-    ]  # fmt: skip
+    out = []
+    for p in paths:
+        lm = load_model(p, ps, dtype=torch.float32, device=CPU)
+        batch = generate_batch(lm, BATCH_PROMPTS, 10, SAMPLED, eod=EOD, seeds=[3, 4, 5, 6])
+        out.append(([o.tokens for o in batch], _every_path(lm)))
+    return out
 
 
 @pytest.mark.slow
 def test_batched_generation_at_tp2_pp2_equals_one_process(models, lms):
+    """tp 2 x pp 2 batches give one process's tokens; at both layouts generate, generate_batch and
+    the serving engine (one decode step under all three) agree, greedy and seeded, and greedy
+    tokens are those of a plain argmax loop over the model without a KV cache."""
     want = [_one_at_a_time(lms[f], SAMPLED, [3, 4, 5, 6]) for f in FLAVOURS]
     paths = [models[f][0] for f in FLAVOURS]
-    for got in run_distributed(_split_batches, 4, paths, 2, 2, timeout=120):
-        assert got == want
+    results = run_distributed(_split_batches, 4, paths, 2, 2, timeout=180)
+    for got in results:
+        assert [batch for batch, _ in got] == want
+    for flavour, (_, split) in zip(FLAVOURS, results[0]):  # rank 0 served the engine's requests
+        one = _every_path(lms[flavour])
+        for paths_ in (one, split):
+            for name in ("greedy", "sampled"):
+                ways = [paths_[name, way] for way in ("generate", "batch", "engine")]
+                assert ways[0] == ways[1] == ways[2], (flavour, name, ways)
+            assert paths_["greedy", "argmax"] == paths_["greedy", "generate"], flavour
+        assert split == one, flavour
 
 
 def _sequence_parallel_tokens(paths):

@@ -25,6 +25,7 @@ from megatron_lite.inference.engine import Engine, Request
 from megatron_lite.inference.generation import SamplingParams, generate, load_model
 from megatron_lite.inference.openai_api import TextStream
 from megatron_lite.inference.server import GenerationServer, follow, is_serving_rank
+from megatron_lite.inference.validation import RequestError, parse_request
 from megatron_lite.model import build_model_chunks
 from megatron_lite.parallel_state import ParallelState
 
@@ -318,6 +319,35 @@ def test_a_failed_step_fails_only_its_requests(lms):
     good = engine.submit(Request([1, 2], 3, GREEDY))
     engine.run_until_idle()
     assert good.result(timeout=5).tokens == generate(lms["gpt2"], [1, 2], 3, GREEDY).tokens
+
+
+def test_every_route_and_generate_refuse_through_one_validator(lms):
+    """/generate, /v1/completions, /v1/chat/completions and generate() share one validator and one
+    error type: one fault gets one status, naming the field, from each."""
+    lm, tok = lms["gpt2"], NullTokenizer(EOD)
+    server = GenerationServer(lm, tok, "127.0.0.1", 0, max_new_tokens=20)
+    server.httpd.server_close()
+    long = " ".join(["1"] * 40)
+    faults = {  # route: (body of a prompt too long for its budget, body with a negative seed)
+        "generate": ({"prompt": long, "max_new_tokens": 10}, {"prompt": "1 2", "seed": -1}),
+        "completion": ({"prompt": long, "max_tokens": 10}, {"prompt": "1 2", "seed": -1}),
+        "chat": (None, {"messages": CHAT, "seed": -1}),
+    }
+    for kind, bodies in faults.items():
+        for body, status, param in zip(bodies, (400, 400), ("max_", "seed")):
+            if body is None:
+                continue
+            with pytest.raises(RequestError) as e:
+                parse_request(json.dumps(body).encode(), kind, tok, server.chat, server.limits)
+            assert e.value.status == status and e.value.param.startswith(param), (kind, e.value)
+            if param == "max_":
+                assert "exceeds the model's 48 positions" in str(e.value)
+    with pytest.raises(RequestError, match="exceeds the model's 48 positions"):
+        generate(lm, [1] * 40, 10)
+    ours = parse_request(b'{"prompt": "5 17 42", "seed": 3}', "generate", tok, None, server.limits)
+    theirs = parse_request(b'{"prompt": "5 17 42", "seed": 3}', "completion", tok, None,
+                           server.limits)  # fmt: skip
+    assert (ours.prompt, ours.seed, ours.params) == (theirs.prompt, theirs.seed, theirs.params)
 
 
 def test_refused_requests_name_the_field(lms):

@@ -22,6 +22,7 @@ from megatron_lite.tensor_parallel import (
     mappings,
     set_random_seed,
     shard_of,
+    token_log_probs,
     vocab_parallel_cross_entropy,
 )
 
@@ -125,6 +126,12 @@ def _check_embedding_and_cross_entropy(ps: ParallelState, reduce_scatter: bool) 
     torch.testing.assert_close(loss, want_loss.detach().reshape(s, b), **TOL)
     loss.backward(dl)
     torch.testing.assert_close(logits.grad, shard_of(logits_full.grad, 2, 1, r, tp), **TOL)
+    # the same softmax as log-probabilities (evaluation's, the DPO reference's): logits untouched
+    shard = logits.detach().clone()
+    logp = token_log_probs(shard, target, g)
+    want_logp = logits_full.detach().log_softmax(-1).gather(-1, target[..., None])[..., 0]
+    torch.testing.assert_close(logp, want_logp, rtol=0, atol=1e-6)
+    assert torch.equal(shard, logits.detach())
 
 
 def _check_mappings(ps: ParallelState) -> None:
@@ -230,6 +237,28 @@ def _all_layer_checks() -> int:
         _check_collectives_per_layer(ps, sp=False)
         _check_collectives_per_layer(ps, sp=True)
     return tp
+
+
+def test_token_log_probs_are_log_softmax_and_the_negated_cross_entropy():
+    """One process, no group: training's loss (logits lent, `inplace`) is exactly minus the
+    log-probability of the vocab-parallel function; not lent, the logits stay as they were and
+    the values are log_softmax's; bf16 logits are scored in fp32."""
+    logits = _same_everywhere(21, 3, 5, 40) * 4
+    target = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(22))
+    kept = logits.clone()
+    logp = token_log_probs(kept, target)
+    assert torch.equal(kept, logits)
+    want = logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]
+    torch.testing.assert_close(logp, want, rtol=0, atol=1e-6)
+    lent = logits.clone()
+    train = token_log_probs(lent, target, inplace=True)
+    assert torch.equal(-train, vocab_parallel_cross_entropy(logits.clone(), target, None))
+    assert not torch.equal(lent, logits)  # its memory held the softmax
+    torch.testing.assert_close(train, logp, rtol=0, atol=1e-6)
+    half = token_log_probs(logits.bfloat16(), target)
+    want = logits.bfloat16().float().log_softmax(-1).gather(-1, target[..., None])[..., 0]
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

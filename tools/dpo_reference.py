@@ -24,13 +24,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from megatron_lite.cli import run_main  # noqa: E402
 from megatron_lite.data.dpo_dataset import data_digest, pair_rows, reference_paths  # noqa: E402
 from megatron_lite.data.sft_dataset import MaskedDataset  # noqa: E402
 from megatron_lite.errors import UserError  # noqa: E402
 from megatron_lite.inference.generation import LanguageModel, load_model  # noqa: E402
+from megatron_lite.tensor_parallel.cross_entropy import token_log_probs  # noqa: E402
 from megatron_lite.training.dpo import sequence_logps  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def pair_logps(lm: LanguageModel, data: MaskedDataset, seq_length: int, batch: i
         seqs = [s for d in range(lo, min(lo + batch, len(data))) for s in data[d]]
         rows = pair_rows(seqs, seq_length, pad)
         logits = lm.logits(rows["tokens"]).float()  # [r, s, vocab]
-        per_token = F.cross_entropy(logits.transpose(1, 2), rows["labels"], reduction="none")
+        per_token = -token_log_probs(logits, rows["labels"])  # the loss
         out.append(sequence_logps(per_token, rows["loss_mask"]).view(-1, 2).numpy())
     return np.concatenate(out) if out else np.zeros((0, 2))
 

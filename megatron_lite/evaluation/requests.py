@@ -24,6 +24,7 @@ from megatron_lite import comm
 from megatron_lite import device as device_mod
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.inference.generation import LanguageModel, SamplingParams, generate_batch
+from megatron_lite.tensor_parallel.cross_entropy import token_log_probs
 
 TokenPair = tuple[list[int], list[int]]
 
@@ -113,10 +114,10 @@ class Scorer:
         out = []
         for row, (inp, cont) in enumerate(batch):
             n = len(inp)
-            logp = logits[row, n - len(cont) : n].float().log_softmax(-1)  # [len(cont), vocab]
-            target = torch.tensor(cont, device=logp.device)
-            ll = logp.gather(-1, target[:, None]).sum().item()
-            out.append([ll, float(bool((logp.argmax(-1) == target).all()))])
+            scores = logits[row, n - len(cont) : n]  # [len(cont), vocab]
+            target = torch.tensor(cont, device=scores.device)
+            ll = token_log_probs(scores, target).sum().item()
+            out.append([ll, float(bool((scores.argmax(-1) == target).all()))])
         return out
 
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:

@@ -6,26 +6,25 @@
                    eod=tok.eod)
 
 The model is built at this process's tp x pp (every rank calls the same functions with the same
-arguments; `ParallelState.build(tp, pp)` under torchrun). Each step runs the new tokens through the
-stages in turn (hidden states sent stage to stage; one token at a time leaves nothing to overlap,
-so pipeline parallelism here is for models too big for one tp group). The last stage gathers the
-logits over tp and samples; the token is broadcast to every rank of the model, so all extend the
-same sequence.
+arguments; `ParallelState.build(tp, pp)` under torchrun). `generate` and `generate_batch` are
+requests run to the end on the continuous-batching engine (engine.py: the one decode step), every
+rank scheduling alike. Each step runs the new tokens through the stages in turn (hidden states sent
+stage to stage by `pipeline/p2p`; one token at a time leaves nothing to overlap, so pipeline
+parallelism here is for models too big for one tp group). The last stage gathers the logits over
+tp and samples; the token is broadcast to every rank of the model, so all extend the same sequence.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-import torch.distributed as dist
 
-from megatron_lite import comm
 from megatron_lite import device as device_mod
 from megatron_lite.checkpointing import load_weights
 from megatron_lite.checkpointing.hf_reader import (
@@ -39,9 +38,13 @@ from megatron_lite.data.tokenizer import (
     Tokenizer,
     build_tokenizer,
 )
+from megatron_lite.inference.engine import Engine, Request
+from megatron_lite.inference.sampling import GenerationOutput, SamplingParams, sample
+from megatron_lite.inference.validation import check_prompt
 from megatron_lite.model import GPTModel, InferenceParams
 from megatron_lite.model.gpt import WORD_EMBEDDING, chunk_layer_numbers
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.pipeline import p2p
 from megatron_lite.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 
@@ -117,19 +120,19 @@ class LanguageModel:
     def _chunk_forward(self, chunk, c, v, tokens, inference_params, position_ids):
         ps, param = self.ps, next(chunk.parameters())
         first, last = ps.is_first_stage and c == 0, ps.is_last_stage and c == v - 1
+        dev = device_mod.comm_device(ps.backend)
         if not first:  # the previous (virtual) stage's hidden states [s, b, h] ([s/tp, ...] SP)
             s = tokens.shape[1] // (ps.tp_size if self.cache_margin else 1)
             shape = (s, tokens.shape[0], self.cfg.model.hidden_size)
-            hidden = torch.empty(
-                shape, dtype=param.dtype, device=device_mod.comm_device(ps.backend)
-            )
-            dist.recv(hidden, ps.prev_rank)
+            (hidden,) = p2p.communicate([], [ps.prev_rank], shape=shape, dtype=param.dtype,
+                                        device=dev)  # fmt: skip
             chunk.set_input_tensor(hidden.to(param.device))
         if position_ids is not None:
             position_ids = position_ids.to(param.device)
         out = chunk(tokens.to(param.device), position_ids, inference_params=inference_params)
         if not last:
-            dist.send(out.to(device_mod.comm_device(ps.backend)).contiguous(), ps.next_rank)
+            p2p.communicate([(out.to(dev), ps.next_rank)], [], shape=out.shape, dtype=out.dtype,
+                            device=dev)  # fmt: skip
             return None
         return out
 
@@ -207,72 +210,15 @@ def build_generation_tokenizer(lm: LanguageModel, **overrides) -> Tokenizer:
     return build_tokenizer(types.SimpleNamespace(**data))
 
 
+__all__ = ["SamplingParams", "sample", "GenerationOutput"]  # re-exported: the API's names
+__all__ += ["LanguageModel", "load_model", "build_generation_tokenizer", "generate"]
+__all__ += ["generate_batch", "inference_config"]
+
+
 # ---------------------------------------------------------------------------------------------------
-# Sampling
+# The Python API: requests run to the end on the engine (the one decode loop)
 
 
-@dataclass
-class SamplingParams:
-    """temperature 0 (or top_k 1) is greedy; top_k 0 and top_p 1 switch those filters off."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
-            raise ValueError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)) or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> torch.Tensor:
-    """Next token ids [b] from logits [b, vocab] (fp32 on the CPU, so every device draws alike)."""
-    logits = logits.float().cpu()
-    if params.greedy:
-        return logits.argmax(-1)
-    # scaled from the max (0 there, <= 0 elsewhere): any temperature > 0 stays finite, and one so
-    # small that every other token underflows to -inf is greedy (1e-40 used to give NaN probs)
-    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p < 1:
-        # keep the most likely tokens until their mass reaches top_p (always the first one)
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= params.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def _broadcast_token(t: torch.Tensor | None, ps: ParallelState, batch: int = 1) -> torch.Tensor:
-    """The token sampled on the last stage's tp rank 0, on every rank of the model (each rank must
-    extend the same text); other ranks pass None."""
-    if ps.tp_size * ps.pp_size == 1:
-        return t
-    dev = device_mod.comm_device(ps.backend)
-    buf = t.to(dev) if t is not None else torch.zeros(batch, dtype=torch.long, device=dev)
-    comm.broadcast(buf, ps.mp_ranks[(ps.pp_size - 1) * ps.tp_size], ps.mp_group)
-    return buf.cpu()
-
-
-@dataclass
-class GenerationOutput:
-    tokens: list[int]  # the new tokens (the end-of-document token included when it stopped there)
-    finish_reason: str  # "eod", "length" or "stop"
-    step_logits: list[torch.Tensor] | None = None  # [vocab] fp32 per step (last stage), on request
-
-
-@torch.no_grad()
 def generate(
     lm: LanguageModel,
     prompt: list[int],
@@ -291,48 +237,9 @@ def generate(
     the cached keys/values; without it every step runs the whole sequence (same result, slower).
     `stop(new_tokens)` true ends it too (finish_reason "stop"): evaluation's stop sequences.
     """
-    params = params or SamplingParams()
-    _check_prompt(lm, prompt, max_new_tokens)
-    generator = torch.Generator().manual_seed(seed)
-    seq = torch.tensor([prompt], dtype=torch.long)
-    cache = (
-        InferenceParams(1, len(prompt) + max_new_tokens + lm.cache_margin) if use_cache else None
-    )
-    new, logged, reason = [], [], "length"
-    step_input = seq
-    for _ in range(max_new_tokens):
-        logits = lm.logits(step_input if use_cache else seq, cache)  # [1, s, vocab] | None
-        if cache is not None:
-            cache.sequence_len_offset += step_input.shape[1]
-        token = None
-        if logits is not None:  # the last pipeline stage
-            logits = logits[:, -1]
-            if return_logits:
-                logged.append(logits[0].float().cpu())
-            token = sample(logits, params, generator)
-        token = _broadcast_token(token, lm.ps)
-        new.append(int(token[0]))
-        if eod is not None and new[-1] == eod:
-            reason = "eod"
-            break
-        if stop is not None and stop(new):
-            reason = "stop"
-            break
-        step_input = token.view(1, 1)
-        seq = torch.cat([seq, step_input], dim=1)
-    return GenerationOutput(new, reason, logged if return_logits else None)
-
-
-def _check_prompt(lm: LanguageModel, prompt: list[int], max_new_tokens: int) -> None:
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    if len(prompt) + max_new_tokens > lm.max_length:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's {lm.max_length} positions"
-        )
-    if any(not 0 <= t < lm.vocab_size for t in prompt):
-        raise ValueError(f"prompt token ids must be in [0, {lm.vocab_size})")
+    req = Request(prompt, max_new_tokens, params or SamplingParams(), seed, eod, stop,
+                  use_cache=use_cache, return_logits=return_logits)  # fmt: skip
+    return _run(lm, [req])[0]
 
 
 def generate_batch(
@@ -345,47 +252,23 @@ def generate_batch(
     seeds: list[int] | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[GenerationOutput]:
-    """`generate` for many prompts of different lengths in one batch, with the KV cache.
+    """`generate` for many prompts of different lengths in one batch, with the KV cache: each
+    sequence stops on its own (after `eod`, or when `stop(i, new_tokens)` says so) and draws from
+    its own generator (`seeds[i]`), so the result is what one `generate` per prompt gives."""
+    params, seeds = params or SamplingParams(), seeds or [0] * len(prompts)
+    reqs = [
+        Request(p, max_new_tokens, params, s, eod, None if stop is None else partial(stop, i))
+        for i, (p, s) in enumerate(zip(prompts, seeds))
+    ]
+    return _run(lm, reqs)
 
-    Prompts are left-padded to the longest: padding slots are masked out of every real token's
-    attention, learned positions count from each prompt's first token, and rotary embeddings,
-    which see only position differences, need no shift. Each sequence stops on its own (after
-    `eod`, or when `stop(i, new_tokens)` says so) and draws from its own generator (`seeds[i]`),
-    so the result is what one `generate` per prompt gives.
-    """
-    params = params or SamplingParams()
-    for p in prompts:
-        _check_prompt(lm, p, max_new_tokens)
-    b, longest = len(prompts), max(len(p) for p in prompts)
-    pad = torch.tensor([longest - len(p) for p in prompts])
-    total = longest + max_new_tokens + lm.cache_margin
-    slots = torch.arange(total)
-    cache = InferenceParams(b, total, key_padding=slots[None] < pad[:, None])
-    step_input = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long)
-    positions = (slots[None, :longest] - pad[:, None]).clamp(min=0)
-    generators = [torch.Generator().manual_seed(s) for s in (seeds or [0] * b)]
-    new: list[list[int]] = [[] for _ in range(b)]
-    reasons: list[str | None] = [None] * b
-    for _ in range(max_new_tokens):
-        logits = lm.logits(step_input, cache, positions)  # [b, s, vocab] | None
-        cache.sequence_len_offset += step_input.shape[1]
-        tokens = None
-        if logits is not None:  # the last pipeline stage
-            rows = logits[:, -1]
-            tokens = torch.cat(
-                [sample(rows[i : i + 1], params, g) for i, g in enumerate(generators)]
-            )
-        tokens = _broadcast_token(tokens, lm.ps, b)
-        for i in range(b):
-            if reasons[i] is not None:
-                continue
-            new[i].append(int(tokens[i]))
-            if eod is not None and new[i][-1] == eod:
-                reasons[i] = "eod"
-            elif stop is not None and stop(i, new[i]):
-                reasons[i] = "stop"
-        if all(r is not None for r in reasons):
-            break
-        step_input = tokens.view(b, 1)
-        positions = (cache.sequence_len_offset - pad).view(b, 1)
-    return [GenerationOutput(t, r or "length", None) for t, r in zip(new, reasons)]
+
+def _run(lm: LanguageModel, reqs: list[Request]) -> list[GenerationOutput]:
+    """The requests on an engine of their own, every rank of the model in lockstep."""
+    if not reqs or reqs[0].max_new_tokens < 1:  # nothing to generate: only the prompts' checks
+        for r in reqs:
+            check_prompt(r.prompt, 0, lm.max_length, lm.vocab_size)
+        return [GenerationOutput([], "length", [] if r.return_logits else None) for r in reqs]
+    longest = max(len(r.prompt) + r.max_new_tokens for r in reqs)
+    engine = Engine(lm, len(reqs), lockstep=True, max_sequence_length=longest)
+    return engine.run(reqs)

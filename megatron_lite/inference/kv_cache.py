@@ -30,6 +30,7 @@ class SlotKVCache(InferenceParams):
         self.lengths = torch.zeros(slots, dtype=torch.long)  # cached tokens per row
         self.rows = torch.zeros(0, dtype=torch.long)  # this step's rows, in batch order
         self.start = torch.zeros(0, dtype=torch.long)  # their lengths when the step began
+        self._step: dict = {}  # what every layer of this step shares: key columns, the mask
 
     def reset(self, row: int) -> None:
         """Row `row` holds no tokens (a new sequence takes it)."""
@@ -38,6 +39,7 @@ class SlotKVCache(InferenceParams):
     def select(self, rows: list[int]) -> None:
         self.rows = torch.tensor(rows, dtype=torch.long)
         self.start = self.lengths[self.rows]
+        self._step = {}
 
     def advance(self, n: int | torch.Tensor) -> None:
         """The step's rows hold `n` (per row: [b]) more tokens."""
@@ -54,7 +56,12 @@ class SlotKVCache(InferenceParams):
 
     def _columns(self, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(position of each key column per row [T, b], clamped to 0; the shift [b] of each row:
-        its columns before it are not its tokens)."""
+        its columns before it are not its tokens); once per step, for all the layers."""
+        if ("columns", s, device) not in self._step:
+            self._step["columns", s, device] = self._key_columns(s, device)
+        return self._step["columns", s, device]
+
+    def _key_columns(self, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.start + s
         width = int(end.max())
         if width > self.max_sequence_length:
@@ -84,6 +91,11 @@ class SlotKVCache(InferenceParams):
     def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:
         """[b, 1, s, T], True = masked: query i (column T - s + i) sees the columns up to its own,
         from its row's first token on."""
+        if ("mask", s, device) not in self._step:
+            self._step["mask", s, device] = self._mask(s, device)
+        return self._step["mask", s, device]
+
+    def _mask(self, s: int, device: torch.device) -> torch.Tensor:
         _, shift = self._columns(s, device)
         width = int((self.start + s).max())
         col = torch.arange(width, device=device)

@@ -28,17 +28,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from megatron_lite.data.chat import ChatFormat
 from megatron_lite.inference import engine as engine_mod
 from megatron_lite.inference.engine import DEFAULT_MAX_REQUESTS, Engine, Request
-from megatron_lite.inference.generation import LanguageModel, SamplingParams
-from megatron_lite.inference.openai_api import (
-    Answer,
-    OpenAIError,
-    TextStream,
-    load_json_body,
-    models_list,
-    parse_openai,
-)
+from megatron_lite.inference.generation import LanguageModel
+from megatron_lite.inference.openai_api import Answer, TextStream, models_list
+from megatron_lite.inference.validation import GenerationRequest, RequestError, parse_request
 
-FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
 LISTEN_BACKLOG = 128  # socketserver's default of 5 resets connections under a burst of clients
 
 
@@ -47,84 +40,14 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stalled client's thread never holds up shutdown
 
 
-class RequestError(ValueError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _int_field(req: dict, name: str, default: int, lo: int, hi: int) -> int:
-    v = req.get(name, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise RequestError(400, f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-    return v
-
-
-def parse_request(body: bytes, tokenizer, limits: dict) -> dict:
-    """The validated request (prompt tokens, sampling) or a RequestError with its status."""
-    try:
-        req = load_json_body(body)
-    except ValueError as e:
-        raise RequestError(400, str(e)) from None
-    if not isinstance(req, dict):
-        raise RequestError(400, "request body must be a JSON object")
-    unknown = sorted(set(req) - FIELDS)
-    if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown}; accepted: {sorted(FIELDS)}")
-    prompt = req.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError(400, "'prompt' is required and must be a non-empty string")
-    if len(prompt) > limits["max_prompt_chars"]:
-        raise RequestError(
-            413,
-            f"prompt has {len(prompt)} characters, over the limit of {limits['max_prompt_chars']}",
-        )
-    try:
-        tokens = tokenizer.tokenize(prompt)
-    except (ValueError, KeyError) as e:
-        raise RequestError(400, f"prompt cannot be tokenized: {e}") from None
-    if len(tokens) > limits["max_prompt_tokens"]:
-        raise RequestError(
-            413, f"prompt is {len(tokens)} tokens, over the limit of {limits['max_prompt_tokens']}"
-        )
-    max_new = _int_field(
-        req, "max_new_tokens", limits["default_new_tokens"], 1, limits["max_new_tokens"]
-    )
-    if len(tokens) + max_new > limits["max_length"]:
-        raise RequestError(
-            400,
-            f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new}) "
-            f"exceeds the model's {limits['max_length']} positions",
-        )
-    if any(not 0 <= t < limits["vocab_size"] for t in tokens):
-        raise RequestError(400, f"prompt token ids must be in [0, {limits['vocab_size']})")
-    try:
-        params = SamplingParams(
-            temperature=req.get("temperature", 1.0),
-            top_k=req.get("top_k", 0),
-            top_p=req.get("top_p", 1.0),
-        )
-    except ValueError as e:
-        raise RequestError(400, str(e)) from None
-    seed = _int_field(req, "seed", 0, 0, 2**63 - 1)
-    return {
-        "prompt": prompt,
-        "tokens": tokens,
-        "max_new_tokens": max_new,
-        "seed": seed,
-        "sampling": [params.temperature, params.top_k, params.top_p],
-    }
-
-
-def run_request(engine: Engine, tokenizer, req: dict) -> dict:
+def run_request(engine: Engine, tokenizer, req: GenerationRequest) -> dict:
     """POST /generate's answer: the request through the engine."""
     eod = getattr(tokenizer, "eod", None)
-    sampling = SamplingParams(*req["sampling"])
-    out = engine.submit(Request(req["tokens"], req["max_new_tokens"], sampling, req["seed"], eod))
+    out = engine.submit(Request(req.prompt, req.max_new_tokens, req.params, req.seed, eod))
     out = out.result()
     text_ids = out.tokens[:-1] if out.finish_reason == "eod" else out.tokens
     return {
-        "prompt": req["prompt"],
+        "prompt": req.text,
         "completion": tokenizer.detokenize(text_ids),
         "tokens": out.tokens,
         "finish_reason": out.finish_reason,
@@ -143,7 +66,11 @@ def follow(lm: LanguageModel, tokenizer=None, max_batch_size: int = DEFAULT_MAX_
     engine_mod.follow(lm, max_batch_size)
 
 
-POST_PATHS = {"/generate": None, "/v1/completions": "completion", "/v1/chat/completions": "chat"}
+POST_PATHS = {
+    "/generate": "generate",
+    "/v1/completions": "completion",
+    "/v1/chat/completions": "chat",
+}
 
 
 class GenerationServer:
@@ -238,10 +165,10 @@ def _handler_class(server: GenerationServer, socket_timeout: float):
             self.end_headers()
             self.wfile.write(data)
 
-        def _error(self, status: int, message: str) -> None:
+        def _error(self, status: int, message: str, param: str | None = None) -> None:
             """Our {"error": message} on /generate, OpenAI's error object on /v1/..."""
             if self.path.startswith("/v1/"):
-                return self._reply(status, OpenAIError(status, message).body())
+                return self._reply(status, RequestError(status, message, param).body())
             return self._reply(status, {"error": message})
 
         def do_GET(self):
@@ -259,12 +186,13 @@ def _handler_class(server: GenerationServer, socket_timeout: float):
             body = self._body()
             if body is None:
                 return None
-            if POST_PATHS[self.path] is not None:
-                return self._openai(POST_PATHS[self.path], body)
             try:
-                req = parse_request(body, server.tokenizer, server.limits)
+                req = parse_request(body, POST_PATHS[self.path], server.tokenizer, server.chat,
+                                    server.limits)  # fmt: skip
             except RequestError as e:
-                return self._reply(e.status, {"error": str(e)})
+                return self._error(e.status, str(e), e.param)
+            if req.kind != "generate":
+                return self._openai(req)
             try:
                 return self._reply(200, run_request(server.engine, server.tokenizer, req))
             except RuntimeError as e:  # the engine stopped or failed
@@ -289,12 +217,9 @@ def _handler_class(server: GenerationServer, socket_timeout: float):
                 return None
             return body
 
-        def _openai(self, kind: str, body: bytes):
+        def _openai(self, req: GenerationRequest):
             try:
-                req = parse_openai(body, kind, server.tokenizer, server.chat, server.limits)
                 handle, text = server.openai_submit(req)
-            except OpenAIError as e:
-                return self._reply(e.status, e.body())
             except RuntimeError as e:  # the engine is stopping
                 return self._error(503, str(e))
             if req.stream:
@@ -320,7 +245,7 @@ def _handler_class(server: GenerationServer, socket_timeout: float):
                         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
                 except RuntimeError as e:  # the engine failed mid-answer
-                    body = OpenAIError(500, str(e)).body()
+                    body = RequestError(500, str(e)).body()
                     self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

@@ -18,7 +18,7 @@ from torch import nn
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.model.transformer import InferenceParams, TransformerBlock
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.tensor_parallel.cross_entropy import token_log_probs
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron_lite.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron_lite.tensor_parallel.random import get_rng_tracker
@@ -183,8 +183,8 @@ class GPTModel(nn.Module):
             logits[..., self.real_columns :] = float("-inf")
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.tp_group)
-        return loss.transpose(0, 1).contiguous()  # [b, s]
+        logp = token_log_probs(logits, labels.transpose(0, 1), self.tp_group, inplace=True)
+        return (-logp).transpose(0, 1).contiguous()  # [b, s]: the per-token loss
 
 
 def initialize_model(model: nn.Module, seed: int, ps: ParallelState) -> None:

@@ -1,6 +1,9 @@
 """Tensor and sequence parallelism: communication, layers, cross entropy, RNG and recomputation."""
 
-from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.tensor_parallel.cross_entropy import (
+    token_log_probs,
+    vocab_parallel_cross_entropy,
+)
 from megatron_lite.tensor_parallel.layers import (
     ColumnParallelLinear,
     LinearWithGradAccumulationAndAsyncCommunication,
@@ -32,5 +35,6 @@ __all__ = [
     "set_random_seed",
     "set_rng_states",
     "shard_of",
+    "token_log_probs",
     "vocab_parallel_cross_entropy",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_lite.comm import Group, all_reduce, group_rank, group_size
 
@@ -60,3 +61,26 @@ def vocab_parallel_cross_entropy(
     Modifies `logits` in place (when fp32) to save memory, as Megatron does: don't reuse them.
     """
     return _VocabParallelCrossEntropy.apply(logits, target, group)
+
+
+def token_log_probs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: Group = None,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """log p(target) per token (fp32, the shape of `targets`), differentiable: the one token
+    log-probability of training (its loss is the negation), the DPO reference and evaluation.
+
+    `logits` [..., V], or this rank's vocabulary slice [..., V/tp] with `tp_group`: then the
+    softmax reduces over the group (three all-reduces of per-token scalars), and so it does with
+    `inplace`, which reuses fp32 logits' memory (training's fresh matmul output, which nothing
+    else reads). Whole logits not lent: PyTorch's fused cross entropy, the logits left as they
+    were (the same values within 1e-6; bit for bit what evaluation and the DPO reference gave).
+    """
+    if inplace or group_size(tp_group) > 1:
+        if not inplace and logits.dtype == torch.float32:
+            logits = logits.clone()
+        return -_VocabParallelCrossEntropy.apply(logits, targets, tp_group)
+    return -F.cross_entropy(logits.float().movedim(-1, 1), targets, reduction="none")
