@@ -64,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             "PREFIX, or --mock-data"
         )
     from megatron_lite import training
-    from megatron_lite.evaluation.pretraining import check_eval_tasks
+    from megatron_lite.evaluation.pretraining import check_eval_tasks, report_tasks
 
     check_eval_tasks(cfg)  # a bad --eval-tasks (name, file) fails before training starts
-    training.pretrain(cfg)
+    # downstream eval during training: a hook the loop calls (training never imports evaluation)
+    training.pretrain(cfg, eval_hooks=[report_tasks] if cfg.train.eval_tasks else [])
     training.shutdown()
     return 0
 

@@ -32,7 +32,7 @@ from megatron_lite.config import Config
 from megatron_lite.estimate.activations import chunk_bytes, dims, ring_bytes
 from megatron_lite.estimate.memory import StaticMemory, static_memory
 from megatron_lite.estimate.moe import ep_comm_seconds
-from megatron_lite.training.log import model_flops_per_token
+from megatron_lite.model.flops import model_flops_per_token
 
 GIB = 2**30
 

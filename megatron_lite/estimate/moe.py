@@ -7,7 +7,7 @@ experts per token, a bytes per activation; forward and backward each move the sa
   2 x k T h a (ep - 1) / ep forward;
 - allgather: an all-gather of the T h tokens and a reduce-scatter of the ep T h outputs:
   2 x (ep - 1) T h a forward (each ring step moves 1/ep of the ep T h buffer).
-FLOPs count active parameters (`training.log.model_flops_per_token`).
+FLOPs count active parameters (`model.flops.model_flops_per_token`).
 """
 
 from __future__ import annotations

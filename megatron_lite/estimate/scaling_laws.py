@@ -12,7 +12,7 @@ paper starts from every one and keeps the best fit; the best starts are where th
 
 The compute-optimal frontier for C = 6 N D (section 3.3, closed form): N_opt = G (C/6)^(beta /
 (alpha + beta)), D_opt = (C/6) / N_opt, G = (alpha A / (beta B))^(1 / (alpha + beta)). With the
-exact FLOP count instead (`training.log.model_flops_per_token`), `best_shape` walks a family of
+exact FLOP count instead (`model.flops.model_flops_per_token`), `best_shape` walks a family of
 model shapes, each with D = C / FLOPs-per-token, and keeps the lowest predicted loss.
 """
 
