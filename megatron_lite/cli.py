@@ -48,6 +48,7 @@ def _claim_report(message: str) -> bool:
     try:
         first = store.add(USER_ERROR_KEY, 1) == 1
         if first:  # pipeline peers blocked in a transfer learn of it and stop (pipeline/abort.py)
+            # lazy: every tool imports cli before torch; only a failing distributed run needs it
             from megatron_lite.pipeline.abort import signal_abort
 
             signal_abort(f"a rank stopped with: error: {message}")

@@ -28,6 +28,7 @@ TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model
 def with_checkpoint_args(cfg: Config) -> Config:
     """--use-checkpoint-args: the model settings of the --load checkpoint, and its tokenizer when
     the command line names none."""
+    # lazy (as in main): bad flags fail fast, before torch and the model code are imported
     from megatron_lite.checkpointing import CHECKPOINT_MODEL_ARGS
     from megatron_lite.checkpointing.hf_reader import open_checkpoint
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             "give --data-path PREFIX (from tools/preprocess_data.py), --train-data-path "
             "PREFIX, or --mock-data"
         )
+    # lazy: bad flags (above) fail fast, before torch and the model code are imported
     from megatron_lite import training
     from megatron_lite.evaluation.pretraining import check_eval_tasks, report_tasks
 

@@ -113,7 +113,7 @@ def fit(
         # scipy's OpenBLAS wakes a thread pool for these 5-vectors: on a busy machine every L-BFGS
         # step then waits for threads (40x slower measured here). One thread unless set otherwise.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # heavy, only for a fit (after the thread setting above)
 
     log_n, log_d = np.log(np.asarray(n, float)), np.log(np.asarray(d, float))
     log_l = np.log(np.asarray(loss, float))

@@ -66,6 +66,7 @@ class TensorBoard:
     def __init__(self, log_dir: str | None, enabled: bool):
         self.writer = None
         if log_dir and enabled:
+            # optional dependency (tensorboard), only with --tensorboard-dir
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=log_dir, max_queue=100)
@@ -95,7 +96,7 @@ class WandB:
         if not (enabled and lg.wandb_project):
             return
         try:
-            import wandb
+            import wandb  # optional dependency, only with --wandb-project
         except ImportError as e:
             raise ConfigError("--wandb-project needs the wandb package (pip install wandb)") from e
         save_dir = lg.wandb_save_dir or os.path.join(os.getcwd(), "wandb")
