@@ -9,7 +9,6 @@ import os
 import sys
 
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.model.flops import model_flops_per_token  # noqa: F401  (re-exported for tools/)
 
 
 def format_log_line(
