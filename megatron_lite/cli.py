@@ -64,6 +64,7 @@ def _announce_printed(message: str) -> None:
     store = _store()
     if store is None:
         return
+    # lazy: every tool imports cli before torch; only a failing distributed run needs it
     from megatron_lite.pipeline.abort import signal_abort
 
     try:

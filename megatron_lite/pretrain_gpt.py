@@ -28,6 +28,7 @@ TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model
 def with_checkpoint_args(cfg: Config) -> Config:
     """--use-checkpoint-args: the model settings of the --load checkpoint, and its tokenizer when
     the command line names none."""
+    # lazy (as in main): bad flags fail fast, before torch and the model code are imported
     from megatron_lite.checkpointing import CHECKPOINT_MODEL_ARGS
     from megatron_lite.checkpointing.hf_reader import open_checkpoint
 
@@ -63,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             "give --data-path PREFIX (from tools/preprocess_data.py), --train-data-path "
             "PREFIX, or --mock-data"
         )
+    # lazy: bad flags (above) fail fast, before torch and the model code are imported
     from megatron_lite import training
-    from megatron_lite.evaluation.pretraining import check_eval_tasks
+    from megatron_lite.evaluation.pretraining import check_eval_tasks, report_tasks
 
     check_eval_tasks(cfg)  # a bad --eval-tasks (name, file) fails before training starts
-    training.pretrain(cfg)
+    # downstream eval during training: a hook the loop calls (training never imports evaluation)
+    training.pretrain(cfg, eval_hooks=[report_tasks] if cfg.train.eval_tasks else [])
     training.shutdown()
     return 0
 

@@ -187,7 +187,7 @@ def test_estimator_counts_experts_active_flops_and_dispatch_traffic():
     from megatron_lite.estimate.memory import static_memory
     from megatron_lite.estimate.moe import dispatch_bytes, parameter_counts
     from megatron_lite.model import build_model_chunks
-    from megatron_lite.training.log import model_flops_per_token
+    from megatron_lite.model.flops import model_flops_per_token
 
     cfg = make_cfg(4, ep=2, moe_token_dispatcher_type="alltoall")
     padded = cfg.padded_vocab_size(100)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.config import Config  # noqa: E402
 from megatron_lite.estimate.scaling_laws import ScalingLaw, best_shape, fit  # noqa: E402
 from megatron_lite.estimate.sweep import Run, non_embedding_params, read_run, vocab_size  # noqa: E402
-from megatron_lite.training.log import model_flops_per_token  # noqa: E402
+from megatron_lite.model.flops import model_flops_per_token  # noqa: E402
 
 LAYERS = (2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 128)
 HEAD_DIM = 64

@@ -21,6 +21,11 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from megatron_lite.parallel_state import free_port
+
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "numpy", "megatron_lite"]
 _ctx = None
 
@@ -37,17 +42,8 @@ def _context():
     return _ctx
 
 
-def _free_port() -> int:
-    from megatron_lite.parallel_state import free_port
-
-    return free_port()
-
-
 def _worker(fn, rank, world_size, port, backend, timeout, env, conn, args, kwargs) -> None:
     try:
-        import torch
-        import torch.distributed as dist
-
         torch.set_num_threads(1)
         os.environ.update(
             {
@@ -90,7 +86,7 @@ def run_distributed(
 ) -> list[Any]:
     """Call `fn(*args, **kwargs)` on `world_size` ranks; return the per-rank results in rank order."""
     ctx = _context()
-    port = _free_port()
+    port = free_port()
     procs, readers = [], {}
     for rank in range(world_size):
         r, w = ctx.Pipe(duplex=False)

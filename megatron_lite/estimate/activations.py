@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from megatron_lite.config import Config
 from megatron_lite.device import params_dtype
 from megatron_lite.model.gpt import stage_chunks
+from megatron_lite.model.transformer import resolve_attention_backend
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,6 @@ def dims(cfg: Config, device: str = "cuda") -> Dims:
 
 def attention_backend(cfg: Config) -> str:
     """As `CoreAttention` resolves it (auto -> sdpa; fused without --masked-softmax-fusion -> unfused)."""
-    from megatron_lite.model.transformer import resolve_attention_backend
-
     m = cfg.model
     return resolve_attention_backend(m.attention_backend, m.masked_softmax_fusion, "cuda")
 

@@ -12,6 +12,7 @@ import sys
 
 from megatron_lite.arguments import build_parser, config_from_namespace
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.data import build_tokenizer
 from megatron_lite.estimate.activations import korthikanti_layer, layer_terms
 from megatron_lite.estimate.core import GIB, Estimate, Hardware, estimate
 from megatron_lite.estimate.moe import dispatch_bytes, parameter_counts
@@ -56,8 +57,6 @@ def build_estimate_parser() -> argparse.ArgumentParser:
 def _vocab_size(cfg: Config) -> tuple[int, str]:
     """The tokenizer's vocabulary (as training pads it), else --vocab-size, else GPT-2's."""
     if cfg.data.tokenizer_type is not None:
-        from megatron_lite.data import build_tokenizer
-
         return build_tokenizer(cfg.data).vocab_size, cfg.data.tokenizer_type
     if cfg.data.vocab_size is not None:
         return cfg.data.vocab_size, "--vocab-size"

@@ -32,7 +32,9 @@ from megatron_lite.config import Config
 from megatron_lite.estimate.activations import chunk_bytes, dims, ring_bytes
 from megatron_lite.estimate.memory import StaticMemory, static_memory
 from megatron_lite.estimate.moe import ep_comm_seconds
-from megatron_lite.training.log import model_flops_per_token
+from megatron_lite.model.flops import model_flops_per_token
+from megatron_lite.pipeline.schedules import schedule_name
+from megatron_lite.pipeline.simulate import peak_in_flight, simulate
 
 GIB = 2**30
 
@@ -109,15 +111,11 @@ class Estimate:
 
 
 def schedule_of(cfg: Config) -> str:
-    from megatron_lite.pipeline.schedules import schedule_name
-
     return schedule_name(cfg, cfg.parallel.pipeline_model_parallel_size)
 
 
 @functools.lru_cache(maxsize=256)
 def _simulation(schedule: str, p: int, m: int, v: int):
-    from megatron_lite.pipeline.simulate import simulate
-
     return simulate(schedule, p, m, v)
 
 
@@ -148,8 +146,6 @@ def estimate(
     cfg: Config, padded_vocab: int, hw: Hardware | None = None, device: str = "cuda"
 ) -> Estimate:
     """`cfg` must be finalized (`cfg.finalize(world_size)`)."""
-    from megatron_lite.pipeline.simulate import peak_in_flight
-
     hw = hw or Hardware()
     pp, m = cfg.parallel.pipeline_model_parallel_size, cfg.num_microbatches
     schedule = schedule_of(cfg)

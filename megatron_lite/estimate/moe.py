@@ -7,7 +7,7 @@ experts per token, a bytes per activation; forward and backward each move the sa
   2 x k T h a (ep - 1) / ep forward;
 - allgather: an all-gather of the T h tokens and a reduce-scatter of the ep T h outputs:
   2 x (ep - 1) T h a forward (each ring step moves 1/ep of the ep T h buffer).
-FLOPs count active parameters (`training.log.model_flops_per_token`).
+FLOPs count active parameters (`model.flops.model_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from megatron_lite.config import Config, moe_layer_numbers
 from megatron_lite.estimate.activations import dims
+from megatron_lite.model.gpt import build_meta_chunk
 
 
 @dataclass
@@ -32,8 +33,6 @@ def _mlp_params(h: int, f: int, swiglu: bool, bias: bool) -> int:
 
 def model_parameters(cfg: Config, padded_vocab: int) -> int:
     """Every parameter of the model, each expert and the tied embedding counted once (meta)."""
-    from megatron_lite.model.gpt import build_meta_chunk
-
     pp, vpp = cfg.parallel.pipeline_model_parallel_size, cfg.virtual_pipeline_size or 1
     seen: dict[str, int] = {}
     for r in range(pp):

@@ -12,7 +12,7 @@ paper starts from every one and keeps the best fit; the best starts are where th
 
 The compute-optimal frontier for C = 6 N D (section 3.3, closed form): N_opt = G (C/6)^(beta /
 (alpha + beta)), D_opt = (C/6) / N_opt, G = (alpha A / (beta B))^(1 / (alpha + beta)). With the
-exact FLOP count instead (`training.log.model_flops_per_token`), `best_shape` walks a family of
+exact FLOP count instead (`model.flops.model_flops_per_token`), `best_shape` walks a family of
 model shapes, each with D = C / FLOPs-per-token, and keeps the lowest predicted loss.
 """
 
@@ -113,7 +113,7 @@ def fit(
         # scipy's OpenBLAS wakes a thread pool for these 5-vectors: on a busy machine every L-BFGS
         # step then waits for threads (40x slower measured here). One thread unless set otherwise.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # heavy, only for a fit (after the thread setting above)
 
     log_n, log_d = np.log(np.asarray(n, float)), np.log(np.asarray(d, float))
     log_l = np.log(np.asarray(loss, float))

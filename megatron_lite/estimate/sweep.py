@@ -10,12 +10,16 @@ models would dominate otherwise); D = iteration x global batch x sequence length
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
 from dataclasses import dataclass
 
+from megatron_lite.arguments import parse_args
 from megatron_lite.config import Config
+from megatron_lite.data import build_tokenizer
+from megatron_lite.model.gpt import build_meta_chunk
 
 VALID_RE = re.compile(r" validation loss at iteration (\d+) \| lm loss value: ([0-9.]+E[+-]\d+)")
 TRAIN_RE = re.compile(r" iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([0-9.]+E[+-]\d+) \|")
@@ -41,10 +45,6 @@ class Run:
 
 def non_embedding_params(cfg: Config) -> int:
     """Parameters of the transformer layers and the final norm (no embeddings, no output layer)."""
-    import dataclasses
-
-    from megatron_lite.model.gpt import build_meta_chunk
-
     # the real model, all layers in one stage, on the meta device (nothing allocated)
     one = dataclasses.replace(
         cfg.parallel, pipeline_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=None
@@ -59,8 +59,6 @@ def non_embedding_params(cfg: Config) -> int:
 def vocab_size(cfg: Config) -> int:
     """The tokenizer's vocabulary padded as training pads it (else --vocab-size)."""
     if cfg.data.tokenizer_type is not None:
-        from megatron_lite.data import build_tokenizer
-
         vocab = build_tokenizer(cfg.data).vocab_size
     elif cfg.data.vocab_size is not None:
         vocab = cfg.data.vocab_size
@@ -79,6 +77,7 @@ def read_tensorboard(run_dir: str, split: str = "validation") -> dict[int, float
     files = glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
     if not files:
         return {}
+    # optional dependency, only for runs that logged to TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[int, float] = {}
@@ -92,8 +91,6 @@ def read_tensorboard(run_dir: str, split: str = "validation") -> dict[int, float
 
 def read_run(run_dir: str, split: str = "validation", source: str = "auto") -> Run:
     """One run of a sweep; `source`: log, tensorboard, or auto (the log when it has losses)."""
-    from megatron_lite.arguments import parse_args
-
     args_path = os.path.join(run_dir, "args.txt")
     if not os.path.isfile(args_path):
         raise FileNotFoundError(f"--runs {run_dir}: no args.txt (the run's pretrain_gpt flags)")

@@ -14,6 +14,8 @@ from megatron_lite.evaluation.requests import Scorer
 from megatron_lite.evaluation.runner import evaluate_tasks, flat_scalars, number
 from megatron_lite.evaluation.tasks import Task, load_tasks
 from megatron_lite.inference.generation import LanguageModel
+from megatron_lite.training.log import print_rank
+from megatron_lite.training.step import land_params
 
 BATCH_SIZE = 8
 
@@ -33,8 +35,6 @@ def check_eval_tasks(cfg: Config) -> None:
 
 def score_tasks(run) -> dict[str, dict[str, float]]:
     """Every rank calls it; every rank gets the results."""
-    from megatron_lite.training.step import land_params
-
     cfg = run.cfg
     land_params(run)
     modules = [getattr(c, "module", c) for c in run.model]
@@ -65,8 +65,6 @@ def report_tasks(run, tb) -> dict[str, dict[str, float]]:
     """Score --eval-tasks, print one line (last rank) and write TensorBoard scalars."""
     results = score_tasks(run)
     if run.is_logging_rank:
-        from megatron_lite.training.log import print_rank
-
         fields = " | ".join(
             f"{t} {m}: {number(v)}" for t, s in results.items() for m, v in s.items()
         )

@@ -16,6 +16,8 @@ from megatron_lite.config import Config
 from megatron_lite.config.moe import moe_layer_pattern
 from megatron_lite.model.context_parallel import cp_chunk_positions, ring_attention
 from megatron_lite.model.fused_softmax import FusedScaleMaskSoftmax, with_window
+from megatron_lite.model.mlp import MLP
+from megatron_lite.model.moe import MoELayer
 from megatron_lite.model.rope import apply_rotary, rotary_cos_sin
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -256,36 +258,6 @@ class SelfAttention(nn.Module):
         return self.linear_proj(ctx)
 
 
-class MLP(nn.Module):
-    """h -> ffn (GeLU) or 2 x ffn (SwiGLU: gate and up stacked, stride 2) -> h."""
-
-    def __init__(self, cfg: Config, tp_group: Group, output_std: float):
-        super().__init__()
-        m, sp = cfg.model, cfg.parallel.sequence_parallel
-        self.swiglu = m.swiglu
-        self.gelu_approximate = "tanh" if m.openai_gelu else "none"
-        common = dict(tp_group=tp_group, bias=m.add_bias_linear, sequence_parallel=sp)
-        self.linear_fc1 = ColumnParallelLinear(
-            m.hidden_size,
-            m.ffn_hidden_size * (2 if m.swiglu else 1),
-            init_std=m.init_method_std,
-            stride=2 if m.swiglu else 1,
-            **common,
-        )
-        self.linear_fc2 = RowParallelLinear(
-            m.ffn_hidden_size, m.hidden_size, init_std=output_std, skip_bias_add=True, **common
-        )
-
-    def forward(self, x: torch.Tensor):
-        h, _ = self.linear_fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate=self.gelu_approximate)
-        return self.linear_fc2(h)
-
-
 class TransformerLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)), with bias-dropout-add. The MLP is an
     MoE one (model/moe) where --num-experts and --moe-layer-freq say so; that needs `ps` (its groups)
@@ -311,8 +283,6 @@ class TransformerLayer(nn.Module):
             cfg.moe.enabled
             and moe_layer_pattern(cfg.moe.moe_layer_freq, m.num_layers)[layer_number]
         ):
-            from megatron_lite.model.moe import MoELayer
-
             self.mlp = MoELayer(cfg, ps or ParallelState.single(), layer_number, output_std)
         else:
             self.mlp = MLP(cfg, tp_group, output_std)

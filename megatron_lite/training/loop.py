@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,11 +18,11 @@ import torch.distributed as dist
 
 from megatron_lite import checkpointing, comm, device
 from megatron_lite.config import Config
-from megatron_lite.evaluation.pretraining import report_tasks
+from megatron_lite.model.flops import model_flops_per_token
+from megatron_lite.pipeline.abort import WATCHDOG
 from megatron_lite.training.log import (
     Writers,
     format_log_line,
-    model_flops_per_token,
     perplexity,
     print_rank,
 )
@@ -226,8 +227,8 @@ def _train(
             loss_sum = torch.zeros_like(loss_sum)
         if cfg.train.eval_iters and run.iteration % cfg.train.eval_interval == 0:
             report_eval(run, valid_iterators, "validation", writers)
-        if cfg.train.eval_tasks and run.iteration % cfg.train.eval_interval == 0:
-            report_tasks(run, writers)
+        if run.iteration % cfg.train.eval_interval == 0:
+            _run_eval_hooks(run, writers)
         save_due = (
             bool(cfg.checkpoint.save_interval) and run.iteration % cfg.checkpoint.save_interval == 0
         )
@@ -256,9 +257,17 @@ def report_eval(run: Run, iterators, split: str, writers: Writers) -> float | No
     return loss
 
 
-def pretrain(cfg: Config) -> Run:
-    """The whole job: setup, train, final validation and test evaluation, final checkpoint."""
+def _run_eval_hooks(run: Run, writers: Writers) -> None:
+    for hook in run.eval_hooks:
+        hook(run, writers)
+
+
+def pretrain(cfg: Config, eval_hooks: Sequence[Callable[[Run, Writers], object]] = ()) -> Run:
+    """The whole job: setup, train, final validation and test evaluation, final checkpoint.
+    `eval_hooks` (installed by the entry point, e.g. --eval-tasks scoring) run every
+    --eval-interval and after the last iteration: see `Run.eval_hooks`."""
     run = setup(cfg)
+    run.eval_hooks = list(eval_hooks)
     train_it, valid_it, test_it = build_data_iterators(
         cfg, run.tokenizer, run.ps, run.consumed_samples, num_chunks=len(run.model)
     )
@@ -269,8 +278,8 @@ def pretrain(cfg: Config) -> Run:
             if run.iteration % cfg.train.eval_interval != 0:
                 report_eval(run, valid_it, "validation", writers)
             report_eval(run, test_it, "test", writers)
-        if cfg.train.eval_tasks and run.iteration % cfg.train.eval_interval != 0:
-            report_tasks(run, writers)
+        if run.iteration % cfg.train.eval_interval != 0:
+            _run_eval_hooks(run, writers)
         last_saved = (
             cfg.checkpoint.save_interval and run.iteration % cfg.checkpoint.save_interval == 0
         )
@@ -287,8 +296,6 @@ def pretrain(cfg: Config) -> Run:
 
 def shutdown() -> None:
     """Stop the pipeline abort watchdog, then destroy the process group."""
-    from megatron_lite.pipeline.abort import WATCHDOG
-
     WATCHDOG.stop()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from megatron_lite.parallel_state import ParallelState, init_distributed
 from megatron_lite.tensor_parallel import set_random_seed
 from megatron_lite.timers import Timers
 from megatron_lite.training.faults import FaultInjector
-from megatron_lite.training.log import print_rank
+from megatron_lite.training.log import Writers, print_rank
 
 if TYPE_CHECKING:
     from megatron_lite.data.tokenizer import Tokenizer
@@ -56,6 +57,9 @@ class Run:
     microbatches: NumMicroBatchesCalculator  # constant, or growing with --rampup-batch-size
     faults: FaultInjector = field(default_factory=FaultInjector)
     timers: Timers = field(default_factory=Timers)  # --timing-log-level
+    # downstream evaluation the entry point installs (pretrain_gpt: --eval-tasks), each called as
+    # hook(run, writers) every --eval-interval and after the last iteration; training imports none
+    eval_hooks: list[Callable[[Run, Writers], object]] = field(default_factory=list)
     iteration: int = 0
     consumed_samples: int = 0
     skipped_iters: int = 0

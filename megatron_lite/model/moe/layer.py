@@ -19,6 +19,7 @@ from torch import nn
 
 from megatron_lite.comm import group_size
 from megatron_lite.config import Config
+from megatron_lite.model.mlp import MLP
 from megatron_lite.model.moe.dispatcher import DISPATCHERS
 from megatron_lite.model.moe.experts import LocalExperts
 from megatron_lite.model.moe.router import TopKRouter, capacity
@@ -38,8 +39,6 @@ class MoELayer(nn.Module):
 
     def __init__(self, cfg: Config, ps: ParallelState, layer_number: int, output_std: float):
         super().__init__()
-        from megatron_lite.model.transformer import MLP  # the dense MLP, for the shared expert
-
         e = cfg.moe
         self.tp_group, self.ep_group = ps.tp_group, ps.ep_group
         self.sequence_parallel = cfg.parallel.sequence_parallel and group_size(ps.tp_group) > 1
