@@ -313,3 +313,90 @@ def test_megatron_core_layouts_we_do_not_read_are_refused_by_name(tmp_path):
         McoreDistReader(str(tmp_path), config=cfg)
     with pytest.raises(ckpt.CheckpointError, match="without args in common.pt"):
         McoreDistReader(str(tmp_path))
+
+
+def _fill(path: str) -> None:
+    """Write `path` until the file system is full."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def _save_on_a_full_disk(root):
+    """Each format (and async torch_dist) saves iteration 1, then the disk fills and iteration 2 is
+    saved: every rank must raise the one CheckpointError, none may hang."""
+    import torch.distributed as dist
+
+    from megatron_lite.checkpointing.async_save import finalize_async_save
+
+    out = {}
+    for fmt, async_save in (("torch", False), ("torch_dist", False), ("torch_dist", True)):
+        cfg, ps, chunks, opt, sched = _setup(2, 1)
+        cfg.checkpoint.ckpt_format, cfg.checkpoint.async_save = fmt, async_save
+        save_dir = os.path.join(root, f"{fmt}_{async_save}")
+        ckpt.save_checkpoint(save_dir, 1, chunks, opt, sched, cfg, ps, 8)
+        finalize_async_save()
+        dist.barrier()
+        if ps.rank == 0:
+            _fill(os.path.join(root, "filler"))
+        dist.barrier()
+        try:
+            ckpt.save_checkpoint(save_dir, 2, chunks, opt, sched, cfg, ps, 16)
+            finalize_async_save()
+            out[(fmt, async_save)] = None
+        except ckpt.CheckpointError as e:
+            out[(fmt, async_save)] = str(e)
+        dist.barrier()
+        if ps.rank == 0:
+            os.remove(os.path.join(root, "filler"))
+        dist.barrier()
+    return out
+
+
+def _load_first(save_dir, fmt):
+    cfg, ps, chunks, opt, sched = _setup(2, 1, seed=99)
+    cfg.checkpoint.ckpt_format = fmt
+    out = ckpt.load_checkpoint(save_dir, chunks, opt, sched, cfg, ps)
+    return out["iteration"], out["consumed_samples"]
+
+
+def test_a_full_disk_stops_the_save_on_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
+    """On a 3 MiB tmpfs (mounted here: root only) whose space runs out between two saves: the second
+    save says the disk is full on every rank, its partial directory is gone, the latest file still
+    names the first checkpoint and the first checkpoint's files are byte-identical."""
+    import hashlib
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"needs root to mount a small tmpfs: {mounted.stderr.strip()}")
+    try:
+        results = run_distributed(_save_on_a_full_disk, 2, str(mnt), timeout=120)
+        for key in results[0]:
+            messages = [r[key] for r in results]
+            assert all(m is not None for m in messages), (key, messages)
+            assert any("the disk is full" in m for m in messages), (key, messages)
+            for m in messages:
+                assert "iter_0000002.tmp was removed" in m and "still names the previous" in m, m
+            save_dir = mnt / f"{key[0]}_{key[1]}"
+            assert ckpt.read_latest_iteration(str(save_dir)) == 1
+            assert sorted(os.listdir(save_dir)) == ["iter_0000001", ckpt.LATEST_FILE]
+        # the first checkpoint is whole: it loads
+        digests = {
+            p: hashlib.sha256(p.read_bytes()).hexdigest() for p in mnt.rglob("*") if p.is_file()
+        }
+        for key in results[0]:
+            loaded = run_distributed(_load_first, 2, str(mnt / f"{key[0]}_{key[1]}"), key[0])
+            assert loaded == [(1, 8)] * 2, key
+        assert digests == {
+            p: hashlib.sha256(p.read_bytes()).hexdigest() for p in mnt.rglob("*") if p.is_file()
+        }
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_lite.checkpointing.files import CheckpointError, barrier
+from megatron_lite.checkpointing.files import agree_written, barrier
 
 # thread, publish (rename + latest file), dir, error: set by dist.save_dist, cleared here
 _PENDING: dict[str, Any] = {}
@@ -18,10 +18,9 @@ def finalize_async_save() -> str | None:
         return None
     _PENDING["thread"].join()
     error, publish, final = _PENDING["error"], _PENDING["publish"], _PENDING["dir"]
+    needed = _PENDING.get("needed", 0)
     _PENDING.clear()
-    if error is not None:
-        raise CheckpointError(f"async save to {final} failed: {error}") from error
-    barrier()
+    agree_written(error, final + ".tmp", f"{final} (async)", needed)
     publish()
     barrier()
     return final

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_md
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.planner import (
@@ -42,6 +43,7 @@ from torch.distributed.checkpoint.planner import (
 
 from megatron_lite.checkpointing.async_save import _PENDING
 from megatron_lite.checkpointing.files import (
+    agree_written,
     barrier,
     chunk_params,
     chunk_tensors,
@@ -291,6 +293,10 @@ def write_dist(
     )
 
 
+def _chunk_bytes(chunks: dict) -> int:
+    return sum(t.numel() * t.element_size() for _, pieces in chunks.values() for _, t in pieces)
+
+
 def save_dist(
     save_dir: str,
     iteration: int,
@@ -326,8 +332,12 @@ def save_dist(
         rng_file(ps.tp_rank, ps.pp_rank, ps.dp_rank),
     )
     if not async_save:
-        write_dist(*args)
-        barrier()
+        error = None
+        try:
+            write_dist(*args)
+        except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, say
+            error = e
+        agree_written(error, tmp, f"iteration {iteration} to {save_dir}", _chunk_bytes(chunks))
         publish()
         barrier()
         return final
@@ -342,6 +352,8 @@ def save_dist(
             _PENDING["error"] = e
 
     thread = threading.Thread(target=work, name="megatron-lite-async-save", daemon=True)
-    _PENDING.update(thread=thread, publish=publish, dir=final, error=None)
+    _PENDING.update(
+        thread=thread, publish=publish, dir=final, error=None, needed=_chunk_bytes(chunks)
+    )
     thread.start()
     return final

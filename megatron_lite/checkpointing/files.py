@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
+import shutil
 import time
 from typing import Any
 
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lite.device import comm_device
 from megatron_lite.errors import UserError
 from megatron_lite.tensor_parallel.utils import tags_of
 
@@ -219,6 +222,58 @@ def pause_for_test(point: str, root: str) -> None:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A write that failed (a full disk): every rank stops with one clear error, nothing half-published
+
+_FULL_MARKS = ("unexpected pos", "No space left", "failed writing file")
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (what writing it needs, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _why_write_failed(error: BaseException | None, where: str, needed: int) -> str:
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    full = error is not None and (
+        getattr(error, "errno", None) == errno.ENOSPC or any(m in str(error) for m in _FULL_MARKS)
+    )
+    if full or (free is not None and free < max(needed, 2**20)):
+        have = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        return f"the disk is full ({have} on {where}; this rank's part needs about {needed / 2**20:.1f} MiB)"
+    if error is None:
+        return "another rank's write failed (its error is in its own log)"
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def agree_written(error: BaseException | None, tmp: str, what: str, needed: int) -> None:
+    """Collective, after every rank wrote its part of `tmp`: if any rank's write failed, every rank
+    raises the same kind of CheckpointError and rank 0 removes the partial directory, so the latest
+    file still names the previous checkpoint and no rank waits for a peer that stopped."""
+    failed = torch.tensor([0.0 if error is None else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        failed = failed.to(comm_device(dist.get_backend()))
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    reason = _why_write_failed(error, os.path.dirname(tmp) or ".", needed)
+    raise CheckpointError(
+        f"saving {what} failed: {reason}. The partial {tmp} was removed; {LATEST_FILE} still "
+        "names the previous checkpoint"
+    ) from error
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from megatron_lite.checkpointing.experts import gather_experts
 from megatron_lite.checkpointing.files import (
     FORMAT_VERSION,
     MODEL_FILE,
+    agree_written,
     barrier,
     chunk_tensors,
     fsync_dir,
@@ -24,6 +25,7 @@ from megatron_lite.checkpointing.files import (
     plain,
     read_latest_iteration,
     shard_info_of,
+    tensor_bytes,
     write_durably,
     write_latest,
 )
@@ -93,6 +95,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         os.makedirs(tmp)
     barrier()
+    error, needed = None, 0
     if ps.dp_rank == 0 and ps.cp_rank == 0:  # cp ranks hold the same model: one of them writes
         state = _plain_entries(
             iteration, model_chunks, opt_param_scheduler, cfg, ps, consumed_samples, extra,
@@ -100,11 +103,15 @@ def save_checkpoint(
         )  # fmt: skip
         state.update(shard_info=shard_info, optimizer=plain(optim, "optimizer"), rng_state=rng)
         state = to_file(state, models, ps.pp_rank)  # Megatron-LM's layout (torch_format.py)
+        needed = tensor_bytes(state)
         d = os.path.join(tmp, mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
-        os.makedirs(d)
-        write_durably(os.path.join(d, MODEL_FILE), lambda f: torch.save(state, f))
-        fsync_dir(d)
-    barrier()
+        try:
+            os.makedirs(d)
+            write_durably(os.path.join(d, MODEL_FILE), lambda f: torch.save(state, f))
+            fsync_dir(d)
+        except (OSError, RuntimeError) as e:  # a full disk: torch's writer says "unexpected pos"
+            error = e
+    agree_written(error, tmp, f"iteration {iteration} to {save_dir}", needed)
     if ps.rank == 0:
         _publish(save_dir, iteration, ck.save_retain)
     barrier()
