@@ -42,19 +42,6 @@ _PENDING_OTHER_BRANCHES: set[tuple[str, str]] = {
     ("checkpointing.megatron", "checkpointing.hf_rules"),
     ("checkpointing.megatron", "checkpointing.load"),
     ("checkpointing.reshard", "inference.generation"),
-    # i25a (inference engine / evaluation): evaluation/tasks/__init__ loads the task modules,
-    # which import it back.
-    ("evaluation.tasks", "evaluation.tasks.humaneval"),
-    ("evaluation.tasks", "evaluation.tasks.mmlu"),
-    ("evaluation.tasks", "evaluation.tasks.readers"),
-    ("evaluation.tasks.humaneval", "evaluation.tasks"),
-    ("evaluation.tasks.humaneval", "evaluation.tasks.readers"),
-    ("evaluation.tasks.mmlu", "evaluation.tasks"),
-    ("evaluation.tasks.readers", "evaluation.tasks"),
-    # data/ (no helper of issue 25 owns it; for the lead): ChatFormat.for_tokenizer builds the
-    # HF subclass, whose module imports data.chat back.
-    ("data.chat", "data.chat_hf"),
-    ("data.chat_hf", "data.chat"),
 }
 
 # Which folder may not import which (the layering rules of docs/internals.md).

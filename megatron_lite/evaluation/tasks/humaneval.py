@@ -4,7 +4,7 @@ program prompt + completion + test + `check(entry_point)` runs in the sandbox.""
 
 from __future__ import annotations
 
-from megatron_lite.evaluation.tasks import Doc, Task
+from megatron_lite.evaluation.tasks.base import Doc, Task
 from megatron_lite.evaluation.tasks.readers import _nonempty, field, read_jsonl
 
 # lm-eval's humaneval stop sequences: the completion ends where a new top-level block starts

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import os
 
-from megatron_lite.evaluation.tasks import Doc, Task, TaskError
+from megatron_lite.evaluation.tasks.base import Doc, Task, TaskError
 
 LETTERS = ["A", "B", "C", "D"]
 

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Iterator
 
-from megatron_lite.evaluation.tasks import Doc, Task, TaskError
+from megatron_lite.evaluation.tasks.base import Doc, Task, TaskError
 
 
 def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
