@@ -178,11 +178,14 @@ class GPTModel(nn.Module):
         x = self.decoder(x, attention_mask, inference_params)
         if not self.post_process:
             return x
-        logits, _ = self.output_layer(x, self.output_weight())  # [s, b, V/tp]
+        batch_first = labels is None and not self.output_layer.sequence_parallel
+        if batch_first:  # logits wanted [b, s, V/tp]: turn the hidden states (h << V), not them
+            x = x.transpose(0, 1)
+        logits, _ = self.output_layer(x, self.output_weight())  # [s, b, V/tp] or [b, s, V/tp]
         if self.real_columns < self.columns:  # padded vocabulary entries are never a class
             logits[..., self.real_columns :] = float("-inf")
         if labels is None:
-            return logits.transpose(0, 1).contiguous()
+            return logits if batch_first else logits.transpose(0, 1).contiguous()
         logp = token_log_probs(logits, labels.transpose(0, 1), self.tp_group, inplace=True)
         return (-logp).transpose(0, 1).contiguous()  # [b, s]: the per-token loss
 
