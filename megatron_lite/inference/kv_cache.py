@@ -82,11 +82,27 @@ class SlotKVCache(InferenceParams):
             self.key_value_memory[layer] = (k.new_zeros(shape), v.new_zeros(shape))
         k_cache, v_cache = self.key_value_memory[layer]
         cols, _ = self._columns(s, k.device)  # checks the length before any write
+        block = self._block()
+        if block is not None:  # rows side by side, all at one length: views, no gather
+            lo, hi = int(self.start[0]), int(self.start[0]) + s
+            k_cache[lo:hi, block], v_cache[lo:hi, block] = k, v
+            return k_cache[:hi, block], v_cache[:hi, block]
         rows = self.rows.to(k.device)[None]
         new = self.position_ids(s, k.device).T  # [s, b]
         k_cache[new, rows] = k
         v_cache[new, rows] = v
         return k_cache[cols, rows], v_cache[cols, rows]
+
+    def _block(self) -> slice | None:
+        """The step's slots as one slice when they are consecutive and equally long (one request,
+        or a batch started together): then each row's keys are a view of the cache."""
+        if "block" not in self._step:
+            r, n = self.rows, len(self.rows)
+            same = n > 0 and bool(
+                (r == r[0] + torch.arange(n)).all() and (self.start == self.start[0]).all()
+            )
+            self._step["block"] = slice(int(r[0]), int(r[0]) + n) if same else None
+        return self._step["block"]
 
     def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:
         """[b, 1, s, T], True = masked: query i (column T - s + i) sees the columns up to its own,
