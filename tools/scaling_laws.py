@@ -77,7 +77,8 @@ def load_points(args, p) -> tuple[list[Run], list[tuple], dict[str, list[tuple]]
 
 
 def read_losses_csv(path: str, p) -> list[tuple[float, float, float]]:
-    """N,D,loss rows of `path`; the first row may be a header, any other row must be three numbers."""
+    """N,D,loss rows of `path` (further columns ignored); the first row may be a header, any other
+    row must start with three numbers."""
     out = []
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -85,9 +86,9 @@ def read_losses_csv(path: str, p) -> list[tuple[float, float, float]]:
                 if not row or all(not x.strip() for x in row):
                     continue
                 try:
-                    if len(row) != 3:
+                    if len(row) < 3:
                         raise ValueError
-                    out.append(tuple(float(x) for x in row))
+                    out.append(tuple(float(x) for x in row[:3]))
                 except ValueError:
                     if line == 1:
                         continue  # a header

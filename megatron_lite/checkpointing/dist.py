@@ -51,6 +51,7 @@ from megatron_lite.checkpointing.files import (
     pause_for_test,
     plain,
     shard_info_of,
+    tensor_bytes,
     write_durably,
 )
 from megatron_lite.checkpointing.rng import get_rng_state
@@ -293,10 +294,6 @@ def write_dist(
     )
 
 
-def _chunk_bytes(chunks: dict) -> int:
-    return sum(t.numel() * t.element_size() for _, pieces in chunks.values() for _, t in pieces)
-
-
 def save_dist(
     save_dir: str,
     iteration: int,
@@ -337,7 +334,7 @@ def save_dist(
             write_dist(*args)
         except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, say
             error = e
-        agree_written(error, tmp, f"iteration {iteration} to {save_dir}", _chunk_bytes(chunks))
+        agree_written(error, tmp, f"iteration {iteration} to {save_dir}", tensor_bytes(chunks))
         publish()
         barrier()
         return final
@@ -353,7 +350,7 @@ def save_dist(
 
     thread = threading.Thread(target=work, name="megatron-lite-async-save", daemon=True)
     _PENDING.update(
-        thread=thread, publish=publish, dir=final, error=None, needed=_chunk_bytes(chunks)
+        thread=thread, publish=publish, dir=final, error=None, needed=tensor_bytes(chunks)
     )
     thread.start()
     return final
