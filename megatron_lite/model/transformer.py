@@ -74,18 +74,10 @@ class InferenceParams:
     each forward (Megatron's convention), so all layers of one step see the same offset.
     """
 
-    def __init__(
-        self,
-        max_batch_size: int,
-        max_sequence_length: int,
-        key_padding: torch.Tensor | None = None,
-    ):
-        """`key_padding` [b, max_len] (True = a padding slot): a batch of left-padded prompts of
-        different lengths; no real token attends to a padding slot."""
+    def __init__(self, max_batch_size: int, max_sequence_length: int):
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.sequence_len_offset = 0
-        self.key_padding = key_padding
         self.key_value_memory: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor):
@@ -116,16 +108,9 @@ class InferenceParams:
         return cos[off : off + s], sin[off : off + s]
 
     def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:
-        """[1 or b, 1, s, offset + s], True = masked: query i (at position offset + i) sees keys <= it,
-        and none of its sequence's padding slots (a padding query sees itself, so no row is empty)."""
+        """[1, 1, s, offset + s], True = masked: query i (at position offset + i) sees keys <= it."""
         off = self.sequence_len_offset
-        mask = torch.ones(s, off + s, dtype=torch.bool, device=device).triu_(off + 1)[None, None]
-        if self.key_padding is None:
-            return mask
-        pad = self.key_padding[:, None, None, : off + s].to(device)  # [b, 1, 1, off + s]
-        own = torch.zeros(s, off + s, dtype=torch.bool, device=device)
-        own[torch.arange(s), off + torch.arange(s)] = True  # the query's own slot
-        return mask | (pad & ~own[None, None])
+        return torch.ones(s, off + s, dtype=torch.bool, device=device).triu_(off + 1)[None, None]
 
 
 class CoreAttention(nn.Module):
